@@ -1,0 +1,176 @@
+"""Decode speed and memory of recurrent generation: our model.step() vs mamba-ssm's generate(cg=True).
+
+    python bench/bench_decode.py                                        # GPU: mamba-130m, bf16
+    python bench/bench_decode.py --preset=tiny --gen_lengths=1024,4096,16384 --decode_tokens=128   # CPU
+
+Part 1, speed: greedy decoding of `decode_tokens` tokens at each batch size after a 16-token prompt,
+tokens/s = batch * tokens / seconds (torch.cuda.synchronize() around the timed loop). Ours runs
+model.step() captured as a CUDA graph (multitrack.generation.CUDAGraphStep) on GPU when available,
+else a plain Python loop; mamba-ssm runs its own `generate(..., cg=True)` with the same weights.
+Part 2, memory: one long greedy generation at batch 1 with memory read at each length of
+`gen_lengths`; recurrent state is O(1), so the numbers must stay flat (GPU: max_memory_allocated since
+the start of the run; CPU: current RSS). Prints markdown tables and one JSON line.
+"""
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from multitrack import ops
+from multitrack.configurator import apply_overrides
+from multitrack.errors import user_errors
+from multitrack.mamba import MambaLMHeadModel, mamba_config
+
+# ----------------------------------------------------------------------------------------------
+preset = "mamba-130m"    # multitrack.mamba.PRESETS key
+batch_sizes = "1,16"     # comma-separated decode batch sizes
+decode_tokens = 256      # timed tokens per speed run
+prompt_len = 16          # prompt tokens (one parallel forward fills the cache)
+gen_lengths = "1024,16384,65536"  # memory checkpoints of the long generation (batch 1); "" skips it
+vocab_size = 50277       # vocabulary (GPT-NeoX)
+device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
+dtype = "auto"           # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16"
+cuda_graph = True        # capture our step() as a CUDA graph when possible
+seed = 1337              # torch seed
+# ----------------------------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_gib(dev) -> float:
+    """GPU: peak allocated since the last reset; CPU: current resident set size."""
+    if dev == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def make_step(net, cache, batch, dev):
+    """(step function ids (B,) -> logits, description). CUDA graph via multitrack.generation if possible."""
+    if dev == "cuda" and cuda_graph:
+        try:
+            from multitrack.generation import CUDAGraphStep
+            return CUDAGraphStep(net, cache, batch, torch.device(dev)), "step() CUDA graph"
+        except Exception as e:  # noqa: BLE001 - fall back to the eager loop, and say so
+            print(f"  (CUDA graph unavailable: {type(e).__name__}: {e}; eager loop)")
+            cache.reset()
+    return (lambda ids: net.step(ids, cache)), "step() loop"
+
+
+@torch.inference_mode()
+def decode_ours(net, batch, n_tokens, dev, checkpoints=()):
+    """Greedy decode; returns (tokens/s, method, {length: memory at that length})."""
+    cfg = net.config
+    prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=dev)
+    cache = net.allocate_cache(batch)
+    step, method = make_step(net, cache, batch, dev)
+    logits = net(prompt, cache=cache)[:, -1]
+    memory = {}
+    for _ in range(3):  # warmup (graph replays / allocator)
+        ids = logits[:, :cfg.vocab_size].argmax(-1)
+        logits = step(ids)
+    sync(dev)
+    t0 = time.perf_counter()
+    for t in range(1, n_tokens + 1):
+        ids = logits[:, :cfg.vocab_size].argmax(-1)
+        logits = step(ids)
+        if t in checkpoints:
+            sync(dev)
+            memory[t] = memory_gib(dev)
+    sync(dev)
+    return batch * n_tokens / (time.perf_counter() - t0), method, memory
+
+
+@torch.inference_mode()
+def decode_mamba_ssm(ours, batch, n_tokens, dev, torch_dtype):
+    """mamba-ssm's generate(cg=True) with our weights; raises ImportError if mamba_ssm is missing."""
+    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
+    c = ours.config
+    net = SsmModel(SsmConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                             ssm_cfg={"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand},
+                             rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                             pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=True),
+                   device=dev, dtype=torch_dtype).eval()
+    net.load_state_dict(ours.state_dict(), strict=True)
+    prompt = torch.randint(0, c.vocab_size, (batch, prompt_len), device=dev)
+    kwargs = dict(max_length=prompt_len + n_tokens, cg=True, top_k=1, return_dict_in_generate=False,
+                  output_scores=False)
+    net.generate(prompt, **kwargs)  # warmup: captures the graph
+    sync(dev)
+    t0 = time.perf_counter()
+    out = net.generate(prompt, **kwargs)
+    sync(dev)
+    seconds = time.perf_counter() - t0
+    generated = out.shape[1] - prompt_len
+    del net
+    return batch * generated / seconds
+
+
+with user_errors():
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dt_name = ("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype
+    torch_dtype = getattr(torch, dt_name)
+    torch.manual_seed(seed)
+    name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
+    print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}  "
+          f"{ops.describe_kernels()}")
+    net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
+
+    speed_rows = []
+    for batch in [int(b) for b in str(batch_sizes).split(",") if b.strip()]:
+        tps, method, _ = decode_ours(net, batch, decode_tokens, dev)
+        speed_rows.append({"impl": "ours", "method": method, "batch": batch, "tokens_per_s": tps})
+        print(f"  ours       batch {batch:>3}: {tps:>10,.0f} tok/s ({method})", flush=True)
+        try:
+            tps = decode_mamba_ssm(net, batch, decode_tokens, dev, torch_dtype)
+            row = {"impl": "mamba_ssm", "method": "generate(cg=True)", "batch": batch, "tokens_per_s": tps}
+        except ImportError as e:
+            row = {"impl": "mamba_ssm", "method": f"not installed ({e.name or e})", "batch": batch}
+        except Exception as e:  # noqa: BLE001 - report, keep going
+            row = {"impl": "mamba_ssm", "method": f"failed: {type(e).__name__}: {str(e)[:100]}", "batch": batch}
+        speed_rows.append(row)
+        print(f"  mamba_ssm  batch {batch:>3}: "
+              f"{format(row['tokens_per_s'], '>10,.0f') if 'tokens_per_s' in row else '         -'} tok/s "
+              f"({row['method']})", flush=True)
+
+    memory = {}
+    lengths = sorted(int(n) for n in str(gen_lengths).split(",") if n.strip())
+    if lengths:
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = memory_gib(dev)
+        tps, method, memory = decode_ours(net, 1, lengths[-1], dev, checkpoints=set(lengths))
+        print(f"  long generation: {lengths[-1]:,} tokens at {tps:,.0f} tok/s ({method})")
+
+    print("\n| implementation | method | batch | decode tokens/s |")
+    print("|---|---|---|---|")
+    for r in speed_rows:
+        tps = format(r["tokens_per_s"], ",.0f") if "tokens_per_s" in r else "-"
+        print(f"| {r['impl']} | {r['method']} | {r['batch']} | {tps} |")
+    if memory:
+        kind = "max_memory_allocated" if dev == "cuda" else "RSS"
+        print(f"\n| tokens generated (batch 1) | {kind} (GiB) |")
+        print("|---|---|")
+        print(f"| 0 (before) | {start:.3f} |")
+        for n, m in memory.items():
+            print(f"| {n:,} | {m:.3f} |")
+        growth = max(memory.values()) - min(memory.values())
+        print(f"\nmemory growth between {min(memory):,} and {max(memory):,} tokens: {growth * 1024:.1f} MiB")
+    print(json.dumps({"bench": "decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "device": dev, "device_name": name, "torch": torch.__version__, "kernels": ops.KERNELS,
+                      "config": config, "speed": speed_rows, "memory_gib": memory}))

@@ -1,0 +1,109 @@
+"""Speed of the multi-track model relative to the Mamba baseline on the same device (research_plan.md §5).
+
+    python bench/bench_multitrack_speed.py                                  # 130M presets, GPU, bf16
+    python bench/bench_multitrack_speed.py --baseline=small-cpu --multitrack=small-cpu --device=cpu \
+        --dtype=float32 --batch_size=2 --seq_len=256 --train_steps=3 --decode_tokens=32
+
+Training: tokens/s of forward + backward + AdamW step (autocast `dtype`, fp32 params), after warmup.
+Decode: tokens/s of `multitrack.generation.generate` (prompt 128 tokens, CUDA graphs on CUDA) at
+batch 1 and `decode_batch`. Prints one table with the ratio multitrack / baseline; the goal is >= 0.8
+for both. Random weights and random ids: speed does not depend on them.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from multitrack import ops  # noqa: E402
+from multitrack.configurator import apply_overrides  # noqa: E402
+from multitrack.errors import user_errors  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+baseline = "mamba-130m"       # multitrack.mamba.PRESETS name
+multitrack = "multitrack-130m"  # multitrack.multitrack_config.PRESETS name
+ablation = ""                 # extra MultiTrackConfig overrides, e.g. "router=uniform,cross_track=False"
+device = "cuda"               # cuda | cpu
+dtype = "bfloat16"            # autocast dtype for training: bfloat16 | float32
+batch_size = 8                # training micro-batch
+seq_len = 1024                # training sequence length
+train_steps = 10              # timed training steps (after 3 warmup steps)
+decode_tokens = 256           # generated tokens per decode measurement
+decode_batch = 8              # second decode batch size (the first is 1)
+# ----------------------------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_speed(model) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
+    amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    for i in range(3 + train_steps):
+        if i == 3:
+            sync()
+            t0 = time.time()
+        with amp:
+            logits = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+        (loss if aux is None else loss + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return train_steps * batch_size * seq_len / (time.time() - t0)
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int) -> float:
+    from multitrack.generation import generate
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 128), device=device)
+    generate(model, prompt, 8, temperature=1.0)                               # warmup / graph capture
+    sync()
+    t0 = time.time()
+    generate(model, prompt, decode_tokens, temperature=1.0)
+    sync()
+    return batch * decode_tokens / (time.time() - t0)
+
+
+def main():
+    from multitrack.mamba import MambaLMHeadModel, mamba_config
+    from multitrack.multitrack_model import MultiTrackLM, multitrack_config
+
+    overrides = {}
+    for item in filter(None, ablation.split(",")):
+        key, value = item.split("=")
+        overrides[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
+    models = {"baseline": MambaLMHeadModel(mamba_config(baseline)).to(device),
+              "multitrack": MultiTrackLM(multitrack_config(multitrack, **overrides)).to(device)}
+    mt = models["multitrack"]
+    g = torch.Generator().manual_seed(0)                  # sparse random signals: exercise the signal path
+    mt.set_signal_table((torch.rand(mt.config.vocab_size, mt.signal_table.shape[1], generator=g) < 0.05).to(torch.uint8))
+    print(ops.describe_kernels())
+    rows = {}
+    for name, model in models.items():
+        model.train()
+        rows[name] = {"params": model.num_params(), "train tok/s": train_speed(model)}
+        if device.startswith("cuda"):
+            rows[name]["train peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        rows[name]["decode tok/s (batch 1)"] = decode_speed(model, 1)
+        rows[name][f"decode tok/s (batch {decode_batch})"] = decode_speed(model, decode_batch)
+        print(name, rows[name], flush=True)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"\n{name} | batch {batch_size} x {seq_len} | {dtype} | ablation: {ablation or 'none'}\n")
+    print("| metric | baseline | multitrack | ratio |\n|---|---:|---:|---:|")
+    for key in rows["baseline"]:
+        b, m = rows["baseline"][key], rows["multitrack"][key]
+        print(f"| {key} | {b:,.1f} | {m:,.1f} | {m / b:.3f} |")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

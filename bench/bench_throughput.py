@@ -1,0 +1,158 @@
+"""Training throughput and peak memory: our Mamba vs mamba-ssm's own MambaLMHeadModel (same config, same run).
+
+    python bench/bench_throughput.py                                   # GPU: mamba-130m, batch 8 and 64 x 1024
+    python bench/bench_throughput.py --model=multitrack                # also the multi-track model
+    python bench/bench_throughput.py --preset=tiny --seq_len=256 --batch_sizes=8 --steps=3 --warmup=1   # CPU
+
+One timed step = forward + cross-entropy + backward + AdamW step (bf16 autocast on CUDA, fp32 on CPU),
+timed with torch.cuda.synchronize() after `warmup` untimed steps. Peak memory is
+torch.cuda.max_memory_allocated() per run on GPU, the process's peak RSS on CPU (monotone over the
+whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
+Runs that do not fit (CUDA OOM) or implementations that are not installed are reported, not fatal.
+"""
+
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from multitrack import models, ops
+from multitrack.configurator import apply_overrides
+from multitrack.errors import user_errors
+from multitrack.mamba import MambaLMHeadModel, mamba_config
+
+# ----------------------------------------------------------------------------------------------
+preset = "mamba-130m"    # multitrack.mamba.PRESETS key (the multitrack model uses its matching preset)
+batch_sizes = "8,64"     # comma-separated batch sizes
+seq_len = 1024           # tokens per sequence
+steps = 10               # timed training steps per run
+warmup = 3               # untimed steps before timing (kernel autotuning, allocator warmup)
+model = "mamba"          # "mamba": ours vs mamba-ssm; "multitrack": additionally the multi-track model
+vocab_size = 50277       # vocabulary (GPT-NeoX)
+device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
+lr = 3e-4                # AdamW learning rate (speed does not depend on it)
+seed = 1337              # torch seed
+# ----------------------------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def build_ours(dev):
+    return MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev)
+
+
+def build_mamba_ssm(dev):
+    """mamba-ssm's MambaLMHeadModel with the same config (raises if mamba_ssm is not importable)."""
+    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
+    c = mamba_config(preset, vocab_size=vocab_size)
+    return SsmModel(SsmConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                              ssm_cfg={"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand},
+                              rms_norm=True, residual_in_fp32=True, fused_add_norm=dev == "cuda",
+                              pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=True),
+                    device=dev)
+
+
+def build_multitrack(dev):
+    from multitrack.multitrack_config import PRESETS as MT_PRESETS, multitrack_config
+    name = "multitrack-130m" if preset.startswith("mamba-130m") else preset
+    if name not in MT_PRESETS:
+        raise ValueError(f"no multitrack preset matching {preset!r} (have {', '.join(MT_PRESETS)})")
+    return models.build_model("multitrack", multitrack_config(name, vocab_size=vocab_size), device=dev)
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(dev) -> float:
+    if dev == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_step(net, opt, ids, dev):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        logits = net(ids[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    aux = net.aux_loss() if hasattr(net, "aux_loss") else None
+    (loss if aux is None else loss + aux).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def bench_one(name, build, batch, dev) -> dict:
+    row = {"impl": name, "batch": batch, "seq_len": seq_len}
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    net = opt = None
+    try:
+        torch.manual_seed(seed)
+        net = build(dev).train()
+        row["params"] = sum(p.numel() for p in net.parameters())
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=dev == "cuda")
+        ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=dev)
+        for _ in range(warmup):
+            train_step(net, opt, ids, dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step(net, opt, ids, dev)
+        sync(dev)
+        seconds = time.perf_counter() - t0
+        row.update(status="ok", tokens_per_s=batch * seq_len * steps / seconds,
+                   ms_per_step=1000 * seconds / steps, peak_mem_gib=peak_memory_gib(dev), loss=loss.item())
+    except ImportError as e:
+        row.update(status=f"not installed ({e.name or e})")
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="OOM", peak_mem_gib=peak_memory_gib(dev))
+    except Exception as e:  # noqa: BLE001 - a benchmark row fails, the run goes on
+        row.update(status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    del net, opt
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def fmt(row, key, spec):
+    return format(row[key], spec) if key in row else "-"
+
+
+with user_errors():
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    sizes = [int(b) for b in str(batch_sizes).split(",") if b.strip()]
+    impls = [("ours (multitrack.mamba)", build_ours), ("mamba_ssm.MambaLMHeadModel", build_mamba_ssm)]
+    if model == "multitrack":
+        impls.append(("multitrack (models.build_model)", build_multitrack))
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
+    print(f"device={dev} ({gpu})  torch={torch.__version__}  preset={preset}  seq_len={seq_len}  "
+          f"steps={steps} warmup={warmup}  {ops.describe_kernels()}")
+    rows = []
+    for batch in sizes:
+        for name, build in impls:
+            row = bench_one(name, build, batch, dev)
+            rows.append(row)
+            print(f"  {name:<32} batch {batch:>3}: {row['status']:<10} {fmt(row, 'tokens_per_s', ',.0f')} tok/s  "
+                  f"peak {fmt(row, 'peak_mem_gib', '.2f')} GiB", flush=True)
+
+    print(f"\n| implementation | batch x seq | params | tokens/s | ms/step | peak memory (GiB) | status |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['batch']} x {r['seq_len']} | {fmt(r, 'params', ',')} | {fmt(r, 'tokens_per_s', ',.0f')} "
+              f"| {fmt(r, 'ms_per_step', '.1f')} | {fmt(r, 'peak_mem_gib', '.2f')} | {r['status']} |")
+    print(json.dumps({"bench": "throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "device": dev, "device_name": gpu, "torch": torch.__version__, "kernels": ops.KERNELS,
+                      "config": config, "rows": rows}))

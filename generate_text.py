@@ -1,0 +1,135 @@
+"""Generate text from any checkpoint of the repository (or an HF / mamba-ssm Mamba folder).
+
+    python generate_text.py --ckpt=out/demo/ckpt_best.pt --prompt="The storm had passed" --max_new_tokens=300
+    python generate_text.py --ckpt=out/baseline/ckpt_best.pt --prompt_file=prompts.txt --num_samples=3
+    python generate_text.py --ckpt=path/to/mamba-130m-hf --tokenizer=../shared/data/tokenizers/gpt-neox-20b/tokenizer.json
+
+The model is rebuilt from the checkpoint alone (model_type + model_config + tokenizer). The prompt is
+read by one parallel forward pass, then one recurrent `model.step` per token: memory stays constant
+however long the story (10,000+ tokens). On CUDA the step runs as a CUDA graph. The first sample of
+each prompt streams to stdout; all samples, with the model, checkpoint and every setting, are
+appended to generations/generations_YYYYMMDD.md (a new dated section per run, never overwritten).
+
+--prompt_file: prompts separated by lines containing only `---`. An empty prompt starts a new book
+(the end-of-text token).
+"""
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+from multitrack.configurator import apply_overrides
+from multitrack.errors import UserError, user_errors
+
+# ----------------------------------------------------------------------------------------------
+ckpt = "out/baseline/ckpt_best.pt"   # a repo checkpoint (.pt) or an HF / mamba-ssm Mamba folder
+tokenizer = ""                       # tokenizer for folders that have none (tokenizer.json path or hub id)
+prompt = "It was late in the evening when"  # the prompt ("" = start a new book)
+prompt_file = ""                     # file of more prompts, separated by lines of ---
+num_samples = 2                      # samples per prompt (generated as one batch)
+max_new_tokens = 400                 # tokens to generate per sample
+temperature = 0.8                    # 0 = greedy
+top_k = 0                            # keep the k most likely tokens (0 = off)
+top_p = 0.95                         # nucleus sampling mass (1.0 = off)
+min_p = 0.0                          # drop tokens below min_p * p(best token) (0 = off)
+repetition_penalty = 1.1             # CTRL penalty on tokens already in prompt or output (1.0 = off)
+stop_at_eos = True                   # end a sample at the end-of-text token
+seed = 1337                          # sampling seed
+device = "auto"                      # auto | cpu | cuda | cuda:N
+dtype = "auto"                       # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
+cuda_graph = True                    # run the decode step as a CUDA graph (CUDA only)
+stream = True                        # print the first sample of each prompt as it is generated
+generations_dir = "generations"      # where generations_YYYYMMDD.md goes
+# ----------------------------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def main():
+    import torch
+
+    from multitrack.checkpoint import load_any_model
+    from multitrack.generation import TextStreamer, generate, read_prompts
+    from multitrack.report import as_paragraphs, blockquote, write_markdown
+    from multitrack.trainer import resolve_device, resolve_dtype
+
+    run_device = resolve_device(device)
+    model, tok, info = load_any_model(ckpt, device=run_device, tokenizer=tokenizer or None)
+    if tok is None:
+        raise UserError(f"{ckpt} comes without a tokenizer; pass --tokenizer=<tokenizer.json path or hub id>")
+    weights_dtype = resolve_dtype(dtype, run_device)
+    model = model.to(weights_dtype).eval()
+    prompts = read_prompts(prompt, prompt_file)
+    generator = torch.Generator(device=run_device).manual_seed(seed)
+    summary = model_summary(info)
+    print(f"{summary}\nsampling {num_samples} x {max_new_tokens} tokens for {len(prompts)} prompt(s) on "
+          f"{run_device} ({str(weights_dtype).replace('torch.', '')})", file=sys.stderr)
+
+    results = []
+    for i, text in enumerate(prompts):
+        ids = tok.encode(text) if text else [tok.eos_id]
+        prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=run_device)
+        streamer = TextStreamer(tok) if stream else None
+        if streamer:
+            print(f"\n--- prompt {i + 1}/{len(prompts)}, sample 1/{num_samples} ---\n{text}", end="", flush=True)
+        t0 = time.time()
+        out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty,
+                       eos_id=tok.eos_id if stop_at_eos else None, generator=generator, on_token=streamer,
+                       cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+        seconds = time.time() - t0
+        if streamer:
+            streamer.end()
+        samples = []
+        for row in out[:, len(ids):].tolist():
+            if stop_at_eos and tok.eos_id in row:
+                row = row[:row.index(tok.eos_id)]
+            samples.append((tok.decode(row), len(row)))
+        new_tokens = (out.size(1) - len(ids)) * num_samples
+        results.append((text, samples, new_tokens / max(seconds, 1e-9)))
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    body = [f"- **model**: {summary}\n- **checkpoint**: `{ckpt}`{checkpoint_line(info)}\n"
+            f"- **tokenizer**: {tok.name} (vocab {tok.vocab_size})\n- **settings**:",
+            "```json\n" + json.dumps(config) + "\n```"]
+    for i, (text, samples, tok_s) in enumerate(results):
+        body.append(f"### Prompt {i + 1}\n\n" + (blockquote(f"**{text.strip()}**") if text.strip()
+                                                   else "> *(no prompt: a new book)*"))
+        for j, (sample, n) in enumerate(samples):
+            body.append(f"**Sample {j + 1}** ({n} tokens, {tok_s:,.0f} tok/s for the batch)\n\n"
+                        f"{as_paragraphs(text + sample) if text else as_paragraphs(sample)}")
+    path = Path(generations_dir) / f"generations_{stamp:%Y%m%d}.md"
+    heading = f"{stamp:%Y-%m-%d %H:%M:%S} UTC — {Path(ckpt).parent.name}/{Path(ckpt).name}"
+    write_markdown(path, "Generated samples", [(heading, "\n\n".join(body))])
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def model_summary(info: dict) -> str:
+    """'mamba (d_model 256, n_layer 4, vocab 4096), 3,456,789 params'."""
+    cfg = info.get("model_config") or {}
+    shape = ", ".join(f"{k} {cfg[k]}" for k in ("d_model", "n_layer", "d_state", "vocab_size") if k in cfg)
+    return f"{info.get('model_type', '?')} ({shape}), {info.get('num_params', 0):,} params"
+
+
+def checkpoint_line(info: dict) -> str:
+    """' — step 300, 1,228,800 tokens seen, val loss 2.013 (ppl 7.49), train_baseline.py on data/demo'."""
+    parts = []
+    if info.get("step") is not None:
+        parts.append(f"step {info['step']:,}")
+    if info.get("tokens_seen") is not None:
+        parts.append(f"{info['tokens_seen']:,} tokens seen")
+    metrics = info.get("metrics") or {}
+    loss = metrics.get("val_loss_full", metrics.get("val_loss"))
+    ppl = metrics.get("val_ppl_full", metrics.get("val_ppl"))
+    if loss is not None:
+        parts.append(f"val loss {loss:.4f} (ppl {ppl:.2f})")
+    data = (info.get("data") or {}).get("dir")
+    if info.get("source") or data:
+        parts.append(f"{info.get('source', '')} on {data}" if data else str(info["source"]))
+    return (" — " + ", ".join(parts)) if parts else ""
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()

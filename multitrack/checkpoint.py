@@ -1,0 +1,199 @@
+"""Self-describing checkpoints: atomic save, safe load, model from checkpoint.
+
+A checkpoint is one `*.pt` file holding a plain dict (tensors, dicts, lists, str, int, float,
+bool, None only), so it loads with `torch.load(path, weights_only=True)`:
+
+    {"format": "mamba-narrative-ckpt/1", "model_type": "mamba"|"multitrack", "model_config": dict,
+     "model": state_dict, "optimizer": state_dict|None, "train_config": dict,
+     "tokenizer": TextTokenizer.to_dict(), "data": {"dir", "fingerprint", "seq_len"},
+     "step", "epoch", "step_in_epoch", "tokens_seen", "best_val_loss", "metrics", "rng",
+     "history", "created", "script", ...}
+
+The model is rebuilt from `model_type` + `model_config` alone (nanoGPT `sample.py`), and the
+tokenizer from `tokenizer` (it carries the tokenizer.json text), so a checkpoint needs neither the
+data dir nor the training script to generate text.
+
+Writes are atomic: the dict is saved to a temporary file in the same directory, fsynced, then
+`os.replace`d over the target, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multitrack.errors import UserError
+
+FORMAT = "mamba-narrative-ckpt/1"
+
+
+def save_checkpoint(path, ckpt: dict) -> None:
+    """Write `ckpt` to `path` atomically (tmp file + fsync + os.replace); the old file survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {"format": FORMAT, "created": now_iso(), **ckpt}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a repo checkpoint safely (weights_only=True). UserError if missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; train one with train_baseline.py or pass --ckpt=<path to a .pt>")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, pickle with foreign objects, not a torch file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a mamba-narrative checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a mamba-narrative checkpoint (format {found!r}, expected {FORMAT!r})")
+    return ckpt
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Strip wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP) from the keys."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out
+
+
+def model_from_checkpoint(ckpt_or_path, device="cpu"):
+    """Rebuild the model from the checkpoint alone (model_type + model_config), load weights strictly.
+
+    Returns (model, ckpt); the model is in eval mode on `device`.
+    """
+    from multitrack.models import build_model
+
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, dict) else load_checkpoint(ckpt_or_path)
+    try:
+        model = build_model(ckpt["model_type"], ckpt["model_config"], device="cpu")
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot rebuild model_type={ckpt.get('model_type')!r} from the checkpoint's model_config ({e})")
+    missing, unexpected = _load_strict(model, clean_state_dict(ckpt["model"]))
+    if missing or unexpected:
+        raise UserError(f"checkpoint weights do not fit model_type={ckpt['model_type']!r}: "
+                        f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.to(device).eval(), ckpt
+
+
+def _load_strict(model, state_dict):
+    """load_state_dict that reports missing/unexpected keys and shape mismatches as a UserError."""
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # size mismatch
+        first = str(e).strip().splitlines()
+        raise UserError(f"checkpoint weights do not fit the model: {' '.join(first[-1:])[:300]}")
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def load_any_model(path, device="cpu", tokenizer=None):
+    """A repo checkpoint (.pt) or an HF / mamba-ssm folder -> (model, tokenizer, info).
+
+    tokenizer: optional spec for folders that come without one (interop.load_pretrained); the
+    returned tokenizer is None for such a folder when none is given.
+
+    `info` describes the weights for sample files: {"path", "model_type", "model_config",
+    "num_params", "step", "tokens_seen", "metrics", "train_config", "source"}.
+    """
+    from multitrack.tokenizer import tokenizer_from_dict
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            from multitrack.interop import load_pretrained
+        except ImportError as e:
+            raise UserError(f"{path} is a folder, but loading HF / mamba-ssm folders needs multitrack.interop ({e})")
+        model, tokenizer, info = load_pretrained(str(path), device="cpu", tokenizer=tokenizer)
+        info = {"path": str(path), "source": "pretrained folder", **(info or {})}
+        info.setdefault("num_params", _num_params(model))
+        return model.to(device).eval(), tokenizer, info
+    model, ckpt = model_from_checkpoint(path, device=device)
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    info = {
+        "path": str(path), "source": ckpt.get("script", "checkpoint"),
+        "model_type": ckpt["model_type"], "model_config": ckpt["model_config"],
+        "num_params": _num_params(model), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+        "tokens_seen": ckpt.get("tokens_seen"), "metrics": ckpt.get("metrics", {}),
+        "train_config": ckpt.get("train_config", {}), "created": ckpt.get("created"),
+        "data": ckpt.get("data", {}),
+    }
+    return model, tokenizer, info
+
+
+def _num_params(model) -> int:
+    if hasattr(model, "num_params"):
+        return int(model.num_params())
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states in weights_only-safe form (tensors and plain Python values only)
+
+def rng_state() -> dict:
+    """torch / cuda / numpy / python RNG states as tensors and lists (loadable with weights_only=True)."""
+    np_state = np.random.get_state()  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    py_state = random.getstate()      # (version, tuple of 625 ints, gauss_next)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state` (cuda states restored only when the device count matches)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state.get("numpy")
+    if n:
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    p = state.get("python")
+    if p:
+        random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,711 @@
+"""Hugging Face / mamba-ssm checkpoint folders: load, export.
+
+Three on-disk layouts hold the same Mamba-1 language model:
+
+    repo       a `*.pt` checkpoint of this repository (multitrack/checkpoint.py)
+    mamba_ssm  `config.json` (d_model, n_layer, vocab_size, ssm_cfg, ...) + `pytorch_model.bin`,
+               as `mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel.save_pretrained` writes it
+               (state-spaces/mamba-130m ... mamba-2.8b). No tokenizer: those models use
+               EleutherAI/gpt-neox-20b.
+    hf         `config.json` with "model_type": "mamba" (transformers' MambaConfig: hidden_size,
+               num_hidden_layers, state_size, ...) + `model.safetensors` or `pytorch_model.bin`
+               (possibly sharded, with an `*.index.json`), usually with tokenizer files
+               (state-spaces/mamba-130m-hf ...).
+
+Parameter names. Ours equal mamba-ssm's; transformers renames one tensor and drops the tied head:
+
+    ours / mamba-ssm                       transformers
+    backbone.embedding.weight   (V_pad, D)  backbone.embeddings.weight
+    backbone.layers.{i}.mixer.*             backbone.layers.{i}.mixer.*   (same shapes)
+    backbone.layers.{i}.norm.weight         backbone.layers.{i}.norm.weight
+    backbone.norm_f.weight                  backbone.norm_f.weight
+    lm_head.weight (tied to the embedding)  omitted when tie_word_embeddings (tied on load)
+
+Vocabulary padding. mamba-ssm stores the tokenizer's vocabulary size (50277 for NeoX) and
+`pad_vocab_size_multiple` (8): the embedding has V_pad = 50280 rows. transformers stores only the
+padded size (`vocab_size` 50280). Loading an HF folder recovers the real size from its tokenizer
+(or the one passed in); without one, `vocab_size` is the padded size and `info["vocab_exact"]`
+is False.
+
+Public API:
+
+    detect_layout(path) -> "hf" | "mamba_ssm" | "repo"
+    load_pretrained(path, device="cpu", tokenizer=None) -> (model, tokenizer | None, info)
+    check_data_tokenizer(info, data_tokenizer: dict, data_dir=None)   # --init_from vs prepared data
+    export_hf(source, folder, tokenizer=None, info=None) -> list[str]
+    export_mamba_ssm(source, folder, tokenizer=None) -> list[str]
+
+Only the baseline Mamba (model_type "mamba") has these external formats; a multitrack checkpoint
+loads from a repo `.pt` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from multitrack.errors import UserError
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                   "pytorch_model.bin", "pytorch_model.bin.index.json")
+MAMBA_SSM_WEIGHTS = "pytorch_model.bin"
+
+# transformers MambaConfig field  <-  our MambaConfig field (mamba-ssm names)
+HF_FIELD_NAMES = {
+    "hidden_size": "d_model",
+    "num_hidden_layers": "n_layer",
+    "state_size": "d_state",
+    "conv_kernel": "d_conv",
+    "expand": "expand",
+    "time_step_rank": "dt_rank",
+    "time_step_min": "dt_min",
+    "time_step_max": "dt_max",
+    "time_step_floor": "dt_init_floor",
+    "use_conv_bias": "conv_bias",
+    "use_bias": "bias",
+    "layer_norm_epsilon": "norm_epsilon",
+    "residual_in_fp32": "residual_in_fp32",
+    "tie_word_embeddings": "tie_embeddings",
+}
+# mamba-ssm's `Mamba` (Mamba-1 mixer) constructor arguments that may appear in ssm_cfg
+SSM_CFG_FIELDS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor",
+                  "conv_bias", "bias")
+MAMBA_SSM_CONFIG_KEYS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                         "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                         "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+
+
+# -----------------------------------------------------------------------------
+# reading folders
+
+def detect_layout(path) -> str:
+    """Which layout `path` holds: "repo" (a .pt file), "hf" or "mamba_ssm" (a folder).
+
+    UserError when it is none of them (missing path, folder without config.json, unknown config).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a repo checkpoint (.pt) or a folder with "
+                        f"config.json + weights (Hugging Face or mamba-ssm layout)")
+    if path.is_file():
+        if path.name == "config.json":
+            return detect_layout(path.parent)
+        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+            raise UserError(f"{path} is a weights file; pass the folder that holds it with its config.json")
+        return "repo"
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        pts = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it has {', '.join(pts)}: pass one of those files)" if pts else ""
+        raise UserError(f"{path} has no config.json{hint}; expected a Hugging Face or mamba-ssm "
+                        f"model folder (config.json + weights) or a repo checkpoint .pt")
+    cfg = read_json(config_path)
+    if cfg.get("model_type") == "mamba":
+        return "hf"
+    if "model_type" in cfg:
+        raise UserError(f"{config_path}: model_type {cfg['model_type']!r} is not supported; only "
+                        f"Mamba-1 models (model_type 'mamba') load here")
+    if "d_model" in cfg and "n_layer" in cfg:
+        return "mamba_ssm"
+    raise UserError(f"{config_path} is neither a transformers Mamba config (model_type 'mamba') nor a "
+                    f"mamba-ssm config (d_model, n_layer, vocab_size); point at a Mamba model folder")
+
+
+def read_json(path) -> dict:
+    """A JSON object from `path`; UserError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_weight_file(path) -> dict:
+    """{name: tensor} from one `.safetensors` or torch (`.bin` / `.pt`) file, loaded safely.
+
+    torch files go through `torch.load(weights_only=True)`: no code runs from the file. A
+    corrupted or truncated file is a UserError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} is missing; download the model folder again")
+    fix = "the file is corrupted or truncated; download it again"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: any unreadable file
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); {fix}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError ...
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); {fix}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and "format" in state:
+        raise UserError(f"{path} is a repo checkpoint, not a bare state dict; pass the .pt file itself")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors; {fix}")
+    return state
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def load_folder_weights(folder: Path, layout: str) -> tuple[dict, str]:
+    """All tensors of a model folder (single file or shards), and the name of what was read."""
+    if layout == "mamba_ssm":
+        names = (MAMBA_SSM_WEIGHTS, "pytorch_model.bin.index.json", "model.safetensors")
+    else:
+        names = HF_WEIGHT_FILES
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = read_json(path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{path} has no weight_map; download the model folder again")
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(load_weight_file(folder / shard))
+            missing = sorted(set(weight_map) - set(state))
+            if missing:
+                raise UserError(f"{path} lists {len(missing)} tensors that its shards lack "
+                                f"(e.g. {missing[0]}); download the model folder again")
+            return state, name
+        return load_weight_file(path), name
+    raise UserError(f"{folder} has config.json but no weights ({' or '.join(names[:2])}); "
+                    f"download the weights into that folder")
+
+
+# -----------------------------------------------------------------------------
+# configs
+
+def padded_size(vocab_size: int, multiple: int) -> int:
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def pad_multiple_for(vocab_size: int, padded: int) -> int | None:
+    """A `pad_vocab_size_multiple` that pads `vocab_size` to exactly `padded` (8 preferred), or None."""
+    for m in [8] + list(range(1, padded + 1)):
+        if padded % m == 0 and padded_size(vocab_size, m) == padded:
+            return m
+    return None
+
+
+def config_from_hf(hf: dict, vocab_size: int | None, where: str) -> dict:
+    """Our MambaConfig kwargs from a transformers MambaConfig dict.
+
+    `vocab_size`: the tokenizer's size when known (HF only stores the padded size).
+    """
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key not in hf:
+            raise UserError(f"{where} lacks {key!r}; it is not a complete transformers Mamba config")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Mamba uses silu)")
+    kwargs = {ours: hf[theirs] for theirs, ours in HF_FIELD_NAMES.items() if theirs in hf}
+    kwargs["rms_norm"] = True  # transformers' Mamba always uses RMSNorm
+    padded = int(hf["vocab_size"])
+    if vocab_size is None:
+        vocab_size = padded
+    if vocab_size > padded:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but {where} has an embedding of only "
+                        f"{padded} rows; this tokenizer does not belong to this model")
+    multiple = pad_multiple_for(vocab_size, padded)
+    if multiple is None:  # no multiple pads exactly: keep the stored size (samplers slice vocab_size)
+        vocab_size, multiple = padded, 1
+    kwargs["vocab_size"] = vocab_size
+    kwargs["pad_vocab_size_multiple"] = multiple
+    return kwargs
+
+
+def config_from_mamba_ssm(cfg: dict, where: str) -> dict:
+    """Our MambaConfig kwargs from a mamba-ssm config.json (state-spaces/mamba-130m's)."""
+    unknown = sorted(set(cfg) - set(MAMBA_SSM_CONFIG_KEYS) - {"_name_or_path", "architectures"})
+    if unknown:
+        raise UserError(f"{where} has keys a mamba-ssm MambaConfig does not know: {', '.join(unknown)}")
+    ssm_cfg = dict(cfg.get("ssm_cfg") or {})
+    layer = ssm_cfg.pop("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise UserError(f"{where}: ssm_cfg layer {layer!r} is not supported; only Mamba-1 models load here")
+    if cfg.get("attn_layer_idx"):
+        raise UserError(f"{where}: hybrid models with attention layers (attn_layer_idx) are not supported")
+    if cfg.get("d_intermediate", 0):
+        raise UserError(f"{where}: d_intermediate > 0 (MLP blocks) is not supported; only pure Mamba-1 models")
+    bad = sorted(set(ssm_cfg) - set(SSM_CFG_FIELDS) - {"dt_init", "dt_scale", "use_fast_path"})
+    if bad:
+        raise UserError(f"{where}: ssm_cfg keys {', '.join(bad)} are not supported by this repo's Mamba")
+    kwargs = {k: ssm_cfg[k] for k in SSM_CFG_FIELDS if k in ssm_cfg}
+    for key in ("d_model", "n_layer", "vocab_size", "rms_norm", "residual_in_fp32",
+                "pad_vocab_size_multiple", "tie_embeddings"):
+        if key in cfg:
+            kwargs[key] = cfg[key]
+    return kwargs
+
+
+def hf_config_dict(config, eos_id: int | None) -> dict:
+    """A transformers MambaConfig dict (config.json) for our MambaConfig."""
+    if not config.rms_norm:
+        raise UserError("transformers' Mamba only has RMSNorm; a model trained with rms_norm=False "
+                        "cannot be exported to the Hugging Face format (use --format=mamba_ssm)")
+    token_id = 0 if eos_id is None else int(eos_id)
+    out = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
+    for theirs, ours in HF_FIELD_NAMES.items():
+        out[theirs] = getattr(config, ours)
+    out.update({
+        "vocab_size": int(config.padded_vocab_size),
+        "time_step_rank": int(config.dt_rank),
+        "intermediate_size": int(config.d_inner),
+        "hidden_act": "silu",
+        "initializer_range": 0.1,
+        "time_step_scale": 1.0,
+        "time_step_init_scheme": "random",
+        "rescale_prenorm_residual": False,
+        "use_cache": True,
+        "bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id,
+        "dtype": "float32",
+    })
+    try:
+        import transformers
+        out["transformers_version"] = transformers.__version__
+    except ImportError:
+        pass
+    return dict(sorted(out.items()))
+
+
+def mamba_ssm_config_dict(config) -> dict:
+    """A mamba-ssm MambaConfig dict (config.json) for our MambaConfig: exactly its dataclass fields."""
+    if config.norm_epsilon != 1e-5:
+        raise UserError(f"mamba-ssm's config.json has no norm epsilon (it is fixed at 1e-5); this model "
+                        f"uses {config.norm_epsilon}: export with --format=hf instead")
+    defaults = type(config)(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size)
+    ssm_cfg = {k: getattr(config, k) for k in SSM_CFG_FIELDS if getattr(config, k) != getattr(defaults, k)}
+    return {
+        "d_model": config.d_model, "d_intermediate": 0, "n_layer": config.n_layer,
+        "vocab_size": config.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
+        "rms_norm": config.rms_norm, "residual_in_fp32": config.residual_in_fp32,
+        "fused_add_norm": True, "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+        "tie_embeddings": config.tie_embeddings,
+    }
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def resolve_tokenizer(spec):
+    """A TextTokenizer from a spec string / TextTokenizer / to_dict() dict / None."""
+    if spec is None:
+        return None
+    from multitrack.tokenizer import load_tokenizer, tokenizer_from_dict
+    if isinstance(spec, (str, Path)):
+        return load_tokenizer(str(spec))
+    if isinstance(spec, dict):
+        return tokenizer_from_dict(spec)
+    return spec
+
+
+def tokenizer_summary(tokenizer) -> dict:
+    """{"name","kind","vocab_size","eos_id","sha256"}: what check_tokenizer_match compares."""
+    d = tokenizer.to_dict()
+    return {k: d.get(k) for k in ("name", "kind", "vocab_size", "eos_id", "sha256")}
+
+
+def folder_tokenizer(folder: Path):
+    """The TextTokenizer of a model folder's tokenizer.json, or None when it has none.
+
+    The tokenizer.json that export_hf writes for the byte tokenizer comes back as the byte
+    tokenizer itself (same ids, and sha256 "byte-v1", so data made with it still matches).
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from multitrack.tokenizer import canonical_sha256, load_tokenizer
+    tok = load_tokenizer(str(path))
+    if tok.vocab_size == 257 and tok.sha256 == canonical_sha256(hf_tokenizer_json(load_tokenizer("byte"))[0]):
+        return load_tokenizer("byte")
+    return tok
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the ByteLevel alphabet of `tokenizers`)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def hf_tokenizer_json(tokenizer) -> tuple[str, str]:
+    """(tokenizer.json text, eos token string) for a TextTokenizer.
+
+    "hf" tokenizers are written as they are. The "byte" tokenizer (id = byte value, eos = 256)
+    becomes a byte-level BPE without merges, which encodes every byte to its own id.
+    """
+    d = tokenizer.to_dict()
+    if d.get("kind") == "hf" and d.get("json"):
+        return d["json"], tokenizer.id_to_token(tokenizer.eos_id)
+    if d.get("kind") == "byte":
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        eos = "<|endoftext|>"
+        tok.add_special_tokens([AddedToken(eos, special=True)])
+        if tok.token_to_id(eos) != tokenizer.eos_id:
+            raise UserError(f"byte tokenizer eos id {tokenizer.eos_id} is not 256; cannot write tokenizer.json")
+        return tok.to_str(), eos
+    raise UserError(f"tokenizer {d.get('name')!r} (kind {d.get('kind')!r}) has no tokenizer.json to export")
+
+
+def write_hf_tokenizer(folder: Path, tokenizer) -> list[str]:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json for AutoTokenizer."""
+    text, eos = hf_tokenizer_json(tokenizer)
+    (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                  "add_bos_token": False, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+    write_json(folder / "tokenizer_config.json", tok_config)
+    write_json(folder / "special_tokens_map.json", special)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def check_data_tokenizer(info: dict, data_tokenizer: dict, data_dir=None) -> None:
+    """Refuse fine-tuning `info`'s model on data made with another tokenizer (UserError).
+
+    data_tokenizer: meta.json's "tokenizer" dict. With a model tokenizer (info["tokenizer"] a dict)
+    name, sha256, vocab size and eos must agree (multitrack.data.check_tokenizer_match). Without one
+    (state-spaces/mamba-*), only the vocabulary size can be checked.
+    """
+    model_tok = info.get("tokenizer")
+    where = f" ({data_dir})" if data_dir else ""
+    data_desc = f"{data_tokenizer.get('name')!r} (vocab {data_tokenizer.get('vocab_size')})"
+    if isinstance(model_tok, dict):
+        from multitrack.data import check_tokenizer_match
+        check_tokenizer_match(data_tokenizer, model_tok)
+        return
+    data_vocab = int(data_tokenizer["vocab_size"])
+    model_vocab, padded = int(info["vocab_size"]), int(info["padded_vocab_size"])
+    if info.get("vocab_exact", True):
+        ok = data_vocab == model_vocab
+    else:  # HF folder without tokenizer: only the padded size is known
+        ok = data_vocab <= padded and any(padded_size(data_vocab, m) == padded for m in (8, 16, 32, 64, 128))
+    if not ok:
+        raise UserError(
+            f"{info['path']} has no tokenizer and a vocabulary of {model_vocab} (padded {padded}); the data"
+            f"{where} uses tokenizer {data_desc}: prepare the data with the model's tokenizer "
+            f"(state-spaces/mamba-* use EleutherAI/gpt-neox-20b) or choose another --init_from")
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_pretrained(path, device="cpu", tokenizer=None):
+    """Load a Mamba model from a repo `.pt`, an HF folder or a mamba-ssm folder.
+
+    tokenizer: optional spec (str path / hub id, TextTokenizer, or to_dict() dict) used when the
+    folder has none; if the folder (or checkpoint) has one and it differs, UserError.
+    Returns (model in eval mode on `device`, TextTokenizer or None, info) with
+    info = {"layout", "path", "model_type", "model_config", "vocab_size", "padded_vocab_size",
+            "vocab_exact", "tokenizer": summary dict | "missing", "tokenizer_source": "folder" |
+            "checkpoint" | "given" | "missing", "weights": file name, "stored_dtype", "num_params",
+            "source_config", and for repo checkpoints "step", "tokens_seen", "metrics", "data",
+            "train_config"}.
+    """
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "repo":
+        model, tok, info = load_repo_checkpoint(path, device)
+    else:
+        model, tok, info = load_folder(path, layout, tokenizer)
+        model = model.to(device)
+    given = resolve_tokenizer(tokenizer)
+    if tok is not None and given is not None and given.sha256 != tok.sha256:
+        raise UserError(f"{path} comes with tokenizer {tok.name!r} (vocab {tok.vocab_size}) but "
+                        f"--tokenizer {given.name!r} (vocab {given.vocab_size}) was given; drop --tokenizer")
+    model.eval()
+    return model, tok, info
+
+
+def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):
+    """(model, tokenizer, info) from a repo checkpoint via multitrack.checkpoint (`ckpt`: already loaded)."""
+    from multitrack.checkpoint import model_from_checkpoint
+    from multitrack.tokenizer import tokenizer_from_dict
+    model, ckpt = model_from_checkpoint(ckpt if ckpt is not None else str(path), device=device)
+    tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+    cfg = ckpt["model_config"]
+    info = {
+        "layout": "repo", "path": str(path), "model_type": ckpt["model_type"], "model_config": cfg,
+        "vocab_size": cfg.get("vocab_size"), "padded_vocab_size": cfg.get("padded_vocab_size", cfg.get("vocab_size")),
+        "vocab_exact": True,
+        "tokenizer": tokenizer_summary(tok) if tok is not None else "missing",
+        "tokenizer_source": "checkpoint" if tok is not None else "missing",
+        "weights": path.name, "stored_dtype": "float32", "num_params": count_params(model),
+        "source_config": cfg,
+    }
+    for key in ("step", "epoch", "tokens_seen", "best_val_loss", "metrics", "data", "train_config", "script", "created"):
+        if key in ckpt:
+            info[key] = ckpt[key]
+    return model, tok, info
+
+
+def load_folder(folder: Path, layout: str, tokenizer=None):
+    """(model on CPU, tokenizer, info) from an HF or mamba-ssm folder (strict, shape-checked load)."""
+    from multitrack.mamba import MambaConfig, MambaLMHeadModel
+    config_path = folder / "config.json"
+    raw = read_json(config_path)
+    tok = folder_tokenizer(folder)
+    source = "folder" if tok is not None else "missing"
+    if tok is None and tokenizer is not None:
+        tok, source = resolve_tokenizer(tokenizer), "given"
+    if layout == "hf":
+        kwargs = config_from_hf(raw, tok.vocab_size if tok is not None else None, str(config_path))
+    else:
+        kwargs = config_from_mamba_ssm(raw, str(config_path))
+        if tok is not None and tok.vocab_size != kwargs.get("vocab_size", 50277):
+            raise UserError(f"{config_path} has vocab_size {kwargs.get('vocab_size', 50277)} but tokenizer "
+                            f"{tok.name!r} has {tok.vocab_size} tokens; use the tokenizer this model was trained with")
+    try:
+        config = MambaConfig(**kwargs)
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{config_path}: cannot build a Mamba config ({first_line(e)})") from None
+    state, weights_name = load_folder_weights(folder, layout)
+    stored_dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "?"
+    state = to_repo_state_dict(state, config.tie_embeddings)
+    model = MambaLMHeadModel(config)
+    check_state_dict(model, state, config_path, folder / weights_name)
+    model.load_state_dict(state, strict=True)
+    info = {
+        "layout": layout, "path": str(folder), "model_type": "mamba",
+        "model_config": dataclasses.asdict(config), "vocab_size": config.vocab_size,
+        "padded_vocab_size": config.padded_vocab_size,
+        "vocab_exact": layout == "mamba_ssm" or tok is not None,
+        "tokenizer": tokenizer_summary(tok) if tok is not None else "missing",
+        "tokenizer_source": source, "weights": weights_name, "stored_dtype": stored_dtype,
+        "num_params": count_params(model), "source_config": raw,
+    }
+    return model, tok, info
+
+
+def to_repo_state_dict(state: dict, tie: bool) -> dict:
+    """HF / mamba-ssm tensors -> our names: embeddings -> embedding; tied head filled in."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("backbone.embeddings."):
+            name = name.replace("backbone.embeddings.", "backbone.embedding.", 1)
+        out[name] = tensor
+    if tie and "backbone.embedding.weight" in out:
+        out["lm_head.weight"] = out["backbone.embedding.weight"]
+    return out
+
+
+def check_state_dict(model, state: dict, config_path: Path, weights_path: Path) -> None:
+    """UserError (one line) when the weights do not fit the model built from config.json."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    fix = f"{config_path} does not match {weights_path}; use the config.json that came with these weights"
+    if wrong:
+        k, got, want = wrong[0]
+        raise UserError(f"{k} has shape {got} in the weights but {want} from the config "
+                        f"({len(wrong)} tensors differ): {fix}")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise UserError(f"weights have {' and '.join(parts)} tensors: {fix}")
+
+
+def count_params(model) -> int:
+    if hasattr(model, "num_params"):
+        return int(model.num_params())
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# -----------------------------------------------------------------------------
+# exporting
+
+def resolve_source(source, tokenizer=None, info=None):
+    """(model, tokenizer, info) from a checkpoint path / ckpt dict / model, refusing non-baselines."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            model, tok, loaded = load_pretrained(path, tokenizer=tokenizer)
+        else:
+            from multitrack.checkpoint import load_checkpoint
+            ckpt = load_checkpoint(str(path))
+            refuse_non_baseline(ckpt.get("model_type"), str(path))
+            model, tok, loaded = load_repo_checkpoint(path, "cpu", ckpt)
+        info = {**loaded, **(info or {})}
+    elif isinstance(source, dict):
+        refuse_non_baseline(source.get("model_type"), "the checkpoint")
+        from multitrack.checkpoint import model_from_checkpoint
+        from multitrack.tokenizer import tokenizer_from_dict
+        model, ckpt = model_from_checkpoint(source, device="cpu")
+        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+        info = {**{k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}, **(info or {})}
+    else:
+        model, tok, info = source, None, dict(info or {})
+    refuse_non_baseline(getattr(model, "model_type", info.get("model_type")), info.get("path", "this model"))
+    if tokenizer is not None:
+        tok = resolve_tokenizer(tokenizer)
+    return model, tok, info
+
+
+def refuse_non_baseline(model_type, where: str) -> None:
+    if model_type != "mamba":
+        raise UserError(f"{where} is a {model_type!r} model; only the baseline Mamba (model_type 'mamba') "
+                        f"exports to the Hugging Face / mamba-ssm formats (multitrack models stay repo .pt files)")
+
+
+def cpu_state_dict(model) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def export_hf(source, folder, tokenizer=None, info=None, name: str | None = None) -> list[str]:
+    """Write a transformers folder: MambaForCausalLM / AutoTokenizer .from_pretrained(folder) load it.
+
+    source: repo checkpoint path, checkpoint dict, or a MambaLMHeadModel (then pass tokenizer/info).
+    Files: config.json, generation_config.json, model.safetensors (backbone.embeddings.weight; the
+    tied lm_head omitted, as save_pretrained does), tokenizer files, README.md (model card).
+    name: the model's name in the model card (default: the folder's name).
+    Returns the file names written.
+    """
+    from safetensors.torch import save_file
+    model, tok, info = resolve_source(source, tokenizer, info)
+    config = model.config
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    eos_id = tok.eos_id if tok is not None else None
+    write_json(folder / "config.json", hf_config_dict(config, eos_id))
+    token_id = 0 if eos_id is None else int(eos_id)
+    write_json(folder / "generation_config.json",
+               {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id})
+    state = {}
+    for key, tensor in cpu_state_dict(model).items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue  # transformers ties it back to backbone.embeddings.weight on load
+        state[key.replace("backbone.embedding.", "backbone.embeddings.", 1)] = tensor.clone()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; share like the others
+    written = ["config.json", "generation_config.json", "model.safetensors"]
+    if tok is not None:
+        written += write_hf_tokenizer(folder, tok)
+    (folder / "README.md").write_text(model_card(model, tok, info, name or folder.name), encoding="utf-8")
+    return written + ["README.md"]
+
+
+def export_mamba_ssm(source, folder, tokenizer=None, info=None) -> list[str]:
+    """Write config.json + pytorch_model.bin as mamba-ssm's MambaLMHeadModel.save_pretrained does.
+
+    `MambaLMHeadModel.from_pretrained(folder)` reads them (strict load: lm_head.weight included).
+    A tokenizer.json is added when known (mamba-ssm ignores it; load_pretrained uses it).
+    """
+    model, tok, info = resolve_source(source, tokenizer, info)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", mamba_ssm_config_dict(model.config))
+    torch.save(cpu_state_dict(model), folder / MAMBA_SSM_WEIGHTS)
+    written = ["config.json", MAMBA_SSM_WEIGHTS]
+    if tok is not None and tok.to_dict().get("kind") == "hf":
+        (folder / "tokenizer.json").write_text(tok.to_dict()["json"], encoding="utf-8")
+        written.append("tokenizer.json")
+    return written
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fmt_int(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def data_facts(data_dir) -> list[tuple[str, str]]:
+    """(label, value) rows about the training split from the data dir's meta.json, when it is there."""
+    meta_path = Path(data_dir) / "meta.json" if data_dir else None
+    if meta_path is None or not meta_path.is_file():
+        return []
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        train = meta["splits"]["train"]
+        rows = [("train split", f"{fmt_int(train['books'])} books, {fmt_int(train['tokens'])} tokens")]
+        source = meta.get("source") or {}
+        if source:
+            rows.append(("source", ", ".join(f"{k}={v}" for k, v in source.items() if not isinstance(v, (dict, list)))))
+        return rows
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def model_card(model, tok, info: dict, name: str) -> str:
+    """README.md for the Hugging Face folder: YAML front matter, training facts, how to load."""
+    c = model.config
+    metrics = info.get("metrics") or {}
+    data = info.get("data") or {}
+    val_loss = metrics.get("val_loss", info.get("best_val_loss"))
+    val_ppl = metrics.get("val_ppl", math.exp(val_loss) if isinstance(val_loss, (int, float)) and val_loss < 50 else None)
+    n_params = count_params(model)
+    lines = [
+        "---", "library_name: transformers", "license: apache-2.0", "pipeline_tag: text-generation",
+        "tags:", "- mamba", "- state-space-model", "- mamba-narrative", "- fiction", "---", "",
+        f"# {name}", "",
+        f"A Mamba-1 language model ({n_params / 1e6:.1f}M parameters: d_model={c.d_model}, "
+        f"n_layer={c.n_layer}, d_state={c.d_state}, expand={c.expand}), "
+        + (f"trained with mamba-narrative on long-form fiction (`{data['dir']}`)." if data.get("dir")
+           else f"converted by mamba-narrative from `{info.get('path', 'a model')}`."), "",
+        "## Training", "",
+        "| | |", "|---|---|",
+    ]
+    facts = [
+        ("data", data.get("dir")), *data_facts(data.get("dir")), ("data fingerprint", data.get("fingerprint")),
+        ("sequence length", data.get("seq_len")),
+        ("tokenizer", f"{tok.name} (vocab {tok.vocab_size})" if tok is not None else "not included"),
+        ("tokens seen", fmt_int(info.get("tokens_seen"))), ("steps", fmt_int(info.get("step"))),
+        ("epochs", info.get("epoch")),
+        ("val loss", f"{val_loss:.4f}" if isinstance(val_loss, (int, float)) else None),
+        ("val perplexity", f"{val_ppl:.2f}" if isinstance(val_ppl, (int, float)) else None),
+        ("script", info.get("script")), ("created", info.get("created")),
+    ]
+    lines += [f"| {k} | {v} |" for k, v in facts if v not in (None, "None")]
+    train_config = info.get("train_config") or {}
+    if train_config:
+        lines += ["", "### Training config", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | `{v!r}` |" for k, v in sorted(train_config.items())]
+    lines += [
+        "", "## How to load", "", "```python",
+        "from transformers import AutoTokenizer, MambaForCausalLM", "",
+        f'model = MambaForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        'ids = tokenizer("It was a dark and stormy night", return_tensors="pt").input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=64, do_sample=True, top_p=0.9)[0]))",
+        "```", "",
+        f"The logits have {c.padded_vocab_size} columns (vocabulary padded to a multiple of "
+        f"{c.pad_vocab_size_multiple}); ids >= {c.vocab_size} are padding and never trained.",
+        "", "In mamba-narrative: `from multitrack.interop import load_pretrained; "
+        f'model, tokenizer, info = load_pretrained("{name}")`.', "",
+    ]
+    return "\n".join(lines)

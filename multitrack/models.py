@@ -1,0 +1,66 @@
+"""Model registry: build any model of the repository from (model_type, config).
+
+    MODEL_TYPES = {"mamba": (MambaConfig, MambaLMHeadModel),
+                   "multitrack": (MultiTrackConfig, MultiTrackLM)}   # registered on first use
+
+Checkpoints store `model_type` and `model_config_dict(model)`; `build_model` turns them back into a
+model. Derived config fields (those with `init=False`, e.g. MambaConfig.d_inner) are recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch.nn as nn
+
+from multitrack.errors import UserError
+from multitrack.mamba import MambaConfig, MambaLMHeadModel
+
+MODEL_TYPES: dict[str, tuple[type, type]] = {"mamba": (MambaConfig, MambaLMHeadModel)}
+
+
+def _register_multitrack() -> None:
+    """Add "multitrack" to MODEL_TYPES if multitrack.multitrack_model exists (imported lazily: it imports us)."""
+    if "multitrack" in MODEL_TYPES:
+        return
+    try:
+        from multitrack.multitrack_model import MultiTrackConfig, MultiTrackLM
+    except ModuleNotFoundError as e:
+        if e.name != "multitrack.multitrack_model":
+            raise
+        return
+    MODEL_TYPES["multitrack"] = (MultiTrackConfig, MultiTrackLM)
+
+
+def config_from_dict(config_cls: type, config: dict):
+    """config_cls(**config) keeping only constructor fields; unknown keys are a UserError."""
+    init_names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    derived = {f.name for f in dataclasses.fields(config_cls) if not f.init}
+    unknown = set(config) - init_names - derived
+    if unknown:
+        raise UserError(f"unknown {config_cls.__name__} field(s) {', '.join(sorted(unknown))} in the model config "
+                        f"(checkpoint from a different version?); known: {', '.join(sorted(init_names))}")
+    return config_cls(**{k: v for k, v in config.items() if k in init_names})
+
+
+def build_model(model_type: str, config, device=None) -> nn.Module:
+    """A freshly initialised model. config: a dict (e.g. from a checkpoint) or the config dataclass itself."""
+    if model_type not in MODEL_TYPES:
+        _register_multitrack()
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"unknown model_type {model_type!r}; available: {', '.join(sorted(MODEL_TYPES))}")
+    config_cls, model_cls = MODEL_TYPES[model_type]
+    if isinstance(config, dict):
+        config = config_from_dict(config_cls, config)
+    elif not isinstance(config, config_cls):
+        raise UserError(f"model_type {model_type!r} needs a {config_cls.__name__} or a dict, got {type(config).__name__}")
+    if device is not None and "device" in inspect.signature(model_cls.__init__).parameters:
+        return model_cls(config, device=device)
+    model = model_cls(config)
+    return model if device is None else model.to(device)
+
+
+def model_config_dict(model: nn.Module) -> dict:
+    """dataclasses.asdict(model.config): JSON-safe, what checkpoints store as "model_config"."""
+    return dataclasses.asdict(model.config)

@@ -1,0 +1,228 @@
+"""The multi-track Mamba LM: triple-track SSM mixers, a narrative-aware router, cross-track attention.
+
+    ids (B, L) --embedding--> (B, L, D) --n_layer x MultiTrackBlock--> RMSNorm --tied lm_head--> (B, L, V_pad)
+                 |
+                 +--signal_table[ids]--> narrative features (B, L, F) --> every block's router
+
+Same model contract as multitrack.mamba.MambaLMHeadModel (CONTRACTS.md): forward(ids, cache=None),
+allocate_cache, step, num_params, plus the router hooks the trainer uses: aux_loss(), reset_stats(),
+stats(). State-dict names follow mamba-ssm where the part is the same (backbone.embedding,
+backbone.layers.{i}.norm / .mixer.{in_proj,conv1d,x_proj,dt_proj,A_log,D,out_proj}, backbone.norm_f,
+lm_head) plus backbone.layers.{i}.mixer.router.* / .cross.* and the buffer `signal_table`
+(V_pad, len(SIGNAL_COLUMNS)) uint8: the narrative lookup table of the tokenizer the model was trained
+with. It lives in the state dict, so `models.build_model("multitrack", config)` +
+`load_state_dict(strict=True)` rebuilds a trained model from its checkpoint alone. A fresh model has
+an all-zero table (no signals) until `set_signal_table(build_signal_tables(tokenizer))`.
+
+Components, their reasons and the ablations: research_plan.md. Config: multitrack/multitrack_config.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from multitrack import ops
+from multitrack.errors import UserError
+from multitrack.mamba import MambaLMHeadModel
+from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
+                                          multitrack_config)
+from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features
+from multitrack.router import balance_loss
+from multitrack.triple_track import MultiTrackBlock
+
+__all__ = ["MultiTrackConfig", "MultiTrackLM", "MultiTrackCache", "PRESETS", "multitrack_config",
+           "count_params", "baseline_params", "parameter_report"]
+
+
+class MultiTrackCache:
+    """Recurrent state: per layer conv_states[i] (B, Di, d_conv), ssm_states[i] (B, Di, N) float32, and
+    the narrative state (dialogue parity, previous-token flags). Updated in place; `reset()` zeroes it."""
+
+    def __init__(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor], narrative: NarrativeState):
+        self.conv_states = conv_states
+        self.ssm_states = ssm_states
+        self.narrative = narrative
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv_states[0].shape[0]
+
+    def reset(self) -> None:
+        for t in self.conv_states + self.ssm_states:
+            t.zero_()
+        self.narrative.reset()
+
+
+class MultiTrackBackbone(nn.Module):
+    """Embedding, n_layer MultiTrackBlocks, final RMSNorm. (B, L) ids + features -> (B, L, D), weights."""
+
+    def __init__(self, config: MultiTrackConfig, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(MultiTrackBlock(config, i, device=device, dtype=dtype)
+                                    for i in range(config.n_layer))
+        self.norm_f = ops.RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+
+    def forward(self, input_ids, features=None, cache=None):
+        """-> (hidden (B, L, D), [router weights (B, L, G) | None per layer])."""
+        hidden_states, residual, all_weights = self.embedding(input_ids), None, []
+        for layer in self.layers:
+            hidden_states, residual, weights = layer(hidden_states, residual, features=features, cache=cache)
+            all_weights.append(weights)
+        hidden_states = self.norm_f(hidden_states, residual=residual, prenorm=False,
+                                    residual_in_fp32=self.residual_in_fp32)
+        return hidden_states, all_weights
+
+    def step(self, input_ids, features, cache):
+        """input_ids (B,) -> hidden (B, D)."""
+        hidden_states, residual = self.embedding(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual, _ = layer.step(hidden_states, residual, features, cache)
+        return self.norm_f(hidden_states, residual=residual, prenorm=False,
+                           residual_in_fp32=self.residual_in_fp32)
+
+
+class MultiTrackLM(nn.Module):
+    """Multi-track LM with tied LM head. forward: (B, L) ids -> (B, L, V_pad) logits."""
+
+    model_type = "multitrack"
+
+    def __init__(self, config: MultiTrackConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = MultiTrackBackbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.register_buffer("signal_table", torch.zeros(config.padded_vocab_size, len(SIGNAL_COLUMNS),
+                                                         dtype=torch.uint8, device=device))
+        # mamba-ssm's init (zero Linear biases except dt_proj, N(0, 0.02) embedding, out_proj rescaled by
+        # 1/sqrt(n_layer)); the structure it walks (backbone.layers[i].mixer.out_proj) is the same here
+        MambaLMHeadModel._init_weights(self)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self.record_stats = True         # accumulate router statistics in every forward (not step)
+        self._aux_terms: list[torch.Tensor] = []
+        self._warned_no_table = False
+        self.reset_stats()
+        ops.log_kernels_once()
+
+    # ------------------------------------------------------------------------------------------
+    def set_signal_table(self, table: torch.Tensor) -> None:
+        """Install a narrative lookup table (vocab_size, len(SIGNAL_COLUMNS)) from build_signal_tables."""
+        if table.dim() != 2 or table.shape[1] != len(SIGNAL_COLUMNS) or table.shape[0] > self.signal_table.shape[0]:
+            raise UserError(f"signal table of shape {tuple(table.shape)} does not fit this model "
+                            f"(vocab {self.config.vocab_size}, {len(SIGNAL_COLUMNS)} signal columns)")
+        with torch.no_grad():
+            self.signal_table.zero_()
+            self.signal_table[: table.shape[0]].copy_(table.to(self.signal_table.device, torch.uint8))
+
+    def _signal_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self._warned_no_table and self.config.use_signals:
+            self._warned_no_table = True
+            if not bool(self.signal_table.any()):
+                warnings.warn("MultiTrackLM: the narrative signal table is empty (fresh model?); call "
+                              "model.set_signal_table(build_signal_tables(tokenizer)) so the router sees signals")
+        return self.signal_table[input_ids]
+
+    def forward(self, input_ids: torch.Tensor, cache: MultiTrackCache | None = None) -> torch.Tensor:
+        """input_ids: (B, L) long -> logits (B, L, V_pad). With a cache: start from its state, leave the final one."""
+        features, types, new_state = narrative_features(self._signal_rows(input_ids),
+                                                        None if cache is None else cache.narrative)
+        hidden_states, weights = self.backbone(input_ids, features if self.config.use_signals else None, cache)
+        if cache is not None:
+            cache.narrative.copy_(new_state)
+        self._after_forward(weights, types)
+        return self.lm_head(hidden_states)
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MultiTrackCache:
+        """Zero state for `batch_size` sequences; SSM states float32, conv states `dtype` (default: params')."""
+        p = self.lm_head.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        c = self.config
+        conv = [torch.zeros(batch_size, c.d_inner, c.d_conv, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        ssm = [torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=torch.float32)
+               for _ in range(c.n_layer)]
+        return MultiTrackCache(conv, ssm, NarrativeState.zeros(batch_size, device=device))
+
+    def step(self, input_ids: torch.Tensor, cache: MultiTrackCache) -> torch.Tensor:
+        """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache."""
+        features, _, new_state = narrative_features(self.signal_table[input_ids][:, None], cache.narrative)
+        cache.narrative.copy_(new_state)
+        features = features[:, 0] if self.config.use_signals else None
+        return self.lm_head(self.backbone.step(input_ids, features, cache))
+
+    def num_params(self) -> int:
+        """Number of unique parameters (the tied embedding / LM head counted once; buffers excluded)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------
+    # router hooks (CONTRACTS.md, trainer API)
+
+    def _after_forward(self, weights: list, types: torch.Tensor) -> None:
+        self._aux_terms = []
+        if not self.config.use_router:
+            return
+        if self.training and torch.is_grad_enabled() and self.config.router_aux_weight > 0:
+            self._aux_terms = [balance_loss(w) for w in weights]
+        if self.record_stats:
+            with torch.no_grad():
+                t = types.float()                                                # (B, L, T)
+                w = torch.stack(weights).float()                                 # (n_layer, B, L, G)
+                sums = torch.einsum("blt,kblg->ktg", t, w).double()
+                if self._stat_sums is None or self._stat_sums.device != sums.device:
+                    self._stat_sums = torch.zeros_like(sums)
+                    self._stat_counts = torch.zeros(t.shape[-1], dtype=torch.float64, device=sums.device)
+                self._stat_sums += sums
+                self._stat_counts += t.sum((0, 1))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """router_aux_weight * mean over layers of the router balance loss of the last training forward."""
+        if not self._aux_terms:
+            return None
+        return self.config.router_aux_weight * torch.stack(self._aux_terms).mean()
+
+    def reset_stats(self) -> None:
+        """Forget the router statistics recorded so far."""
+        self._stat_sums = None      # (n_layer, len(TOKEN_TYPES), G) float64: summed weights
+        self._stat_counts = None    # (len(TOKEN_TYPES),) float64: tokens of each type
+
+    def stats(self) -> dict:
+        """Router statistics of the forwards since reset_stats() (the trainer resets after each eval, so
+        at `on_eval` they cover the training steps since the previous eval), as flat floats:
+
+        router/<type>/<track>          mean weight of the track over tokens of that type, averaged over layers
+                                       (types: TOKEN_TYPES; weights of the tracks sum to 1)
+        router/layer<i>/<track>        mean weight per layer over all tokens
+        router/frac/<type>             share of recorded tokens of that type
+        router/tokens                  number of tokens recorded
+        Empty when nothing was recorded (uniform router, one track, or no eval forward yet).
+        """
+        if self._stat_sums is None or float(self._stat_counts[0]) == 0:
+            return {}
+        sums, counts = self._stat_sums.cpu(), self._stat_counts.cpu()
+        names = self.config.track_names
+        out = {"router/tokens": float(counts[0])}
+        for ti, tname in enumerate(TOKEN_TYPES):
+            out[f"router/frac/{tname}"] = float(counts[ti] / counts[0])
+            if counts[ti] == 0:
+                continue
+            mean = sums[:, ti].mean(0) / counts[ti]                              # (G,)
+            for g, track in enumerate(names):
+                out[f"router/{tname}/{track}"] = float(mean[g])
+        for k in range(sums.shape[0]):
+            for g, track in enumerate(names):
+                out[f"router/layer{k}/{track}"] = float(sums[k, 0, g] / counts[0])
+        return out
+
+
+def parameter_report(config: MultiTrackConfig) -> str:
+    """One line: this model's parameter count (computed, not built) vs the matched Mamba baseline's."""
+    n, base = count_params(config), baseline_params(config)
+    return (f"multitrack params {n:,} vs mamba baseline {base:,} ({100 * (n - base) / base:+.2f}%); "
+            f"d_inner={config.d_inner} ({config.tracks} x {config.d_track}), baseline d_inner="
+            f"{config.expand * config.d_model}")
+

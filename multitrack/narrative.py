@@ -1,0 +1,201 @@
+"""Narrative structure signals derived from token ids alone.
+
+The narrative router (multitrack/router.py) conditions its per-token track weights on where a token
+sits in the story: paragraph breaks, dialogue, chapter headings, sentence ends. None of this needs a
+change of the data format: every signal is computed from the token ids through a lookup table built
+once from the tokenizer's vocabulary (`build_signal_tables`), stored in the model as a buffer (so a
+checkpoint alone rebuilds the model), plus two pieces of running state computed in parallel with
+cumulative sums and carried in the generation cache.
+
+Table columns (one row per token id, `SIGNAL_COLUMNS`), from the bytes the id decodes to:
+
+    newline          the token contains "\\n"
+    double_newline   the token contains "\\n\\n" (a paragraph break inside one token, e.g. NeoX's "\\n\\n")
+    starts_newline   the first non-blank byte is "\\n"       } a break split over two tokens ("\\n" + "\\n",
+    ends_newline     the last non-blank byte is "\\n"        }  always so for byte-level vocabularies)
+    quote_count      number of double-quote characters: " (U+0022), “ (U+201C), ” (U+201D)
+    heading          a chapter-heading word: CHAPTER, Chapter, BOOK, PART, VOLUME, ACT, SCENE, STAVE,
+                     CANTO, PROLOGUE, EPILOGUE (or an upper-case prefix of >= 4 letters of one, e.g. "CHAP")
+    sentence_end     ends in . ! ? (closing quotes/brackets allowed after), not an abbreviation ("Mr.")
+    scene_mark       only '*', '#', '⁂' and blanks, e.g. "***" or " *" (scene-break lines "* * *")
+    doc_boundary     the end-of-text id (eos) that separates books in the token stream
+
+Per-token features the router sees (`FEATURE_NAMES`, float 0/1), for token t:
+
+    paragraph_break[t] = double_newline[t] or (starts_newline[t] and ends_newline[t-1])
+    reset[t]           = paragraph_break[t] or doc_boundary[t]
+    paragraph_start[t] = reset[t-1] and not reset[t]
+    parity_after[t]    = (number of quote characters since the last reset, up to and including t) mod 2
+    in_dialogue[t]     = (parity_after[t-1] or quote_count[t] > 0) and not reset[t]
+
+The dialogue parity restarts at every paragraph break: fiction opens a quote again at the start of each
+paragraph of a long speech without closing the previous one, so a parity that ran across paragraphs
+would flip inside-out after such a speech. Limits (documented, not bugs): single quotes (‘ ’ and ')
+are ignored because they double as apostrophes; a curly quote split across byte tokens (byte-level
+vocabularies) is not seen, straight quotes always are; a heading word split into short BPE pieces
+("CH" + "APTER") and any heading in a byte-level vocabulary is not flagged.
+
+State carried between chunks and through `step` (`NarrativeState`, all (B,)):
+    parity (long): the dialogue parity after the last token; prev_ends_newline (bool); prev_reset (bool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SIGNAL_COLUMNS = ("newline", "double_newline", "starts_newline", "ends_newline", "quote_count",
+                  "heading", "sentence_end", "scene_mark", "doc_boundary")
+COL = {name: i for i, name in enumerate(SIGNAL_COLUMNS)}
+
+FEATURE_NAMES = ("newline", "paragraph_break", "paragraph_start", "quote", "in_dialogue",
+                 "heading", "sentence_end", "scene_mark", "doc_boundary")
+N_FEATURES = len(FEATURE_NAMES)
+
+# token types over which router statistics are reported (rows of `token_types`)
+TOKEN_TYPES = ("all", "narration", "dialogue", "paragraph_start", "sentence_end", "heading")
+
+QUOTE_CHARS = ('"', "\u201c", "\u201d")
+HEADING_WORDS = ("CHAPTER", "BOOK", "PART", "VOLUME", "ACT", "SCENE", "STAVE", "CANTO", "PROLOGUE",
+                 "EPILOGUE")
+HEADING_TITLE_CASE = ("Chapter", "Prologue", "Epilogue", "Stave", "Canto")
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mme", "mlle", "messrs", "jr", "sr", "capt", "col", "gen",
+                 "rev", "prof", "lt", "no", "vol", "ch", "sq", "esq", "hon", "co", "etc", "viz"}
+CLOSERS = "\"'\u201d\u2019)]"
+SCENE_MARK_CHARS = set("*#\u2042 \t")
+BLANKS = b" \t\r"
+
+
+def _is_heading(word: str) -> bool:
+    if word in HEADING_TITLE_CASE:
+        return True
+    if not word.isalpha() or not word.isupper():
+        return False
+    return word in HEADING_WORDS or (len(word) >= 4 and any(h.startswith(word) for h in HEADING_WORDS))
+
+
+def _is_sentence_end(text: str) -> bool:
+    s = text.strip().rstrip(CLOSERS)
+    if not s or s[-1] not in ".!?":
+        return False
+    if s[-1] == ".":
+        word = s[:-1].split()[-1].lower() if s[:-1].split() else ""
+        word = word.lstrip("\"'\u201c\u2018(")
+        if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):   # "Mr." / initials "J."
+            return False
+    return True
+
+
+def token_signals(token: bytes, is_eos: bool = False) -> list[int]:
+    """The `SIGNAL_COLUMNS` row of one token, from the bytes it decodes to."""
+    row = [0] * len(SIGNAL_COLUMNS)
+    if is_eos:
+        row[COL["doc_boundary"]] = 1
+        return row
+    text = token.decode("utf-8", errors="ignore")      # partial UTF-8 (byte pieces) contributes nothing
+    row[COL["newline"]] = int(b"\n" in token)
+    row[COL["double_newline"]] = int(b"\n\n" in token or b"\n\r\n" in token)
+    row[COL["starts_newline"]] = int(token.lstrip(BLANKS).startswith(b"\n"))
+    row[COL["ends_newline"]] = int(token.rstrip(BLANKS).endswith(b"\n"))
+    row[COL["quote_count"]] = min(255, sum(text.count(q) for q in QUOTE_CHARS))
+    stripped = text.strip()
+    row[COL["heading"]] = int(_is_heading(stripped))
+    row[COL["sentence_end"]] = int(_is_sentence_end(text))
+    row[COL["scene_mark"]] = int(bool(stripped) and set(stripped) <= SCENE_MARK_CHARS
+                                 and any(c in "*#\u2042" for c in stripped))
+    return row
+
+
+def build_signal_tables(tokenizer) -> torch.Tensor:
+    """Signal lookup table of a vocabulary: (vocab_size, len(SIGNAL_COLUMNS)) uint8.
+
+    tokenizer: a `multitrack.tokenizer.TextTokenizer` (byte-level or BPE); uses `token_bytes(i)` and
+    `eos_id`. Values are 0/1 flags except `quote_count` (0..255). About a second for a 50k vocabulary.
+    """
+    rows = [token_signals(tokenizer.token_bytes(i), is_eos=(i == tokenizer.eos_id))
+            for i in range(tokenizer.vocab_size)]
+    return torch.tensor(rows, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# running state and per-token features
+
+@dataclass
+class NarrativeState:
+    """Narrative state after the last processed token of each sequence; tensors updated in place."""
+
+    parity: torch.Tensor             # (B,) long, dialogue quote parity since the last paragraph break
+    prev_ends_newline: torch.Tensor  # (B,) bool, the last token ended with "\n"
+    prev_reset: torch.Tensor         # (B,) bool, the last token was a paragraph break or eos
+
+    @classmethod
+    def zeros(cls, batch_size: int, device=None) -> "NarrativeState":
+        z = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        return cls(torch.zeros(batch_size, dtype=torch.long, device=device), z.clone(), z.clone())
+
+    def copy_(self, other: "NarrativeState") -> None:
+        self.parity.copy_(other.parity)
+        self.prev_ends_newline.copy_(other.prev_ends_newline)
+        self.prev_reset.copy_(other.prev_reset)
+
+    def reset(self) -> None:
+        self.parity.zero_()
+        self.prev_ends_newline.zero_()
+        self.prev_reset.zero_()
+
+
+def _shift_right(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """x: (B, L), first: (B,) -> (B, L) with out[:, 0] = first, out[:, t] = x[:, t-1]."""
+    return torch.cat([first[:, None].to(x.dtype), x[:, :-1]], dim=1)
+
+
+def dialogue_parity(quote_count: torch.Tensor, reset: torch.Tensor, parity0: torch.Tensor) -> torch.Tensor:
+    """Quote parity after each token, restarting at reset tokens; parallel over L (cumsum + cummax).
+
+    quote_count: (B, L) long; reset: (B, L) bool (a reset token leaves parity 0); parity0: (B,) long,
+    the parity before the first token. Returns parity_after (B, L) long in {0, 1}:
+        parity_after[t] = (sum of quote_count over (last reset <= t, t]) mod 2,
+                          or (parity0 + sum over [0, t]) mod 2 when no reset so far.
+    """
+    b, l = quote_count.shape
+    csum = torch.cumsum(quote_count, dim=1)                                  # (B, L) inclusive
+    pos = torch.arange(l, device=quote_count.device).expand(b, l)
+    last_reset = torch.cummax(torch.where(reset, pos, torch.full_like(pos, -1)), dim=1).values
+    csum_at_reset = torch.gather(csum, 1, last_reset.clamp(min=0))
+    since = torch.where(last_reset >= 0, csum - csum_at_reset, csum + parity0[:, None])
+    return since % 2
+
+
+def narrative_features(rows: torch.Tensor, state: NarrativeState | None = None):
+    """Router features and statistic token types for a chunk of tokens.
+
+    rows: (B, L, len(SIGNAL_COLUMNS)) signal-table rows of the chunk's ids (`table[input_ids]`);
+    state: the narrative state before the chunk (None: start of a sequence, all zero).
+    Returns (features (B, L, N_FEATURES) float32, token_types (B, L, len(TOKEN_TYPES)) bool,
+    new_state: NarrativeState after the chunk). An empty chunk returns the state unchanged.
+    """
+    b, l, _ = rows.shape
+    if state is None:
+        state = NarrativeState.zeros(b, device=rows.device)
+    r = rows.long()
+    flag = lambda name: r[..., COL[name]] > 0                                # noqa: E731
+    quotes = r[..., COL["quote_count"]]                                      # (B, L)
+    prev_ends_nl = _shift_right(flag("ends_newline"), state.prev_ends_newline)
+    para_break = flag("double_newline") | (flag("starts_newline") & prev_ends_nl)
+    reset = para_break | flag("doc_boundary")
+    para_start = _shift_right(reset, state.prev_reset) & ~reset
+    parity_after = dialogue_parity(quotes, reset, state.parity)            # (B, L)
+    parity_before = _shift_right(parity_after, state.parity)
+    in_dialogue = ((parity_before > 0) | (quotes > 0)) & ~reset
+    features = torch.stack([flag("newline"), para_break, para_start, quotes > 0, in_dialogue,
+                            flag("heading"), flag("sentence_end"), flag("scene_mark"),
+                            flag("doc_boundary")], dim=-1).float()
+    ones = torch.ones_like(reset)
+    types = torch.stack([ones, ~in_dialogue, in_dialogue, para_start, flag("sentence_end"),
+                         flag("heading")], dim=-1)
+    if l == 0:
+        return features, types, state
+    new_state = NarrativeState(parity_after[:, -1].clone(), flag("ends_newline")[:, -1].clone(),
+                               reset[:, -1].clone())
+    return features, types, new_state

@@ -1,0 +1,565 @@
+"""Mamba's low-level ops: selective scan, causal depthwise conv1d, RMSNorm, single-token updates.
+
+Every model of the repository calls these functions, never a kernel directly. Each op has two paths:
+
+* CUDA kernels from `mamba_ssm` / `causal_conv1d` when they import and the tensors are on a GPU
+  (`selective_scan_fn`, the fused `mamba_inner_fn`, `causal_conv1d_fn`, the Triton
+  `selective_state_update` and `rms_norm_fn`), exactly as mamba-ssm's own modules call them;
+* pure PyTorch everywhere else: a slow, obviously correct sequential `selective_scan_ref`, and a
+  fast scan (`selective_scan_chunked`) with a hand-written backward: the adjoint recurrence runs the
+  same scan in reverse, and only the inputs are saved (the (l, b, d, n) tensors are recomputed, as
+  in mamba-ssm's kernel). The recurrence itself is an in-place time loop on CPU and, on GPU, a
+  chunked scan (all chunks of `chunk_size` steps scanned at once, then the state carried across
+  chunks), so there are l/chunk + chunk steps instead of l.
+
+Glossary (Mamba paper, Gu & Dao 2023), layouts are mamba-ssm's (channels first):
+
+    b batch, d channels (d_inner = E * d_model), l sequence length, n = N = d_state,
+    g groups of B/C (d % g == 0; channel c uses group c // (d / g)), w conv width (d_conv)
+    u: (b, d, l) input x_t           Δ = delta: (b, d, l), softplus(Δ + Δ_bias) when delta_softplus
+    A: (d, n) (negative reals)       B, C: (b, n, l) or (b, g, n, l)      D: (d,) skip
+    z: (b, d, l) gate, y * silu(z)   state h: (b, d, n)
+    h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t,    y_t = C_t . h_t + D u_t
+
+The environment variable MAMBA_NARRATIVE_KERNELS=pytorch forces the PyTorch path (GPU equivalence
+tests); `force_pytorch()` does the same inside a `with` block.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# optional CUDA kernels: every import guarded; `import mamba_ssm` raises more than ImportError on
+# CPU-only machines (e.g. about selective_scan_cuda), so catch Exception
+_FORCED_PYTORCH = os.environ.get("MAMBA_NARRATIVE_KERNELS", "").strip().lower() == "pytorch"
+
+_ss_cuda = _mamba_inner_cuda = _ssu_triton = _rms_norm_triton = None
+_conv_cuda = _conv_update_cuda = None
+if not _FORCED_PYTORCH:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _ss_cuda
+    except Exception:  # noqa: BLE001 - any failure means: no kernel
+        _ss_cuda = None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as _mamba_inner_cuda
+    except Exception:  # noqa: BLE001
+        _mamba_inner_cuda = None
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _ssu_triton
+    except Exception:  # noqa: BLE001
+        _ssu_triton = None
+    try:
+        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as _rms_norm_triton
+    except Exception:  # noqa: BLE001
+        try:
+            from mamba_ssm.ops.triton.layernorm import rms_norm_fn as _rms_norm_triton
+        except Exception:  # noqa: BLE001
+            _rms_norm_triton = None
+    try:
+        from causal_conv1d import causal_conv1d_fn as _conv_cuda
+        from causal_conv1d import causal_conv1d_update as _conv_update_cuda
+    except Exception:  # noqa: BLE001
+        _conv_cuda = _conv_update_cuda = None
+
+_CUDA = torch.cuda.is_available()
+KERNELS = {
+    "selective_scan": "mamba_ssm" if (_ss_cuda and _CUDA) else "pytorch-chunked",
+    "mamba_inner": "mamba_ssm" if (_mamba_inner_cuda and _conv_cuda and _CUDA) else "pytorch",
+    "causal_conv1d": "causal_conv1d" if (_conv_cuda and _CUDA) else "pytorch",
+    "selective_state_update": "mamba_ssm-triton" if (_ssu_triton and _CUDA) else "pytorch",
+    "rms_norm": "mamba_ssm-triton" if (_rms_norm_triton and _CUDA) else "pytorch",
+}
+_pytorch_only = False  # set by force_pytorch()
+_described = False
+
+
+def describe_kernels() -> str:
+    """One log line saying which implementation of each op runs (CUDA tensors; CPU is always PyTorch)."""
+    forced = " (forced by MAMBA_NARRATIVE_KERNELS=pytorch)" if _FORCED_PYTORCH else ""
+    return "kernels: " + ", ".join(f"{k}={v}" for k, v in KERNELS.items()) + forced
+
+
+def log_kernels_once() -> None:
+    """Print `describe_kernels()` the first time a model is built in this process."""
+    global _described
+    if not _described:
+        _described = True
+        print(describe_kernels())
+
+
+@contextmanager
+def force_pytorch():
+    """Inside this block every op takes its PyTorch path, even on a GPU with kernels (equivalence tests)."""
+    global _pytorch_only
+    previous, _pytorch_only = _pytorch_only, True
+    try:
+        yield
+    finally:
+        _pytorch_only = previous
+
+
+def _use(kernel, *tensors) -> bool:
+    return kernel is not None and not _pytorch_only and all(t.is_cuda for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# selective scan
+
+def _check_groups(BC: torch.Tensor, d: int) -> torch.Tensor:
+    """B or C as (b, g, n, l); checks the layout and d % g == 0."""
+    if BC.dim() == 3:
+        BC = BC.unsqueeze(1)
+    if BC.dim() != 4:
+        raise ValueError(f"B/C must be (b, n, l) or (b, g, n, l), got shape {tuple(BC.shape)}")
+    if d % BC.shape[1] != 0:
+        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={BC.shape[1]}")
+    return BC
+
+
+def _softplus_delta(delta, delta_bias, delta_softplus):
+    """(Δ + Δ_bias, Δ') in float32, Δ' = softplus(Δ + Δ_bias) when delta_softplus. (b, d, l) each."""
+    pre = delta.float()
+    if delta_bias is not None:
+        pre = pre + delta_bias.float()[:, None]
+    return pre, (F.softplus(pre) if delta_softplus else pre)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None):
+    """Sequential selective scan: one step per position, float32 math. The definition, for tests.
+
+    u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,)
+    initial_state: (b, d, n) or None (zeros)
+    returns out (b, d, l) in u's dtype, and last_state (b, d, n) float32 if return_last_state
+    """
+    b, d, l = u.shape
+    _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+    Bg, Cg = _check_groups(B, d).float(), _check_groups(C, d).float()     # (b, g, n, l)
+    Bd = Bg.repeat_interleave(d // Bg.shape[1], dim=1)                     # channel c uses group c // (d/g)
+    Cd = Cg.repeat_interleave(d // Cg.shape[1], dim=1)                     # (b, d, n, l)
+    uf = u.float()
+    h = torch.zeros(b, d, A.shape[1], device=u.device, dtype=torch.float32)
+    if initial_state is not None:
+        h = h + initial_state.float()
+    ys = []
+    for t in range(l):
+        dA = torch.exp(dt[:, :, t, None] * A.float())                       # exp(Δ_t A)      (b, d, n)
+        dBu = (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bd[:, :, :, t]     # Δ_t B_t u_t     (b, d, n)
+        h = dA * h + dBu
+        ys.append((h * Cd[:, :, :, t]).sum(-1))                            # C_t . h_t       (b, d)
+    y = torch.stack(ys, dim=2) if l > 0 else uf * 0
+    if D is not None:
+        y = y + uf * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# The fast PyTorch path works time-major, (l, b, d, n), so that one time step is one contiguous block.
+
+def _bc_time_major(BC, d):
+    """B or C: (b, n, l) | (b, g, n, l) -> (l, b, g, n) float32 contiguous."""
+    return _check_groups(BC, d).float().permute(3, 0, 1, 2).contiguous()
+
+
+def _contract_n(X, Yt):
+    """Σ_n X[l,b,d,n] Yt[l,b,g(d),n] -> (l, b, d): C . h, or g . B. Batched matmul on views, no copies."""
+    l, b, d, n = X.shape
+    g = Yt.shape[2]
+    return torch.matmul(X.reshape(l * b * g, d // g, n), Yt.reshape(l * b * g, n, 1)).view(l, b, d)
+
+
+def _contract_d(Y, X, g):
+    """Σ_{d in group} Y[l,b,d] X[l,b,d,n] -> (l, b, g, n): dL/dC or dL/dB. Y: (l, b, d). No copies."""
+    l, b, d, n = X.shape
+    return torch.matmul(Y.reshape(l * b * g, 1, d // g), X.reshape(l * b * g, d // g, n)).view(l, b, g, n)
+
+
+def _scan_loop(a, x, h0):
+    """In place on x: x_t <- a_t * x_{t-1} + x_t (x_{-1} = h0), one contiguous step at a time.
+    a, x: (l, b, d, n); h0: (b, d, n) | None. Fastest on CPU."""
+    if h0 is not None:
+        x[0].addcmul_(a[0], h0)
+    for t in range(1, x.shape[0]):
+        x[t].addcmul_(a[t], x[t - 1])
+    return x
+
+
+def _scan_chunks(a, x, h0, chunk_size, reverse=False):
+    """Chunked scan, the GPU default: all chunks advance together, so l/chunk_size times fewer steps.
+
+    Forward:  h_t = a_t h_{t-1} + x_t.   reverse=True: g_t = x_t + a_t g_{t+1} (pass a shifted by one).
+    a, x: (l, b, d, n); h0: (b, d, n) | None (forward only). Each chunk of T = chunk_size steps is
+    first scanned from a zero state (T steps, every chunk at once) while the running product of its
+    a's is kept; then the true state entering each chunk is carried across chunks (l/T small steps),
+    and added: h_t = local_t + (Π_{s<=t in chunk} a_s) * carry. Only products of factors in (0, 1].
+    """
+    l, b, d, n = x.shape
+    T = max(1, min(chunk_size, l))
+    nc = -(-l // T)
+    pad = nc * T - l
+    x = torch.cat([x, x.new_zeros(pad, b, d, n)]) if pad else x.clone()
+    prod = torch.cat([a, a.new_ones(pad, b, d, n)]) if pad else a.clone()
+    x, prod = x.view(nc, T, b, d, n), prod.view(nc, T, b, d, n)
+    steps = range(T - 2, -1, -1) if reverse else range(1, T)
+    for t in steps:                                                        # scan inside every chunk at once
+        s = t + 1 if reverse else t - 1
+        x[:, t].addcmul_(prod[:, t], x[:, s])
+        prod[:, t].mul_(prod[:, s])
+    edge = 0 if reverse else T - 1                                         # the chunk's last step in scan order
+    carry = [None] * nc
+    h = x.new_zeros(b, d, n) if h0 is None else h0
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):           # carry the state across chunks
+        carry[c] = h
+        h = torch.addcmul(x[c, edge], prod[c, edge], h)
+    x.addcmul_(prod, torch.stack(carry).unsqueeze(1))
+    return x.view(nc * T, b, d, n)[:l]
+
+
+def _pick(method: str, x: torch.Tensor) -> str:
+    if method == "auto":
+        return "loop" if x.device.type == "cpu" else "chunked"
+    if method not in ("loop", "chunked"):
+        raise ValueError(f"scan method must be 'auto', 'loop' or 'chunked', got {method!r}")
+    return method
+
+
+def _scan_affine(a, x, h0, chunk_size, method="auto"):
+    """Inclusive scan h_t = a_t * h_{t-1} + x_t along dim 0 (may reuse x's memory).
+    a, x: (l, b, d, n); h0: (b, d, n) | None. method: "loop" (CPU default) | "chunked" (GPU) | "auto"."""
+    if _pick(method, x) == "loop":
+        return _scan_loop(a, x, h0)
+    return _scan_chunks(a, x, h0, chunk_size)
+
+
+def _scan_affine_reverse(a, x, chunk_size, method="auto"):
+    """Adjoint scan g_t = x_t + a_{t+1} * g_{t+1} along dim 0, g_{l-1} = x_{l-1} (may reuse x's memory)."""
+    if _pick(method, x) == "loop":
+        for t in range(x.shape[0] - 2, -1, -1):
+            x[t].addcmul_(a[t + 1], x[t + 1])
+        return x
+    a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
+    return _scan_chunks(a_next, x, None, chunk_size, reverse=True)
+
+
+def _forward_states(u, dt, A, Bt, h0, chunk_size, method):
+    """dA = exp(Δ'A) and the states h, both (l, b, d, n). u, dt: (b, d, l); Bt: (l, b, g, n)."""
+    l, b, g, n = Bt.shape
+    d = u.shape[1]
+    dt_t = dt.permute(2, 0, 1)                                             # (l, b, d)
+    dA = torch.exp(dt_t.unsqueeze(-1) * A.float())                         # (l, b, d, n)
+    dtu = (dt * u.float()).permute(2, 0, 1).reshape(l, b, g, d // g, 1)
+    dBu = (dtu * Bt.unsqueeze(3)).reshape(l, b, d, n)                     # Δ' u B
+    h0f = h0.float() if h0 is not None else None
+    return dA, _scan_affine(dA, dBu, h0f, chunk_size, method)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """The selective scan with a hand-written backward that saves only the inputs and recomputes the
+    (l, b, d, n) tensors, as mamba-ssm's kernel does (no autograd graph over the big tensors).
+
+    Forward:  Δ' = softplus(Δ + Δ_bias);  h_t = exp(Δ'_t A) h_{t-1} + Δ'_t u_t B_t;
+              y_t = C_t . h_t + D u_t;  out = y * silu(z)
+    Backward: gy = gout * silu(z);  gh_t = gy_t C_t (+ glast at t = l-1);
+              g_t = gh_t + exp(Δ'_{t+1} A) g_{t+1}  (the adjoint scan);
+              d/d(Δ'A)_t = g_t h_{t-1} exp(Δ'_t A);  d/d(Δ'u)_t = g_t . B_t;  d/dB_t = Σ_d g_t Δ'_t u_t;
+              dh0 = exp(Δ'_0 A) g_0
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size, method):
+        b, d, l = u.shape
+        _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+        _, hs = _forward_states(u, dt, A, _bc_time_major(B, d), initial_state, chunk_size, method)
+        y = _contract_n(hs, _bc_time_major(C, d)).permute(1, 2, 0)         # (b, d, l)
+        if D is not None:
+            y = y + u.float() * D.float()[:, None]
+        if z is not None:
+            y = y * F.silu(z.float())
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        ctx.options = (delta_softplus, chunk_size, method)
+        return y.to(u.dtype), hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, gout, glast):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # fp32 math
+            return _SelectiveScanFn._backward(ctx, gout, glast)
+
+    @staticmethod
+    def _backward(ctx, gout, glast):
+        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
+        delta_softplus, chunk_size, method = ctx.options
+        b, d, l = u.shape
+        n = A.shape[1]
+        uf, Af = u.float(), A.float()
+        pre, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+        Bt, Ct = _bc_time_major(B, d), _bc_time_major(C, d)                  # (l, b, g, n)
+        g = Bt.shape[2]
+        dA, hs = _forward_states(u, dt, A, Bt, h0, chunk_size, method)      # recomputed (l, b, d, n)
+
+        gout = gout.float() if gout is not None else torch.zeros_like(uf)
+        gz = None
+        if z is not None:
+            y = _contract_n(hs, Ct).permute(1, 2, 0)
+            if D is not None:
+                y = y + uf * D.float()[:, None]
+            zf = z.float()
+            sig = torch.sigmoid(zf)
+            gz = (gout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)         # d silu(z)/dz = σ(1 + z(1-σ))
+            gout = gout * zf * sig                                           # now gy
+        gD = (gout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
+        gu = gout * D.float()[:, None] if D is not None else torch.zeros_like(uf)
+        gy_t = gout.permute(2, 0, 1).contiguous()                            # (l, b, d)
+        gC = _contract_d(gy_t, hs, g)                                        # (l, b, g, n)
+        gs = (gy_t.view(l, b, g, d // g, 1) * Ct.unsqueeze(3)).reshape(l, b, d, n)   # dL/dh_t from y_t
+        if glast is not None:
+            gs[-1] += glast.float()
+        gs = _scan_affine_reverse(dA, gs, chunk_size, method)               # g_t
+        gh0 = (dA[0] * gs[0]).to(h0.dtype) if h0 is not None else None
+        gdtA = gs * dA                                                       # d loss / d(Δ'A) = g_t e^{Δ'A} h_{t-1}
+        del dA
+        gdtA[1:] *= hs[:-1]
+        if h0 is not None:
+            gdtA[0] *= h0.float()
+        else:
+            gdtA[0] = 0
+        del hs
+        gdt = (gdtA * Af).sum(-1)                                            # (l, b, d)
+        gA = gdtA.mul_(dt.permute(2, 0, 1).unsqueeze(-1)).sum((0, 1))        # (d, n)
+        del gdtA
+        gdtu = _contract_n(gs, Bt)                                           # d loss / d(Δ'u) (l, b, d)
+        gB = _contract_d((dt * uf).permute(2, 0, 1).contiguous(), gs, g)     # (l, b, g, n)
+        gdtu = gdtu.permute(1, 2, 0)                                         # (b, d, l)
+        gdt = gdt.permute(1, 2, 0) + gdtu * uf
+        gu = gu + gdtu * dt
+        gpre = gdt * torch.sigmoid(pre) if delta_softplus else gdt
+        gbias = gpre.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+
+        def to_layout(grad, like):  # (l, b, g, n) -> like's (b, n, l) or (b, g, n, l)
+            grad = grad.permute(1, 2, 3, 0)
+            return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype)
+
+        return (gu.to(u.dtype), gpre.to(delta.dtype), gA.to(A.dtype), to_layout(gB, B), to_layout(gC, C),
+                gD, gz, gbias, gh0, None, None, None)
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, initial_state=None, chunk_size=64, method="auto"):
+    """Selective scan in PyTorch with a memory-lean hand-written backward; same contract as the ref.
+
+    The recurrence runs as `_scan_affine`: an in-place time loop on CPU ("loop"), the chunked scan on
+    GPU ("chunked"). Only the inputs are kept for backward (see `_SelectiveScanFn`).
+    """
+    if u.shape[2] == 0:
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state)
+    with torch.autocast(u.device.type, enabled=False):  # fp32 math, also for the matmuls inside
+        out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                           delta_softplus, chunk_size, method)
+    return (out, last) if return_last_state else out
+
+
+def _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state):
+    """mamba_ssm's kernel (which starts from zero) plus the decayed initial state, exact by linearity.
+
+    h_t = h_t(h0=0) + exp(Σ_{s<=t} Δ'_s A) h0, so y_t gains C_t . (exp(S_t) h0) before the gate.
+    """
+    out0, last0 = _ss_cuda(u, delta, A, B, C, D, None, delta_bias, delta_softplus, True)
+    with torch.autocast(u.device.type, enabled=False):
+        return _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state)
+
+
+def _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplus, return_last_state,
+                       initial_state):
+    d = u.shape[1]
+    _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+    decay = torch.exp(torch.cumsum(dt.permute(2, 0, 1).unsqueeze(-1) * A.float(), dim=0))   # (l, b, d, n)
+    carried = decay * initial_state.float()                                                # (l, b, d, n)
+    y = out0.float() + _contract_n(carried, _bc_time_major(C, d)).permute(1, 2, 0)
+    if z is not None:
+        y = y * F.silu(z.float())
+    out = y.to(u.dtype)
+    if not return_last_state:
+        return out
+    return out, last0.float() + carried[-1]
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None, chunk_size=64):
+    """Fast selective scan: mamba_ssm's CUDA kernel when available, else `selective_scan_chunked`.
+
+    Shapes as `selective_scan_ref`. `chunk_size` only affects the PyTorch path.
+    """
+    if _use(_ss_cuda, u, delta):
+        if initial_state is None:
+            return _ss_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                             return_last_state, initial_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state, chunk_size)
+
+
+def fused_mamba_inner_available(x: torch.Tensor) -> bool:
+    """True when mamba_ssm's fused `mamba_inner_fn` (conv + projections + scan + out_proj) can run on x."""
+    return _use(_mamba_inner_cuda, x) and _conv_cuda is not None
+
+
+def mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, D, delta_bias):
+    """mamba_ssm's fused training path (call only when `fused_mamba_inner_available`).
+
+    xz: (b, 2 d_inner, l); conv1d_weight: (d_inner, 1, w); returns (b, l, d_model).
+    """
+    return _mamba_inner_cuda(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                             out_proj_weight, out_proj_bias, A, None, None, D,
+                             delta_bias=delta_bias, delta_softplus=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# single-token state update (generation)
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step of the selective SSM, updating `state` in place.
+
+    state: (b, d, n); x, dt, z: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,)
+    returns y: (b, d) in x's dtype
+    """
+    if B.dim() == 2 and _use(_ssu_triton, state, x):
+        return _ssu_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    b, d = x.shape
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bg = (B if B.dim() == 3 else B.unsqueeze(1)).float()                   # (b, g, n)
+    Cg = (C if C.dim() == 3 else C.unsqueeze(1)).float()
+    g = Bg.shape[1]
+    if d % g != 0:
+        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={g}")
+    Bd = Bg.repeat_interleave(d // g, dim=1)                               # (b, d, n)
+    Cd = Cg.repeat_interleave(d // g, dim=1)
+    dA = torch.exp(dt.unsqueeze(-1) * A.float())                           # (b, d, n)
+    new_state = dA * state.float() + (dt * x.float()).unsqueeze(-1) * Bd
+    state.copy_(new_state)
+    y = (new_state * Cd).sum(-1)
+    if D is not None:
+        y = y + x.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# causal depthwise conv1d
+
+def _activate(x, activation):
+    if activation is None:
+        return x
+    if activation in ("silu", "swish"):
+        return F.silu(x)
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
+    """Causal depthwise conv as an explicit sum over taps: out_t = sum_k w[:, k] x_{t-(w-1)+k} (+ bias).
+
+    x: (b, d, l); weight: (d, w); bias: (d,); initial_states / final_states: (b, d, w-1), the w-1
+    inputs before / at the end of x (zeros when None). Returns out (b, d, l) in x's dtype.
+    """
+    dtype_in = x.dtype
+    b, d, l = x.shape
+    w = weight.shape[1]
+    if initial_states is None:
+        initial_states = torch.zeros(b, d, w - 1, device=x.device, dtype=torch.float32)
+    xp = torch.cat([initial_states.float(), x.float()], dim=2)             # (b, d, w-1+l)
+    out = torch.zeros(b, d, l, device=x.device, dtype=torch.float32)
+    for k in range(w):
+        out = out + weight[:, k].float()[:, None] * xp[:, :, k:k + l]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    out = _activate(out, activation).to(dtype_in)
+    if not return_final_states:
+        return out
+    return out, xp[:, :, xp.shape[2] - (w - 1):].to(dtype_in)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
+    """Causal depthwise conv: causal_conv1d's kernel on CUDA (zero initial state), else F.conv1d.
+
+    Shapes as `causal_conv1d_ref`.
+    """
+    if initial_states is None and not return_final_states and _use(_conv_cuda, x):
+        return _conv_cuda(x, weight, bias, activation=activation)
+    b, d, l = x.shape
+    w = weight.shape[1]
+    if initial_states is None:
+        xp = F.pad(x, (w - 1, 0))
+    else:
+        xp = torch.cat([initial_states.to(x.dtype), x], dim=2)             # (b, d, w-1+l)
+    out = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                   groups=d)
+    out = _activate(out, activation)
+    if not return_final_states:
+        return out
+    return out, xp[:, :, xp.shape[2] - (w - 1):]
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One step of the causal conv; conv_state (b, d, w) holds the last w inputs and is rolled in place.
+
+    x: (b, d); weight: (d, w); returns (b, d) in x's dtype.
+    """
+    if _use(_conv_update_cuda, x, conv_state):
+        return _conv_update_cuda(x, conv_state, weight, bias, activation)
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = (conv_state.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return _activate(out, activation).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm with fused residual add
+
+def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
+    """RMSNorm(x + residual) * weight, mamba-ssm's `rms_norm_fn` semantics.
+
+    x, residual: (..., D); weight: (D,). The sum x + residual is the new residual stream (float32 when
+    residual_in_fp32). Returns out in x's dtype, and (out, residual) when prenorm.
+    """
+    if _use(_rms_norm_triton, x):
+        return _rms_norm_triton(x, weight, None, residual=residual, eps=eps, prenorm=prenorm,
+                                residual_in_fp32=residual_in_fp32)
+    dtype_in = x.dtype
+    total = x.float() if residual is None else x.float() + residual.float()
+    residual_out = total if residual_in_fp32 else total.to(dtype_in if residual is None else residual.dtype)
+    rstd = torch.rsqrt(total.square().mean(-1, keepdim=True) + eps)
+    out = (total * rstd * weight.float()).to(dtype_in)
+    return (out, residual_out) if prenorm else out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale `weight` (D,), initialised to ones."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        """x: (..., D) -> (..., D), or (out, residual) when prenorm."""
+        return rms_norm(x, self.weight, self.eps, residual, prenorm, residual_in_fp32)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

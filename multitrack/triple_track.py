@@ -1,0 +1,208 @@
+"""The triple-track selective-SSM mixer and its block wrapper.
+
+Three selective SSMs ("tracks": scene, character, plot) see the same input and keep state at
+different timescales. They are one Mamba mixer whose d_inner channels are split into G groups:
+
+    u (B, L, D) --in_proj--> x, z (B, Di, L)          shared, as Mamba
+    x --causal conv1d + SiLU--> x                      shared depthwise conv
+    x --x_proj--> Δ_low (R), B_g, C_g (N each, g = 1..G)  per-track input-dependent B, C
+    Δ = dt_proj(Δ_low) + Δ_bias                        Δ_bias of track g initialised in its own range
+    y = selective_scan(x, Δ, A, B, C, D, z)           ONE call, B/C of shape (B, G, N, L): channel c
+                                                       of track g = c // d_track uses B_g, C_g
+    y (B, L, G, d_track) --cross-track attention-->    tracks read each other (multitrack/cross_track.py)
+    y_g *= G w_g                                       narrative router weights (multitrack/router.py)
+    out = out_proj(y)                                  (B, L, D)
+
+Track g's channels have Δ initialised log-uniform in [dt_min_g, dt_max_g]; the slowest state of a
+channel (A_1 = -1) forgets with time constant 1/Δ tokens, the fastest (A_N = -N) with 1/(N Δ). With
+one track (the ablation) B and C are shared (B, N, L) exactly as in Mamba and the Δ range spans all
+tracks' ranges. Notation as multitrack/mamba.py: D = d_model, Di = d_inner, N = d_state, R = dt_rank,
+G = tracks. Parameter names follow mamba-ssm's mixer (in_proj, conv1d, x_proj, dt_proj, A_log, D,
+out_proj) plus `router.*` and `cross.*`.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from multitrack import ops
+from multitrack.cross_track import CrossTrackAttention
+from multitrack.multitrack_config import MultiTrackConfig
+from multitrack.narrative import N_FEATURES
+from multitrack.router import NarrativeRouter
+
+
+class TripleTrackMixer(nn.Module):
+    """Multi-track selective SSM mixer. forward: (B, L, D) -> ((B, L, D), router weights (B, L, G))."""
+
+    def __init__(self, config: MultiTrackConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        c = config
+        kw = {"device": device, "dtype": dtype}
+        self.layer_idx = layer_idx
+        self.tracks, self.d_track = c.tracks, c.d_track
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = c.d_inner, c.d_state, c.d_conv, c.dt_rank
+        self.groups = c.tracks if c.tracks > 1 else 0          # 0: B, C shared as (B, N, L), like Mamba
+        n_bc = max(1, self.groups) * c.d_state
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=c.bias, **kw)
+        self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, kernel_size=c.d_conv, groups=c.d_inner,
+                                padding=c.d_conv - 1, bias=c.conv_bias, **kw)
+        self.x_proj = nn.Linear(c.d_inner, c.dt_rank + 2 * n_bc, bias=False, **kw)
+        self.dt_proj = nn.Linear(c.dt_rank, c.d_inner, bias=True, **kw)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **kw)
+        A = torch.arange(1, c.d_state + 1, dtype=torch.float32, device=device).repeat(c.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))                                  # (Di, N), fp32, S4D-real
+        self.D = nn.Parameter(torch.ones(c.d_inner, device=device))              # (Di,), fp32
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.router = (NarrativeRouter(c.d_model, c.tracks, N_FEATURES, learned=True,
+                                       use_signals=c.use_signals, **kw) if c.use_router else None)
+        self.cross = (CrossTrackAttention(c.tracks, c.d_track, c.cross_heads, c.cross_head_dim,
+                                          eps=c.norm_epsilon, **kw) if c.use_cross else None)
+        lo, hi = self._track_dt_bounds(c, device)
+        self._init_dt(c, lo, hi)
+        self.clamp = c.dt_clamp_factor > 0
+        if self.clamp:   # not persistent: derived from the config, so checkpoints stay strict-loadable
+            f = c.dt_clamp_factor
+            self.register_buffer("dt_lo", lo / f, persistent=False)
+            self.register_buffer("dt_hi", hi * f, persistent=False)
+
+    def _track_dt_bounds(self, c: MultiTrackConfig, device):
+        """Per-channel (Di,) Δ range of the channel's track."""
+        ranges = c.dt_ranges
+        lo = torch.tensor([r[0] for r in ranges], device=device).repeat_interleave(self.d_inner // len(ranges))
+        hi = torch.tensor([r[1] for r in ranges], device=device).repeat_interleave(self.d_inner // len(ranges))
+        return lo, hi
+
+    @torch.no_grad()
+    def _init_dt(self, c: MultiTrackConfig, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """mamba-ssm's Δ init per track: weight U(-R^-0.5, R^-0.5); bias = softplus^-1(Δ0), Δ0 log-uniform
+        in the channel's track range [lo, hi]."""
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        r = torch.rand(self.d_inner, device=lo.device)
+        dt = torch.exp(r * (torch.log(hi) - torch.log(lo)) + torch.log(lo)).clamp(min=c.dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))                               # inverse of softplus
+        self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+
+    # ------------------------------------------------------------------------------------------
+    def _split_bc(self, x_dbl: torch.Tensor):
+        """x_dbl: (..., R + 2 G' N) -> Δ_low (..., R), B, C (..., G, N) or (..., N) with one track."""
+        n_bc = max(1, self.groups) * self.d_state
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, n_bc, n_bc], dim=-1)
+        if self.groups:
+            B = B.unflatten(-1, (self.groups, self.d_state))
+            C = C.unflatten(-1, (self.groups, self.d_state))
+        return dt, B, C
+
+    def _delta(self, dt: torch.Tensor, channel_dim: int):
+        """Δ (before the kernel) and the kernel's (delta_bias, delta_softplus). With clamping Δ is final."""
+        if not self.clamp:
+            return dt, self.dt_proj.bias.float(), True
+        shape = [1] * dt.dim()
+        shape[channel_dim] = -1
+        bias, lo, hi = (t.view(shape) for t in (self.dt_proj.bias.float(), self.dt_lo, self.dt_hi))
+        delta = F.softplus(dt.float() + bias)
+        return torch.minimum(torch.maximum(delta, lo), hi), None, False
+
+    def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None):
+        """y: (..., Di) scan output, u: (..., D) block input -> (mixed y (..., Di), weights (..., G) | None)."""
+        if self.tracks == 1:
+            return y, None
+        y = y.unflatten(-1, (self.tracks, self.d_track))                        # (..., G, d_track)
+        if self.cross is not None:
+            y = self.cross(y)
+        weights = None
+        if self.router is not None:
+            weights = self.router(u, features)                                   # (..., G) float32
+            y = y * (self.tracks * weights).to(y.dtype).unsqueeze(-1)
+        return y.flatten(-2), weights
+
+    def _conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU. x: (B, Di, L); conv_state (B, Di, d_conv) is read and updated."""
+        weight = self.conv1d.weight.squeeze(1)                                   # (Di, d_conv)
+        if conv_state is None:
+            return ops.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, activation="silu")
+        out = ops.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, activation="silu",
+                                initial_states=conv_state[:, :, 1:])
+        history = torch.cat([conv_state, x.to(conv_state.dtype)], dim=2)
+        conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])        # last d_conv inputs
+        return out
+
+    def forward(self, u: torch.Tensor, features: torch.Tensor | None = None, cache=None):
+        """u: (B, L, D), features: (B, L, F) | None -> (out (B, L, D), weights (B, L, G) | None).
+
+        With a cache (multitrack_model.MultiTrackCache): start from the layer's state and leave the final one.
+        """
+        b, l, _ = u.shape
+        A = -torch.exp(self.A_log.float())                                       # (Di, N)
+        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)                   # (B, Di, L) each
+        x = self._conv(x, None if cache is None else cache.conv_states[self.layer_idx])
+        x_dbl = self.x_proj(x.transpose(1, 2))                                   # (B, L, R + 2 G' N)
+        dt, B, C = self._split_bc(x_dbl)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2).contiguous()         # (B, Di, L), bias later
+        B = B.movedim(1, -1).contiguous()                                        # (B, G, N, L) or (B, N, L)
+        C = C.movedim(1, -1).contiguous()
+        delta, delta_bias, softplus = self._delta(dt, channel_dim=1)
+        ssm_state = None if cache is None else cache.ssm_states[self.layer_idx]
+        y = ops.selective_scan(x, delta, A, B, C, self.D.float(), z=z.contiguous(), delta_bias=delta_bias,
+                               delta_softplus=softplus, return_last_state=cache is not None,
+                               initial_state=ssm_state)
+        if cache is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+        y, weights = self._mix_tracks(y.transpose(1, 2), u, features)           # (B, L, Di)
+        return self.out_proj(y), weights
+
+    def step(self, u: torch.Tensor, features: torch.Tensor | None, cache):
+        """One token: u (B, D), features (B, F) | None -> (out (B, D), weights (B, G) | None); updates cache."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)                                  # (B, Di) each
+        x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
+                                     self.conv1d.bias, activation="silu")
+        dt, B, C = self._split_bc(self.x_proj(x))                                # B, C: (B, G, N) | (B, N)
+        dt = F.linear(dt, self.dt_proj.weight)                                   # (B, Di), bias below
+        delta, dt_bias, softplus = self._delta(dt, channel_dim=1)
+        A = -torch.exp(self.A_log.float())
+        state = cache.ssm_states[self.layer_idx]                                 # (B, Di, N)
+        if self.groups and state.is_cuda and ops.KERNELS["selective_state_update"] != "pytorch":
+            # one (B, N) update per track: ops sends only ungrouped B/C to mamba-ssm's Triton kernel
+            ys = []
+            for g in range(self.groups):
+                s = slice(g * self.d_track, (g + 1) * self.d_track)
+                ys.append(ops.selective_state_update(
+                    state[:, s], x[:, s], delta[:, s], A[s], B[:, g], C[:, g], self.D[s].float(), z=z[:, s],
+                    dt_bias=None if dt_bias is None else dt_bias[s], dt_softplus=softplus))
+            y = torch.cat(ys, dim=-1)
+        else:
+            y = ops.selective_state_update(state, x, delta, A, B, C, self.D.float(), z=z, dt_bias=dt_bias,
+                                           dt_softplus=softplus)
+        y, weights = self._mix_tracks(y, u, features)
+        return self.out_proj(y), weights
+
+
+class MultiTrackBlock(nn.Module):
+    """Pre-norm residual block (mamba-ssm's Block): residual = x + residual; x = mixer(norm(residual))."""
+
+    def __init__(self, config: MultiTrackConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = ops.RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+        self.mixer = TripleTrackMixer(config, layer_idx, device=device, dtype=dtype)
+
+    def forward(self, hidden_states, residual=None, features=None, cache=None):
+        """hidden_states, residual: (B, L, D) -> (mixer output, new residual, router weights | None)."""
+        normed, residual = self.norm(hidden_states, residual=residual, prenorm=True,
+                                     residual_in_fp32=self.residual_in_fp32)
+        out, weights = self.mixer(normed, features, cache=cache)
+        return out, residual, weights
+
+    def step(self, hidden_states, residual, features, cache):
+        """hidden_states, residual: (B, D) -> (mixer output, new residual, router weights | None)."""
+        normed, residual = self.norm(hidden_states, residual=residual, prenorm=True,
+                                     residual_in_fp32=self.residual_in_fp32)
+        out, weights = self.mixer.step(normed, features, cache)
+        return out, residual, weights

@@ -1,0 +1,647 @@
+"""Prepare Project Gutenberg fiction (or the demo corpus) as uint16 token streams for training.
+
+    python prepare_data.py --source=../shared/data/gutenberg \\
+        --tokenizer=../shared/data/tokenizers/gpt-neox-20b/tokenizer.json      # -> data/gutenberg-neox
+    python prepare_data.py --source=demo                                         # -> data/demo (offline, ~5 s)
+    python prepare_data.py                                                       # hub: sedthh/gutenberg_english
+
+Sources (--source=):
+  hub      Hugging Face `sedthh/gutenberg_english`, streamed (never fully in memory); needs internet.
+  demo     the procedural demo corpus of multitrack/demo_corpus.py (tokenizer: a BPE trained on it).
+  PATH     a .parquet or .jsonl file, or a folder of them, with the columns TEXT, SOURCE, METADATA (a JSON
+           string: title, authors, text_id, language, subjects, locc, bookshelves); parquet is read row
+           group by row group with pyarrow. Or a folder of raw Gutenberg .txt books (id from the header's
+           "[EBook #N]" / "[Etext #N]" or from the file name; utf-8, else latin-1, counted).
+Pipeline: select (English, not seen before by Gutenberg id, optionally fiction) -> clean (multitrack/
+gutenberg.py: header/footer, credits, illustrations, transcriber's notes, unwrap) -> drop duplicates by
+sha256 of the cleaned text and books under `min_chars` -> tokenize on all cores, eos after each book ->
+split BY BOOK: sha256(str(book_id)) mod 1000 < val_permille -> val, < val_permille + test_permille ->
+test, else train (if val or test gets no book, the train books with the smallest hashes move there) ->
+train.bin / val.bin / test.bin (uint16), meta.json, tokenizer.json, report.md, written atomically.
+Re-running with the same source, options and tokenizer reuses the result; other options need --force=True.
+
+Expected output on the shared corpus (2-core CPU shared with other jobs, see bench/results/prepare_cpu.md):
+"""
+# $ python prepare_data.py --source=../shared/data/gutenberg --num_books=0 \
+#       --tokenizer=../shared/data/tokenizers/gpt-neox-20b/tokenizer.json
+# override: source = '../shared/data/gutenberg'
+# override: tokenizer = '../shared/data/tokenizers/gpt-neox-20b/tokenizer.json'
+# override: num_books = 0
+# prepare: 100%|██████████| 1276/1276 [07:28<00:00,  2.85book/s, 1.09 MB/s, 250k tok/s, kept 1275]
+# kept 1275 books, skipped 1: too short 1; 489.7 MB raw text in 448.9 s
+# wrote data/gutenberg-neox: train 1154 books / 101,743,663 tokens / 99,359 seqs, val 59 books / 5,031,238 tokens
+#   / 4,913 seqs, test 62 books / 5,367,234 tokens / 5,241 seqs in 449.1 s
+# (the skipped book is #45265, "The Story of a Fierce Bad Rabbit": 1,219 characters once cleaned)
+# Running it again prints: reusing data/gutenberg-neox (same source, options and tokenizer; --force=True rebuilds it)
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+
+import numpy as np
+from tqdm import tqdm
+
+from multitrack import demo_corpus, gutenberg
+from multitrack.configurator import apply_overrides, config_keys
+from multitrack.data import DATA_FORMAT as _DATA_FORMAT
+from multitrack.data import SPLITS, num_sequences
+from multitrack.errors import UserError, user_errors
+from multitrack.tokenizer import NEOX_NAME as _NEOX_NAME
+from multitrack.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
+
+# -----------------------------------------------------------------------------
+source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books
+tokenizer = "auto"               # "auto" (NeoX; demo-bpe for --source=demo) | hub id | tokenizer.json path | "byte" | "demo-bpe"
+out_dir = ""                     # "" -> data/<source>-<tokenizer>, e.g. data/gutenberg-neox, data/demo
+num_books = 5000                 # books to keep after filtering, in source order (0 = all)
+seq_len = 1024                   # training context length L (stored in meta.json)
+fiction_only = False             # keep only books whose metadata says fiction (books without metadata are kept)
+unwrap = True                    # join hard-wrapped prose lines into one line per paragraph (verse kept)
+min_chars = 2000                 # skip books shorter than this after cleaning
+english_threshold = 0.2          # stop-word density below which a book without language metadata is skipped
+val_permille = 50                # sha256(str(id)) % 1000 < this -> val (about 5%)
+test_permille = 50               # next this many per mille -> test (about 5%)
+num_workers = 0                  # processes for cleaning + tokenizing (0 = all cores)
+hub_dataset = "sedthh/gutenberg_english"  # dataset id for --source=hub
+demo_num_books = 40              # --source=demo: number of generated books
+demo_words_per_book = 6000       # --source=demo: words per book
+demo_seed = 1337                 # --source=demo: generator seed
+demo_vocab_size = 2048           # --tokenizer=demo-bpe: BPE vocabulary size (at most; the demo text saturates near 1.8k)
+force = False                    # overwrite an out_dir prepared with different options
+# -----------------------------------------------------------------------------
+
+_OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "english_threshold",
+                "val_permille", "test_permille")
+_CLEANING_VERSION = 2            # bump when multitrack/gutenberg.py changes its output
+_FICTION_WORDS = ("fiction", "drama", "stories", "story", "tales", "novel", "romance", "fairy", "comedies",
+                  "tragedies", "fables", "legends", "folklore", "plays")
+
+
+# ---- reading sources -----------------------------------------------------------------------------------
+def _parse_metadata(raw) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        return {"_bad_metadata": True}
+    return meta if isinstance(meta, dict) else {"_bad_metadata": True}
+
+
+def _record(text, metadata, origin, note=None) -> dict:
+    meta = _parse_metadata(metadata)
+    book_id = meta.get("text_id", meta.get("id"))
+    try:
+        book_id = int(book_id) if book_id is not None else None
+    except (TypeError, ValueError):
+        book_id = None
+    if book_id is None and isinstance(text, str):
+        book_id = gutenberg.gutenberg_id_from_header(text)
+    return {"id": book_id, "text": text, "meta": meta, "origin": origin, "note": note}
+
+
+def _source_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--source={path}: no such file or folder (expected 'hub', 'demo', a .parquet/.jsonl file "
+                        "or a folder of .parquet/.jsonl/.txt files)")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.endswith((".parquet", ".jsonl", ".txt")) and f.lower() not in ("readme.txt",))
+    if not files:
+        raise UserError(f"--source={path} holds no .parquet, .jsonl or .txt files")
+    return files
+
+
+def _parquet_columns(path):
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"cannot read parquet file {path}: {e}") from None
+    names = pf.schema_arrow.names
+    if "TEXT" not in names:
+        raise UserError(f"{path} has no TEXT column (columns: {', '.join(names)}); expected the columns of "
+                        "sedthh/gutenberg_english: TEXT, SOURCE, METADATA")
+    return pf, [c for c in ("TEXT", "METADATA") if c in names]
+
+
+def _read_parquet(path):
+    pf, cols = _parquet_columns(path)
+    for rg in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(rg, columns=cols)
+        texts = table.column("TEXT").to_pylist()
+        metas = table.column("METADATA").to_pylist() if "METADATA" in cols else [None] * len(texts)
+        for i, (t, m) in enumerate(zip(texts, metas)):
+            yield _record(t, m, f"{os.path.basename(path)}:rg{rg}:{i}")
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                yield {"id": None, "text": None, "meta": {}, "origin": f"{path}:{lineno}", "note": "bad json line"}
+                continue
+            if not isinstance(row, dict) or "TEXT" not in row:
+                raise UserError(f"{path}:{lineno} has no TEXT field; expected the columns of "
+                                "sedthh/gutenberg_english: TEXT, SOURCE, METADATA")
+            yield _record(row["TEXT"], row.get("METADATA"), f"{os.path.basename(path)}:{lineno}")
+
+
+def _read_txt(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    note = None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text, note = raw.decode("latin-1"), "decoded as latin-1"
+    rec = _record(text, None, os.path.basename(path), note)
+    if rec["id"] is None:
+        digits = "".join(ch if ch.isdigit() else " " for ch in os.path.basename(path)).split()
+        rec["id"] = int(digits[0]) if digits else None
+    return rec
+
+
+def _count_rows(files) -> int:
+    total = 0
+    for f in files:
+        if f.endswith(".parquet"):
+            total += _parquet_columns(f)[0].metadata.num_rows
+        elif f.endswith(".jsonl"):
+            with open(f, "rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+        else:
+            total += 1
+    return total
+
+
+def _load_hub_stream(dataset_id: str):
+    """Streaming iterator over the hub dataset's train split (tests monkeypatch this)."""
+    if not hub_reachable():
+        raise ConnectionError("huggingface.co is not reachable")
+    from datasets import load_dataset
+    return iter(load_dataset(dataset_id, split="train", streaming=True))
+
+
+def open_source(cfg) -> tuple[dict, object, int | None]:
+    """(source descriptor for meta.json, iterator of book records, expected number of rows or None)."""
+    src = cfg["source"]
+    if src == "demo":
+        desc = {"kind": "demo", "num_books": cfg["demo_num_books"], "seed": cfg["demo_seed"],
+                "words_per_book": cfg["demo_words_per_book"], "generator": "multitrack/demo_corpus.py"}
+        books = demo_corpus.generate_books(cfg["demo_num_books"], cfg["demo_seed"], cfg["demo_words_per_book"])
+        return desc, (_record(b["TEXT"], b["METADATA"], f"demo:{i}") for i, b in enumerate(books)), len(books)
+    if src == "hub":
+        try:
+            stream = _load_hub_stream(cfg["hub_dataset"])
+            first = next(stream)
+        except Exception as e:  # offline, DNS, missing `datasets`: all mean "pass a local path"
+            raise UserError(f"cannot stream {cfg['hub_dataset']} from the Hugging Face hub ({type(e).__name__}); "
+                            "pass a local copy, e.g. --source=../shared/data/gutenberg") from None
+
+        def rows():
+            yield _record(first.get("TEXT"), first.get("METADATA"), "hub:0")
+            for i, row in enumerate(stream, 1):
+                yield _record(row.get("TEXT"), row.get("METADATA"), f"hub:{i}")
+        return {"kind": "hub", "dataset": cfg["hub_dataset"], "split": "train"}, rows(), None
+    files = _source_files(src)
+    desc = {"kind": "files", "path": os.path.abspath(src),
+            "files": [[os.path.basename(f), os.path.getsize(f)] for f in files]}
+    total = _count_rows(files)
+
+    def rows():
+        for f in files:
+            if f.endswith(".parquet"):
+                yield from _read_parquet(f)
+            elif f.endswith(".jsonl"):
+                yield from _read_jsonl(f)
+            else:
+                yield _read_txt(f)
+    return desc, rows(), total
+
+
+# ---- selection ------------------------------------------------------------------------------------------
+def is_english_metadata(meta: dict) -> bool | None:
+    """True/False from the metadata's language, None when it has none."""
+    lang = meta.get("language")
+    if not lang:
+        return None
+    langs = [l.strip().lower() for l in str(lang).replace(";", ",").split(",")]
+    return any(l in ("en", "eng", "english") for l in langs)
+
+
+def is_fiction_metadata(meta: dict) -> bool | None:
+    """True/False from subjects / LoCC (PZ) / bookshelves, None when the metadata has none of them."""
+    fields = [meta.get(k) for k in ("subjects", "locc", "bookshelves")]
+    if not any(fields):
+        return None
+    subjects = " ".join(str(f) for f in (fields[0], fields[2]) if f).lower()
+    locc = [c.strip().upper() for c in str(fields[1] or "").split(";")]
+    return "PZ" in locc or any(w in subjects for w in _FICTION_WORDS)
+
+
+def assign_split(book_id: int, val_pm: int, test_pm: int) -> str:
+    """Deterministic split of a book: sha256(str(book_id)) mod 1000 against the per-mille thresholds."""
+    h = split_hash(book_id)
+    return "val" if h < val_pm else "test" if h < val_pm + test_pm else "train"
+
+
+def split_hash(book_id) -> int:
+    return int(hashlib.sha256(str(book_id).encode()).hexdigest(), 16) % 1000
+
+
+# ---- per-book work (runs in worker processes) ------------------------------------------------------------
+_WORKER = {}
+
+
+def _init_worker(tok_dict, cfg, in_pool=False):
+    if in_pool:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must kill workers (main() traps SIGTERM)
+    _WORKER["tok"] = tok_dict if isinstance(tok_dict, TextTokenizer) else tokenizer_from_dict(tok_dict)
+    _WORKER["cfg"] = cfg
+
+
+def process_book(rec: dict) -> dict:
+    """Clean, check and tokenize one book. Returns a result dict with status 'ok' or a skip reason."""
+    cfg, tok = _WORKER["cfg"], _WORKER["tok"]
+    text, report = gutenberg.clean_book(rec["text"], unwrap=cfg["unwrap"])
+    out = {"id": rec["id"], "title": str(rec["meta"].get("title") or "").split("\n")[0].strip()[:60],
+           "report": report.as_dict(), "note": rec["note"], "raw_chars": len(rec["text"])}
+    if len(text) < cfg["min_chars"]:
+        return {**out, "status": "empty" if not text.strip() else "too short"}
+    if rec["english_meta"] is None and not gutenberg.looks_english(text, cfg["english_threshold"]):
+        return {**out, "status": "non-English (stop-word check)"}
+    ids = tok.encode(text)
+    ids.append(tok.eos_id)
+    return {**out, "status": "ok", "chars": len(text), "sha": hashlib.sha256(text.encode()).hexdigest(),
+            "tokens": np.asarray(ids, dtype=np.uint16)}
+
+
+def _results(records, tok: TextTokenizer, cfg, workers: int):
+    """Yield process_book results in input order, with at most 2*workers books in flight."""
+    if workers <= 1:
+        _init_worker(tok, cfg)
+        for rec in records:
+            yield process_book(rec)
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker encodes one book on one core
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_dict(), cfg, True)) as pool:
+        pending = deque()
+        for rec in records:
+            pending.append(pool.apply_async(process_book, (rec,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+class SplitWriter:
+    """Appends each book's tokens to <tmp>/<split>.bin and keeps the per-split counts and book spans."""
+
+    def __init__(self, tmp_dir):
+        self.tmp_dir = tmp_dir
+        self.files = {s: open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in SPLITS}
+        self.stats = {s: {"books": 0, "characters": 0, "tokens": 0, "book_ids": [], "book_spans": [], "book_chars": []}
+                      for s in SPLITS}
+
+    def add(self, split, book_id, chars, tokens: np.ndarray):
+        st = self.stats[split]
+        self.files[split].write(tokens.tobytes())
+        st["book_spans"].append([book_id, st["tokens"], int(tokens.size)])
+        st["book_ids"].append(book_id)
+        st["book_chars"].append(chars)
+        st["books"] += 1
+        st["characters"] += chars
+        st["tokens"] += int(tokens.size)
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+def rebalance(writer: SplitWriter, split_of: dict) -> list:
+    """Tiny corpora: give an empty val/test split the train book with the smallest split hash.
+
+    Rewrites the affected .bin files from the spans. Returns [(book_id, from, to)] moves."""
+    moves = []
+    candidates = sorted(writer.stats["train"]["book_ids"], key=lambda b: (split_hash(b), str(b)))
+    for target in ("val", "test"):
+        if writer.stats[target]["books"] == 0 and len(candidates) >= 2:  # train keeps at least one book
+            book_id = candidates.pop(0)
+            moves.append((book_id, "train", target))
+            split_of[book_id] = target
+    if not moves:
+        return moves
+    old = {s: np.fromfile(os.path.join(writer.tmp_dir, f"{s}.bin"), dtype=np.uint16) for s in SPLITS}
+    old_stats = writer.stats
+    writer.__init__(writer.tmp_dir)
+    for s in SPLITS:
+        for (book_id, start, n), chars in zip(old_stats[s]["book_spans"], old_stats[s]["book_chars"]):
+            writer.add(split_of[book_id], book_id, chars, old[s][start:start + n])
+    writer.close()
+    return moves
+
+
+def _sha256_file(path, h=None):
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h
+
+
+def _short_tok_name(tok_spec: str, tok: TextTokenizer | None) -> str:
+    if tok_spec.startswith("demo-bpe"):
+        return "demo-bpe"
+    if tok_spec == "byte":
+        return "byte"
+    if "neox" in tok_spec.lower() or (tok is not None and tok.vocab_size == 50277):
+        return "neox"
+    return os.path.splitext(os.path.basename(tok_spec.rstrip("/")))[0].replace("tokenizer", "tok") or "tok"
+
+
+def default_out_dir(cfg, tok_spec, tok) -> str:
+    src = cfg["source"]
+    src_name = "gutenberg" if src == "hub" else os.path.basename(os.path.abspath(src).rstrip("/")).split(".")[0]
+    short = _short_tok_name(tok_spec, tok)
+    if src == "demo" and short == "demo-bpe":
+        return os.path.join("data", "demo")
+    return os.path.join("data", f"{src_name}-{short}")
+
+
+def write_report(path, name, meta, rows, skipped, moves, elapsed):
+    """report.md: totals, skips and the per-book cleaning table."""
+    sp = meta["splits"]
+    lines = [f"# Data preparation report: `{name}`", "",
+             f"Source: `{json.dumps(meta['source'])[:300]}`  ",
+             f"Tokenizer: `{meta['tokenizer']['name']}` (vocab {meta['tokenizer']['vocab_size']}, "
+             f"eos {meta['tokenizer']['eos_id']}), seq_len {meta['seq_len']}  ",
+             f"Fingerprint: `{meta['fingerprint']}`  ", f"Time: {elapsed:.1f} s", "",
+             "| split | books | characters | tokens | sequences |", "| --- | ---: | ---: | ---: | ---: |"]
+    for s in SPLITS:
+        lines.append(f"| {s} | {sp[s]['books']:,} | {sp[s]['characters']:,} | {sp[s]['tokens']:,} | {sp[s]['sequences']:,} |")
+    tot = Counter()
+    for r in (r for r in rows if r["status"] == "ok"):
+        for k in ("header_chars", "footer_chars", "credit_chars", "illustration_chars", "note_chars"):
+            tot[k] += r["report"][k]
+        tot["head=" + r["report"]["head"]] += 1
+        tot["tail=" + r["report"]["tail"]] += 1
+    lines += ["", "## Cleaning totals (kept books)", "",
+              "Removed characters: " + ", ".join(f"{k} {tot[k]:,}" for k in
+                                                  ("header_chars", "footer_chars", "credit_chars",
+                                                   "illustration_chars", "note_chars")) + ".  ",
+              "How the header/footer were found (marker / precleaned / heuristic, see multitrack/gutenberg.py): "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(tot.items()) if k.startswith(("head=", "tail="))) + ".", "",
+              "## Skipped", ""]
+    lines += [f"- {reason}: {n}" for reason, n in sorted(skipped.items())] or ["- none"]
+    if moves:
+        lines += ["", "Tiny corpus: moved " + ", ".join(f"book {b} {a}->{t}" for b, a, t in moves) + "."]
+    lines += ["", "## Per book", "",
+              "| id | title | split | status | chars in | chars out | tokens | header | footer | credits | illus. | notes | head | tail | note |",
+              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for r in rows:
+        c = r["report"]
+        title = r["title"].replace("|", "/")
+        lines.append(f"| {r['id']} | {title} | {r.get('split', '')} | {r['status']} | {c['chars_in']:,} | "
+                     f"{c['chars_out']:,} | {r.get('n_tokens', 0):,} | {c['header_chars']:,} | {c['footer_chars']:,} | "
+                     f"{c['credit_chars']:,} | {c['illustration_chars']:,} | {c['note_chars']:,} | {c['head']} | "
+                     f"{c['tail']} | {r.get('note') or ''} |")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------------------
+def resolve_tokenizer(cfg):
+    """(spec, TextTokenizer or None when it must be trained on the corpus first)."""
+    spec = cfg["tokenizer"]
+    if spec == "auto":
+        spec = "demo-bpe" if cfg["source"] == "demo" else _NEOX_NAME
+    if spec.startswith("demo-bpe"):
+        return f"demo-bpe-{cfg['demo_vocab_size']}", None
+    tok = load_tokenizer(spec)
+    check_vocab(tok)
+    return spec, tok
+
+
+def check_vocab(tok):
+    if tok.vocab_size > 2 ** 16:
+        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens; ids must fit uint16 (at most 65,536): "
+                        "use a smaller vocabulary")
+
+
+def request_of(cfg, desc, tok_spec, tok) -> dict:
+    """What determines the output: reused when equal, refused (without --force) when different."""
+    return {"source": desc, "options": {k: cfg[k] for k in _OPTION_KEYS} | {"cleaning_version": _CLEANING_VERSION},
+            "tokenizer": tok.sha256 if tok is not None else tok_spec}
+
+
+def check_existing(out, request, force) -> bool:
+    """True if `out` already holds this exact request (reuse). UserError if it holds something else."""
+    meta_path = os.path.join(out, "meta.json")
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return False
+    old = None
+    if os.path.isfile(meta_path):
+        try:
+            old = json.load(open(meta_path, encoding="utf-8")).get("request")
+        except (OSError, json.JSONDecodeError):
+            old = None
+    if old == request and all(os.path.isfile(os.path.join(out, f"{s}.bin")) for s in SPLITS):
+        return not force
+    if force:
+        return False
+    if old is None:
+        raise UserError(f"{out} exists and is not a prepared data dir; choose another --out_dir or pass --force=True")
+    diff = sorted(k for k in set(old.get("options", {})) | set(request["options"])
+                  if old.get("options", {}).get(k) != request["options"].get(k))
+    diff += [k for k in ("source", "tokenizer") if old.get(k) != request[k]]
+    raise UserError(f"{out} was prepared with different settings ({', '.join(diff)}); pass --force=True to "
+                    "overwrite it or choose another --out_dir")
+
+
+def prepare(cfg: dict) -> str:
+    """Run the pipeline for config `cfg`; returns the data dir."""
+    t0 = time.time()
+    if cfg["val_permille"] < 0 or cfg["test_permille"] < 0 or cfg["val_permille"] + cfg["test_permille"] >= 1000:
+        raise UserError("--val_permille and --test_permille must be >= 0 and sum to less than 1000")
+    tok_spec, tok = resolve_tokenizer(cfg)
+    desc, records, total_rows = open_source(cfg)
+    out = cfg["out_dir"] or default_out_dir(cfg, tok_spec, tok)
+    request = request_of(cfg, desc, tok_spec, tok)
+    if check_existing(out, request, cfg["force"]):
+        print(f"reusing {out} (same source, options and tokenizer; --force=True rebuilds it)")
+        return out
+    if tok is None:
+        records = list(records)  # the demo corpus is small: train the BPE on the cleaned texts
+        tok = train_demo_bpe([gutenberg.clean_book(r["text"], cfg["unwrap"])[0] for r in records if r["text"]],
+                             cfg["demo_vocab_size"])
+        check_vocab(tok)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent)
+    try:
+        meta = _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sp = meta["splits"]
+    print(f"wrote {out}: " + ", ".join(f"{s} {sp[s]['books']} books / {sp[s]['tokens']:,} tokens / "
+                                       f"{sp[s]['sequences']:,} seqs" for s in SPLITS) + f" in {time.time() - t0:.1f} s")
+    return out
+
+
+def _selected(records, cfg, skipped, rows):
+    """Metadata-level selection in the main process: bad rows, non-English, non-fiction, duplicate ids."""
+    seen_ids = set()
+    for rec in records:
+        reason = None
+        if not isinstance(rec["text"], str):
+            reason = rec["note"] or "missing TEXT"
+        elif rec["id"] is not None and rec["id"] in seen_ids:
+            reason = "duplicate Gutenberg id"
+        else:
+            rec["english_meta"] = is_english_metadata(rec["meta"])
+            if rec["english_meta"] is False:
+                reason = "non-English (metadata)"
+            elif cfg["fiction_only"] and is_fiction_metadata(rec["meta"]) is False:
+                reason = "not fiction (metadata)"
+        if reason:
+            skipped[reason] += 1
+            rows.append({"id": rec["id"], "title": str(rec["meta"].get("title") or "")[:60], "status": reason,
+                         "report": gutenberg.CleanReport().as_dict(), "note": rec["note"]})
+            continue
+        if rec["meta"].get("_bad_metadata"):
+            skipped["note: unreadable METADATA (kept)"] += 1
+        if rec["id"] is None:
+            rec["id"] = 10 ** 12 + int(hashlib.sha256(rec["text"].encode()).hexdigest()[:10], 16)
+        seen_ids.add(rec["id"])
+        yield rec
+
+
+def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
+    workers = cfg["num_workers"] or os.cpu_count() or 1
+    limit = cfg["num_books"] or None
+    skipped, rows, split_of, seen_sha = Counter(), [], {}, set()
+    writer = SplitWriter(tmp)
+    expected = min(x for x in (total_rows, limit) if x) if (total_rows or limit) else None
+    bar = tqdm(total=expected, unit="book", desc="prepare", dynamic_ncols=True, smoothing=0.05)
+    raw_bytes = n_tok = kept = 0
+    results = _results(_selected(records, cfg, skipped, rows), tok, cfg, workers)
+    for res in results:
+        raw_bytes += res["raw_chars"]
+        bar.update(1)
+        if res["status"] == "ok" and res["sha"] in seen_sha:
+            res["status"] = "duplicate text"
+        if res["status"] != "ok":
+            skipped[res["status"]] += 1
+            rows.append(res)
+            continue
+        seen_sha.add(res["sha"])
+        split = assign_split(res["id"], cfg["val_permille"], cfg["test_permille"])
+        split_of[res["id"]] = split
+        writer.add(split, res["id"], res["chars"], res.pop("tokens"))
+        res["split"], res["n_tokens"] = split, writer.stats[split]["book_spans"][-1][2]
+        rows.append(res)
+        kept += 1
+        n_tok += res["n_tokens"]
+        dt = max(time.time() - t0, 1e-6)
+        bar.set_postfix_str(f"{raw_bytes / dt / 1e6:.2f} MB/s, {n_tok / dt / 1e3:.0f}k tok/s, kept {kept}")
+        if limit and kept >= limit:
+            break
+    results.close()
+    bar.close()
+    writer.close()
+    if kept == 0:
+        raise UserError(f"no usable books in --source={cfg['source']} (skipped: "
+                        + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none") + ")")
+    if limit and kept < limit:
+        print(f"note: --num_books={limit} but the source has only {kept} usable books; using all of them")
+    if kept < 3:
+        raise UserError(f"only {kept} usable book(s); need at least 3 so train, val and test each get a book")
+    moves = rebalance(writer, split_of)
+    for r in rows:
+        if r.get("split"):
+            r["split"] = split_of[r["id"]]
+    h = hashlib.sha256(json.dumps(request, sort_keys=True).encode())
+    for s in SPLITS:
+        _sha256_file(os.path.join(tmp, f"{s}.bin"), h)
+    splits = {}
+    for s in SPLITS:
+        st = writer.stats[s]
+        splits[s] = {"books": st["books"], "characters": st["characters"], "tokens": st["tokens"],
+                     "sequences": num_sequences(st["tokens"], cfg["seq_len"]),
+                     "book_ids": st["book_ids"], "book_spans": st["book_spans"]}
+    tok_meta = {k: v for k, v in tok.to_dict().items() if k != "json"}
+    meta = {"format": _DATA_FORMAT, "seq_len": cfg["seq_len"], "dtype": "uint16", "tokenizer": tok_meta,
+            "fingerprint": h.hexdigest(), "source": desc,
+            "options": request["options"] | {"dedupe": "gutenberg id, then sha256 of cleaned text",
+                                             "split_rule": "sha256(str(book_id)) % 1000"},
+            "splits": splits, "skipped": dict(skipped), "rebalanced": [list(m) for m in moves],
+            "request": request, "config": cfg,
+            "stats": {"raw_characters": raw_bytes, "seconds": round(time.time() - t0, 2), "workers": workers},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "script": "prepare_data.py"}
+    if tok.kind == "hf":
+        with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(tok.json)
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+        f.write(dump_meta(meta))
+    write_report(os.path.join(tmp, "report.md"), out, meta, rows, skipped, moves, time.time() - t0)
+    print(f"kept {kept} books, skipped {sum(skipped.values())}: "
+          + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
+          + f"; {raw_bytes / 1e6:.1f} MB raw text in {time.time() - t0:.1f} s")
+    return meta
+
+
+def dump_meta(meta: dict) -> str:
+    """meta.json text: indented, but innermost lists (book ids, one book span) on one line."""
+    text = json.dumps(meta, indent=1, ensure_ascii=False)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
+
+
+def _publish(tmp, out):
+    """Atomically move the finished tmp dir to `out` (replacing an old one only after the new one is complete)."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".old-",
+                               dir=os.path.dirname(os.path.abspath(out)))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> str:
+    """Run with `--key=value` overrides of the constants above (tests call this; the CLI goes through it too)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so a killed run removes its tmp dir too
+    namespace = {k: globals()[k] for k in config_keys(globals())}
+    cfg = apply_overrides(namespace, sys.argv[1:] if argv is None else argv)
+    with user_errors():
+        return prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

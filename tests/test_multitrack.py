@@ -1,0 +1,272 @@
+"""The multi-track LM (multitrack/multitrack_model.py and its parts): shapes and gradients for every
+ablation, parameter matching to the Mamba baseline, recurrent step == parallel forward, chunked
+forward == full forward, router statistics, checkpoint round trip, and an overfit-one-batch run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multitrack import models
+from multitrack.errors import UserError
+from multitrack.mamba import MambaLMHeadModel, mamba_config
+from multitrack.multitrack_model import (MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
+                                         multitrack_config)
+from multitrack.narrative import TOKEN_TYPES, build_signal_tables
+from multitrack.tokenizer import load_tokenizer
+
+TEXT = ('CHAPTER I\n\nHe said, "Run now." Then he left the house.\n\n"Wait," she called. "Wait for me!"\n\n'
+        "* * *\n\nNight fell over the hills, and the wind rose.\n\n\"Who's there?\n\n\"Only me.\"")
+
+ABLATIONS = {
+    "full": {},
+    "one-track": {"tracks": 1},
+    "uniform-router": {"router": "uniform"},
+    "no-cross": {"cross_track": False},
+    "no-signals": {"narrative_signals": False},
+    "dt-clamp": {"dt_clamp_factor": 2.0},
+}
+
+
+def tiny(**overrides) -> MultiTrackConfig:
+    """Tiny byte-level config: d_model 32, 2 layers, parameter-matched d_inner."""
+    base = dict(vocab_size=257, d_model=32, n_layer=2)
+    return multitrack_config("tiny", **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def byte_table():
+    return build_signal_tables(load_tokenizer("byte"))
+
+
+@pytest.fixture(scope="module")
+def story_ids():
+    tok = load_tokenizer("byte")
+    ids = tok.encode(TEXT)
+    end = TEXT.index("Wait for") + 3                  # row 0 ends inside a quote: dialogue parity 1
+    return torch.tensor([ids[end - 64:end], ids[40:104]])                        # (2, 64)
+
+
+def make_model(config, table, seed=0, perturb=True):
+    """A model with the byte signal table; zero-initialised parts perturbed so every path is exercised."""
+    torch.manual_seed(seed)
+    model = MultiTrackLM(config)
+    model.set_signal_table(table)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "router" in name or name.endswith("cross.out"):
+                    p.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_forward_backward_every_ablation(name, byte_table, story_ids):
+    """Guards each ablation switch: logits shape/finite, and every parameter receives a finite, nonzero grad."""
+    model = make_model(tiny(**ABLATIONS[name]), byte_table)
+    logits = model(story_ids)
+    assert logits.shape == (2, 64, model.config.padded_vocab_size)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), story_ids[:, 1:].reshape(-1))
+    aux = model.aux_loss()
+    if model.config.use_router:
+        assert aux is not None and aux.item() >= 0
+        loss = loss + aux
+    else:
+        assert aux is None
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+    has = lambda part: any(part in n for n, _ in model.named_parameters())  # noqa: E731
+    assert has("router.proj") == (name not in ("one-track", "uniform-router"))
+    assert has("router.signal_proj") == (name in ("full", "no-cross", "dt-clamp"))
+    assert has("cross.qkv") == (name not in ("one-track", "no-cross"))
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_parameter_matching_to_baseline(name):
+    """Guards the fair comparison: every ablation of multitrack-130m is within 1% of mamba-130m's
+    126,924,672 parameters (built on the meta device), and the tiny presets within 3% of theirs."""
+    for preset, base_preset, tol in (("multitrack-130m", "mamba-130m", 0.01), ("tiny", "tiny", 0.03),
+                                     ("small-cpu", "small-cpu", 0.03)):
+        cfg = multitrack_config(preset, **ABLATIONS[name])
+        n = MultiTrackLM(cfg, device="meta").num_params()
+        base = MambaLMHeadModel(mamba_config(base_preset), device="meta").num_params()
+        print(f"{preset} [{name}]: {n:,} vs {base_preset}: {base:,} ({100 * (n - base) / base:+.3f}%), "
+              f"d_inner={cfg.d_inner}")
+        assert n == count_params(cfg) and base == baseline_params(cfg)
+        assert abs(n - base) / base < tol
+    assert MambaLMHeadModel(mamba_config("mamba-130m"), device="meta").num_params() == 126_924_672
+
+
+def test_track_dt_initialisation_ranges():
+    """Guards the timescale separation: each track's initial Δ = softplus(dt_bias) lies in its own range,
+    and one track spans the union of the ranges (multi-timescale init only)."""
+    cfg = tiny(d_model=64)
+    mixer = MultiTrackLM(cfg).backbone.layers[0].mixer
+    dt = F.softplus(mixer.dt_proj.bias.detach()).view(cfg.tracks, cfg.d_track)
+    for g, (lo, hi) in enumerate(cfg.dt_ranges):
+        assert dt[g].min() >= lo * 0.999 and dt[g].max() <= hi * 1.001, cfg.track_names[g]
+    one = tiny(d_model=64, tracks=1)
+    dt1 = F.softplus(MultiTrackLM(one).backbone.layers[0].mixer.dt_proj.bias.detach())
+    assert one.dt_ranges == [(1e-4, 1e-1)]
+    assert dt1.min() < 1e-3 and dt1.max() > 1e-2                               # spread over 3 decades
+
+
+@pytest.mark.parametrize("name", ["full", "one-track", "dt-clamp"])
+def test_step_matches_parallel_forward(name, byte_table, story_ids):
+    """Guards generation: teacher-forced step() equals forward() logits (fp32, < 1e-4) and the cache
+    carries the dialogue parity exactly as the parallel pass computes it."""
+    model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
+    with torch.no_grad():
+        ref_cache = model.allocate_cache(2)
+        full = model(story_ids, cache=ref_cache)
+        cache = model.allocate_cache(2)
+        steps = torch.stack([model.step(story_ids[:, t], cache) for t in range(story_ids.shape[1])], dim=1)
+    diff = (steps - full).abs().max().item()
+    print(f"max |step - forward| = {diff:.2e}")
+    assert diff < 1e-4
+    assert torch.equal(cache.narrative.parity, ref_cache.narrative.parity)
+    assert cache.narrative.parity.tolist() == [1, 0]                           # row 0 stopped inside a quote
+    for a, b in zip(cache.ssm_states + cache.conv_states, ref_cache.ssm_states + ref_cache.conv_states):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_chunked_forward_with_cache_equals_full_forward(byte_table, story_ids):
+    """Guards chunked processing of long books: forward in pieces with a carried cache == one forward."""
+    model = make_model(tiny(), byte_table).eval()
+    with torch.no_grad():
+        full = model(story_ids)
+        cache = model.allocate_cache(2)
+        parts = [model(story_ids[:, a:b], cache=cache) for a, b in ((0, 13), (13, 40), (40, 41), (41, 64))]
+    diff = (torch.cat(parts, 1) - full).abs().max().item()
+    print(f"max |chunked - full| = {diff:.2e}")
+    assert diff < 1e-4
+    cache.reset()
+    assert all(not t.any() for t in cache.ssm_states) and not cache.narrative.parity.any()
+
+
+def test_router_weights_and_stats(byte_table, story_ids):
+    """Guards the router statistics: uniform at init, weights sum to 1 per token type, keys present,
+    dialogue share matches the narrative features, reset_stats clears, record_stats=False records nothing."""
+    fresh = make_model(tiny(), byte_table, perturb=False).eval()
+    with torch.no_grad():
+        fresh(story_ids)
+    st = fresh.stats()
+    assert all(abs(st[f"router/all/{t}"] - 1 / 3) < 1e-6 for t in fresh.config.track_names)
+
+    model = make_model(tiny(), byte_table).eval()
+    with torch.no_grad():
+        model(story_ids)
+        model(story_ids[:1])
+    st = model.stats()
+    assert st["router/tokens"] == 3 * 64 and st["router/frac/all"] == 1.0
+    for ttype in ("all", "narration", "dialogue", "paragraph_start"):
+        total = sum(st[f"router/{ttype}/{t}"] for t in model.config.track_names)
+        assert abs(total - 1) < 1e-6, ttype
+    assert abs(st["router/frac/narration"] + st["router/frac/dialogue"] - 1) < 1e-9
+    assert 0.1 < st["router/frac/dialogue"] < 0.9
+    assert st["router/dialogue/scene"] != st["router/narration/scene"]         # signals move the router
+    assert {f"router/layer{k}/plot" for k in range(2)} <= set(st)
+    assert set(TOKEN_TYPES) == {k.split("/")[2] for k in st if k.startswith("router/frac/")}
+    model.reset_stats()
+    assert model.stats() == {}
+    model.train()
+    model(story_ids)
+    assert model.stats()["router/tokens"] == 2 * 64                            # training forwards count too
+    model.reset_stats()
+    model.record_stats = False
+    model(story_ids)
+    assert model.stats() == {}
+    uniform = make_model(tiny(router="uniform"), byte_table).eval()
+    with torch.no_grad():
+        uniform(story_ids)
+    assert uniform.stats() == {} and uniform.aux_loss() is None
+
+
+def test_build_model_roundtrip_restores_signal_table(byte_table, story_ids):
+    """Guards checkpoints: build_model("multitrack", config dict) + strict load reproduces the logits,
+    including the narrative table (a buffer in the state dict)."""
+    model = make_model(tiny(), byte_table).eval()
+    cfg = models.model_config_dict(model)
+    assert cfg["d_inner"] == model.config.d_inner
+    clone = models.build_model("multitrack", cfg)
+    assert not clone.signal_table.any()
+    clone.load_state_dict(model.state_dict(), strict=True)
+    clone.eval()
+    assert torch.equal(clone.signal_table, model.signal_table)
+    with torch.no_grad():
+        assert torch.equal(clone(story_ids), model(story_ids))
+    assert models.MODEL_TYPES["multitrack"] == (MultiTrackConfig, MultiTrackLM)
+
+
+def test_config_errors_are_user_errors():
+    """Guards the one-line errors for bad configs: unknown preset/field, mismatched dt ranges, bad router."""
+    with pytest.raises(UserError):
+        multitrack_config("huge")
+    with pytest.raises(UserError):
+        multitrack_config("tiny", trakcs=3)
+    with pytest.raises(UserError):
+        multitrack_config("tiny", tracks=2)                                      # 3 ranges for 2 tracks
+    with pytest.raises(UserError):
+        multitrack_config("tiny", router="softmax")
+    with pytest.raises(UserError):
+        MultiTrackLM(tiny()).set_signal_table(torch.zeros(10, 3, dtype=torch.uint8))
+    two = multitrack_config("tiny", tracks=2, track_dt_min=(1e-2, 1e-4), track_dt_max=(1e-1, 1e-3))
+    assert two.d_inner % 2 == 0 and two.track_names == ("track0", "track1")
+
+
+def test_overfits_one_batch(byte_table, story_ids):
+    """Guards that the whole model learns: 100 Adam steps on one batch drive the loss far below its start."""
+    torch.manual_seed(0)
+    model = make_model(tiny(), byte_table, perturb=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = story_ids[:, :-1], story_ids[:, 1:]
+    losses = []
+    for _ in range(100):
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        (loss + model.aux_loss()).backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[0] > 0.8 * math.log(257) and losses[-1] < 0.25 * losses[0]
+
+
+def test_train_multitrack_script_end_to_end(demo_data_dir, tmp_path):
+    """Guards train_multitrack.py: trains through the shared trainer, logs router stats to metrics.jsonl,
+    writes router_stats.jsonl and router_usage.png, and its checkpoint rebuilds the model (strict load)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from multitrack.checkpoint import model_from_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    args = ["--preset=tiny", f"--data_dir={demo_data_dir}", f"--out_dir={out}", "--max_steps=4",
+            "--eval_interval=2", "--eval_batches=1", "--batch_size=2", "--device=cpu", "--tensorboard=False",
+            "--d_model=32", "--eval_max_batches=1"]
+    r = subprocess.run([sys.executable, str(root / "train_multitrack.py"), *args], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "multitrack params" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row.get("kind") == "eval"]
+    # every eval step logs router stats (a second eval at the same step, at the epoch end, has none left)
+    with_stats = {row["step"] for row in evals if "router/all/plot" in row and "router/dialogue/scene" in row}
+    assert with_stats == {row["step"] for row in evals} == {2, 4}
+    assert (out / "router_usage.png").stat().st_size > 1000
+    assert len((out / "router_stats.jsonl").read_text().splitlines()) >= 2
+    model, ckpt = model_from_checkpoint(out / "ckpt_latest.pt")
+    assert ckpt["model_type"] == "multitrack" and model.signal_table.any()
+    bad = subprocess.run([sys.executable, str(root / "train_multitrack.py"), *args, "--track_dt=1e-2"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr

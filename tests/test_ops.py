@@ -1,0 +1,208 @@
+"""Tests of multitrack/ops.py: every fast path against its slow, obviously correct twin."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multitrack import ops
+
+torch.manual_seed(0)
+
+
+def _scan_inputs(b, d, n, l, groups, with_z, with_d, requires_grad=True, seed=0, positive_delta=False):
+    """Random scan inputs; positive_delta for runs without softplus (Δ < 0 would make the scan explode)."""
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (b, n, l) if groups is None else (b, groups, n, l)
+    t = {
+        "u": torch.randn(b, d, l, generator=g),
+        "delta": torch.rand(b, d, l, generator=g) * 0.5 if positive_delta else torch.randn(b, d, l, generator=g) * 0.5,
+        "A": -torch.exp(torch.randn(d, n, generator=g) * 0.5),
+        "B": torch.randn(*shape_bc, generator=g),
+        "C": torch.randn(*shape_bc, generator=g),
+        "D": torch.randn(d, generator=g) if with_d else None,
+        "z": torch.randn(b, d, l, generator=g) if with_z else None,
+        "delta_bias": torch.randn(d, generator=g) * 0.1,
+        "initial_state": torch.randn(b, d, n, generator=g),
+    }
+    for v in t.values():
+        if v is not None:
+            v.requires_grad_(requires_grad)
+    return t
+
+
+def _grads(fn, t, softplus):
+    out, last = fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], softplus,
+                   return_last_state=True, initial_state=t["initial_state"])
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()
+    names = [k for k, v in t.items() if v is not None]
+    grads = torch.autograd.grad(loss, [t[k] for k in names])
+    return out, last, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("l", [1, 7, 37, 130])
+@pytest.mark.parametrize("groups,with_z,with_d,softplus", [
+    (None, True, True, True), (None, False, False, False), (2, True, True, True), (4, False, True, False)])
+def test_chunked_scan_matches_reference(l, groups, with_z, with_d, softplus):
+    """Fast scans (chunked with chunk 64, 16 and 5, and the time loop) == sequential ref: outputs,
+    last state and every gradient (incl. initial state), odd lengths across chunk boundaries, with/without
+    z, D, softplus, grouped B/C."""
+    t = _scan_inputs(2, 8, 4, l, groups, with_z, with_d, positive_delta=not softplus)
+    out_r, last_r, g_r = _grads(ops.selective_scan_ref, t, softplus)
+    for method, chunk in (("chunked", 64), ("chunked", 16), ("chunked", 5), ("loop", 64)):
+        fast = lambda *a, **k: ops.selective_scan_chunked(*a, **k, chunk_size=chunk, method=method)
+        out_f, last_f, g_f = _grads(fast, t, softplus)
+        print(f"l={l} {method} chunk={chunk} max|out diff|={(out_f - out_r).abs().max():.2e}")
+        torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last_f, last_r, atol=1e-5, rtol=1e-5)
+        for k in g_r:
+            torch.testing.assert_close(g_f[k], g_r[k], atol=1e-4, rtol=1e-4, msg=f"grad {k}")
+
+
+def test_scan_ref_matches_hand_written_recurrence():
+    """The reference itself: one channel, one state, checked against the recurrence written out by hand."""
+    u = torch.tensor([[[1.0, 2.0, -1.0]]])
+    delta = torch.tensor([[[0.5, 1.0, 0.25]]])
+    A = torch.tensor([[-1.0]])
+    B = torch.tensor([[[1.0, 0.5, 2.0]]])
+    C = torch.tensor([[[2.0, 1.0, -1.0]]])
+    D = torch.tensor([0.5])
+    h0 = torch.tensor([[[3.0]]])
+    h, ys = 3.0, []
+    for t in range(3):
+        dt = delta[0, 0, t].item()
+        h = torch.exp(torch.tensor(-dt)).item() * h + dt * B[0, 0, t].item() * u[0, 0, t].item()
+        ys.append(C[0, 0, t].item() * h + 0.5 * u[0, 0, t].item())
+    out, last = ops.selective_scan_ref(u, delta, A, B, C, D, return_last_state=True, initial_state=h0)
+    torch.testing.assert_close(out[0, 0], torch.tensor(ys))
+    assert abs(last.item() - h) < 1e-6
+
+
+def test_scan_large_decay_is_finite():
+    """Strong decay (Δ·A ≈ -50 per step) must not overflow the chunked scan (no exp(-cumsum) tricks)."""
+    t = _scan_inputs(1, 4, 4, 100, None, False, True, requires_grad=False)
+    delta = torch.full_like(t["delta"], 5.0)
+    A = torch.full_like(t["A"], -10.0)
+    ref = ops.selective_scan_ref(t["u"], delta, A, t["B"], t["C"], t["D"])
+    for method in ("chunked", "loop"):
+        fast = ops.selective_scan_chunked(t["u"], delta, A, t["B"], t["C"], t["D"], method=method)
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_dispatch_is_pytorch_on_cpu():
+    """On CPU `selective_scan` takes the PyTorch path and equals the reference; describe_kernels says so."""
+    t = _scan_inputs(2, 4, 3, 9, None, True, True, requires_grad=False)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    torch.testing.assert_close(ops.selective_scan(*args), ops.selective_scan_ref(*args), atol=1e-5, rtol=1e-5)
+    assert "selective_scan=" in ops.describe_kernels()
+
+
+def test_initial_state_by_linearity():
+    """The CUDA-with-initial-state path (kernel from zero + decayed h0) is exact: checked on CPU with the
+    chunked scan standing in for the kernel."""
+    t = _scan_inputs(2, 6, 4, 23, 2, True, True, requires_grad=False)
+    original = ops._ss_cuda
+    ops._ss_cuda = lambda u, dl, A, B, C, D, z, db, sp, rls: ops.selective_scan_chunked(
+        u, dl, A, B, C, D, z, db, sp, return_last_state=rls)
+    try:
+        out, last = ops._scan_cuda_with_initial_state(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                                      t["delta_bias"], True, True, t["initial_state"])
+    finally:
+        ops._ss_cuda = original
+    out_r, last_r = ops.selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                           t["delta_bias"], True, True, t["initial_state"])
+    torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, last_r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("l", [1, 2, 11])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv_matches_reference(l, activation):
+    """F.conv1d path == explicit tap sum, with initial states, final states, and gradients."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, l, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, requires_grad=True)
+    bias = torch.randn(5, generator=g, requires_grad=True)
+    s0 = torch.randn(2, 5, 3, generator=g, requires_grad=True)
+    out_r, fin_r = ops.causal_conv1d_ref(x, w, bias, activation, initial_states=s0, return_final_states=True)
+    out_f, fin_f = ops.causal_conv1d(x, w, bias, activation, initial_states=s0, return_final_states=True)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fin_f, fin_r)
+    expected_final = torch.cat([s0, x], dim=2)[:, :, -3:]
+    torch.testing.assert_close(fin_r, expected_final)
+    ga = torch.autograd.grad(out_r.sum(), [x, w, bias, s0])
+    gb = torch.autograd.grad(out_f.sum(), [x, w, bias, s0])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # no initial state == zero initial state, and causality: output t ignores inputs after t
+    out0 = ops.causal_conv1d(x, w, bias, activation)
+    torch.testing.assert_close(out0, ops.causal_conv1d_ref(x, w, bias, activation, torch.zeros_like(s0)))
+
+
+def test_conv_update_matches_sequence_conv():
+    """causal_conv1d_update token by token == causal_conv1d over the sequence; state holds the last w inputs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, generator=g)
+    w = torch.randn(5, 4, generator=g)
+    bias = torch.randn(5, generator=g)
+    full = ops.causal_conv1d(x, w, bias, "silu")
+    state = torch.zeros(2, 5, 4)
+    steps = torch.stack([ops.causal_conv1d_update(x[:, :, t], state, w, bias, "silu") for t in range(9)], dim=2)
+    torch.testing.assert_close(steps, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state, x[:, :, -4:])
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_selective_state_update_matches_one_ref_step(groups):
+    """selective_state_update == a length-1 ref scan from the same state (output and new state, in place)."""
+    t = _scan_inputs(3, 8, 4, 1, groups, True, True, requires_grad=False)
+    state = t["initial_state"].clone()
+    y = ops.selective_state_update(state, t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0], t["C"][..., 0],
+                                   t["D"], z=t["z"][..., 0], dt_bias=t["delta_bias"], dt_softplus=True)
+    out_r, last_r = ops.selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                           t["delta_bias"], True, True, t["initial_state"])
+    torch.testing.assert_close(y, out_r[..., 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state, last_r, atol=1e-6, rtol=1e-6)
+
+
+def test_rms_norm_with_residual_matches_formula():
+    """rms_norm(x, w, residual, prenorm) == (x+r) / sqrt(mean((x+r)^2) + eps) * w, residual returned in fp32."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=g).bfloat16()
+    r = torch.randn(2, 3, 16, generator=g)
+    w = torch.randn(16, generator=g)
+    out, res = ops.rms_norm(x, w, eps=1e-5, residual=r, prenorm=True, residual_in_fp32=True)
+    s = x.float() + r
+    expected = s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert out.dtype == torch.bfloat16 and res.dtype == torch.float32
+    torch.testing.assert_close(res, s)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    plain = ops.RMSNorm(16)(r)
+    torch.testing.assert_close(plain, r / torch.sqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+def test_scan_keeps_fp32_math_under_autocast():
+    """Under bf16 autocast the PyTorch scan still computes in fp32 (its internal matmuls are not downcast)."""
+    t = _scan_inputs(2, 8, 4, 33, 2, True, True, requires_grad=False)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    plain = ops.selective_scan_chunked(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ops.selective_scan_chunked(*args)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_env_var_forces_pytorch_path():
+    """MAMBA_NARRATIVE_KERNELS=pytorch is honoured at import and reported by describe_kernels()."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "MAMBA_NARRATIVE_KERNELS": "pytorch"}
+    code = "from multitrack import ops; print(ops.describe_kernels())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert "selective_scan=pytorch-chunked" in out.stdout and "forced" in out.stdout
+    with ops.force_pytorch():
+        assert ops._pytorch_only
+    assert not ops._pytorch_only

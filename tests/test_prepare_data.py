@@ -1,0 +1,288 @@
+"""Tests for prepare_data.py and multitrack/data.py on tiny corpora made in tmp_path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prepare_data
+from multitrack.data import (TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta,
+                             num_sequences)
+from multitrack.demo_corpus import generate_books
+from multitrack.errors import UserError
+from multitrack.gutenberg import clean_book
+from multitrack.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRENCH = "Le forgeron posa son marteau et alla à la porte pour voir qui était là, mais il n'y avait personne. " * 40
+FAST = ["--tokenizer=byte", "--num_workers=1", "--seq_len=64", "--min_chars=500"]
+
+
+def pg_file(body: str, book_id: int, title="Test") -> str:
+    """An original-style PG file around `body`: header, markers, license footer, CRLF line endings."""
+    text = (f"The Project Gutenberg EBook of {title}\n\nRelease Date: May, 2004 [EBook #{book_id}]\n\n"
+            f"*** START OF THIS PROJECT GUTENBERG EBOOK {title.upper()} ***\n\nProduced by A. Volunteer\n\n\n"
+            + body + f"\n\n\nEnd of the Project Gutenberg EBook of {title}\n\n"
+            f"*** END OF THIS PROJECT GUTENBERG EBOOK {title.upper()} ***\n\n" + "Project Gutenberg license. " * 30)
+    return text.replace("\n", "\r\n")
+
+
+def demo_bodies(n, words=400, seed=3):
+    return [b["TEXT"] for b in generate_books(n, seed=seed, words_per_book=words)]
+
+
+def write_parquet(path, rows, columns=("TEXT", "SOURCE", "METADATA")):
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    pq.write_table(table, path, row_group_size=3)
+
+
+def pg_rows(n=8, seed=3):
+    return [{"TEXT": pg_file(t, 100 + i), "SOURCE": "Project Gutenberg",
+             "METADATA": json.dumps({"text_id": 100 + i, "title": f"Book {i}", "language": "en",
+                                     "authors": "Doe, Jane", "subjects": "Fiction"})}
+            for i, t in enumerate(demo_bodies(n, seed=seed))]
+
+
+def run(tmp_path, *args, name="out"):
+    out = str(tmp_path / name)
+    prepare_data.main([*FAST, f"--out_dir={out}", *args])
+    return out
+
+
+# ---- packing, splits, determinism ------------------------------------------------------------------
+def test_packing_keeps_every_token(tmp_path):
+    """Every book's tokens are stored once, followed by eos; spans tile each split; x/y are shifted by one."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(8))
+    out = run(tmp_path, f"--source={tmp_path / 'a.parquet'}")
+    meta = load_meta(out)
+    tok = load_tokenizer("byte")
+    bodies = {100 + i: clean_book(t)[0] for i, t in enumerate(demo_bodies(8))}
+    total_books = 0
+    for split in ("train", "val", "test"):
+        ts = TokenSplit(out, split)
+        spans = ts.book_spans()
+        assert sum(n for _, _, n in spans) == len(ts.tokens) == meta["splits"][split]["tokens"]
+        pos = 0
+        for book_id, start, n in spans:
+            assert start == pos
+            pos += n
+            stream = np.asarray(ts.tokens[start:start + n])
+            assert stream[-1] == tok.eos_id and tok.eos_id not in stream[:-1]
+            assert tok.decode(stream[:-1]) == bodies[book_id]
+        total_books += len(spans)
+        assert ts.num_sequences == (len(ts.tokens) - 1) // 64
+        if ts.num_sequences:
+            x, y = ts.get_batch([ts.num_sequences - 1, 0])
+            assert x.shape == y.shape == (2, 64) and x.dtype == torch.int64
+            assert torch.equal(x[1, 1:], y[1, :-1])
+            k = ts.num_sequences - 1
+            assert torch.equal(y[0], torch.from_numpy(np.asarray(ts.tokens[k * 64 + 1: k * 64 + 65], np.int64)))
+    assert total_books == 8
+
+
+def test_split_by_book_disjoint_and_nonempty(tmp_path):
+    """No book is in two splits, and a tiny corpus still gets a val and a test book."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(6))
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'a.parquet'}"))
+    ids = {s: set(meta["splits"][s]["book_ids"]) for s in ("train", "val", "test")}
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    assert all(ids[s] for s in ids) and sum(len(v) for v in ids.values()) == 6
+
+
+def test_num_books_and_fiction_filter(tmp_path):
+    """--num_books keeps the first N usable books (pool stopped early); --fiction_only drops non-fiction by metadata."""
+    rows = pg_rows(6)
+    rows[1]["METADATA"] = json.dumps({"text_id": 101, "language": "en", "subjects": "Cookery", "locc": "TX"})
+    write_parquet(tmp_path / "a.parquet", rows)
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'a.parquet'}", "--num_books=4", "--fiction_only=True",
+                         "--num_workers=2"))  # a pool stopped early must shut down cleanly
+    ids = sorted(i for s in ("train", "val", "test") for i in meta["splits"][s]["book_ids"])
+    assert ids == [100, 102, 103, 104] and meta["skipped"] == {"not fiction (metadata)": 1}
+    assert prepare_data.is_fiction_metadata({"locc": "PR; PZ"}) is True
+    assert prepare_data.is_fiction_metadata({"bookshelves": "Category: Novels"}) is True
+    assert prepare_data.is_fiction_metadata({"title": "x"}) is None
+
+
+def test_split_assignment_is_hash_of_id():
+    """Split = sha256(str(id)) % 1000 thresholds: about 90/5/5 over many ids."""
+    splits = [prepare_data.assign_split(i, 50, 50) for i in range(20000)]
+    assert 0.04 < splits.count("val") / 20000 < 0.06 and 0.04 < splits.count("test") / 20000 < 0.06
+    assert prepare_data.assign_split(12345, 50, 50) == prepare_data.assign_split(12345, 50, 50)
+
+
+def test_deterministic_across_runs_and_worker_counts(tmp_path):
+    """Two runs (1 worker and a 2-process pool) give identical .bin bytes and fingerprints."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(6))
+    a = run(tmp_path, f"--source={tmp_path / 'a.parquet'}", name="a")
+    b = run(tmp_path, f"--source={tmp_path / 'a.parquet'}", "--num_workers=2", name="b")
+    for s in ("train", "val", "test"):
+        assert open(os.path.join(a, f"{s}.bin"), "rb").read() == open(os.path.join(b, f"{s}.bin"), "rb").read()
+    assert load_meta(a)["fingerprint"] == load_meta(b)["fingerprint"]
+
+
+def test_demo_source_with_demo_bpe(tmp_path):
+    """--source=demo trains the demo BPE, saves tokenizer.json, and the probes' answers survive tokenization."""
+    out = str(tmp_path / "demo")
+    prepare_data.main(["--source=demo", "--demo_num_books=5", "--demo_words_per_book=600", "--num_workers=1",
+                       "--seq_len=128", f"--out_dir={out}", "--demo_vocab_size=512"])
+    meta = load_meta(out)
+    assert meta["tokenizer"]["name"] == "demo-bpe-512" and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    tok = load_tokenizer(os.path.join(out, "tokenizer.json"))
+    assert tok.sha256 == meta["tokenizer"]["sha256"]
+    book = generate_books(5, 1337, 600)[0]
+    split = next(s for s in ("train", "val", "test") if book["id"] in meta["splits"][s]["book_ids"])
+    ts = TokenSplit(out, split)
+    _, start, n = next(sp for sp in ts.book_spans() if sp[0] == book["id"])
+    assert tok.decode(ts.tokens[start:start + n]) == book["TEXT"]
+    assert os.path.isfile(os.path.join(out, "report.md"))
+
+
+# ---- reuse, force, atomicity -----------------------------------------------------------------------
+def test_reuse_and_force(tmp_path, capsys):
+    """Same options -> 'reusing'; different options -> UserError (nothing lost); --force=True rebuilds."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(5))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    out = run(tmp_path, src)
+    before = load_meta(out)["fingerprint"]
+    capsys.readouterr()
+    run(tmp_path, src)
+    assert "reusing" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, src, "--seq_len=32")
+    assert e.value.code == 2 and "seq_len" in capsys.readouterr().err
+    assert load_meta(out)["fingerprint"] == before
+    run(tmp_path, src, "--seq_len=32", "--force=True")
+    meta = load_meta(out)
+    assert meta["seq_len"] == 32 and meta["fingerprint"] != before
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d or ".old-" in d]
+
+
+def test_uint16_overflow_refused(tmp_path, monkeypatch):
+    """A tokenizer whose ids do not fit uint16 is refused before anything is written."""
+    class Huge:
+        name, kind, vocab_size, eos_id, sha256 = "huge", "hf", 70000, 0, "x"
+    monkeypatch.setattr(prepare_data, "load_tokenizer", lambda spec: Huge())
+    write_parquet(tmp_path / "a.parquet", pg_rows(3))
+    with pytest.raises(UserError, match="uint16"):
+        prepare_data.prepare({**defaults(), "source": str(tmp_path / "a.parquet"), "tokenizer": "huge",
+                              "out_dir": str(tmp_path / "o")})
+    assert not os.path.exists(tmp_path / "o")
+
+
+def defaults():
+    from multitrack.configurator import config_keys
+    return {k: getattr(prepare_data, k) for k in config_keys(vars(prepare_data))} | {"num_workers": 1}
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+def test_missing_text_column(tmp_path):
+    """A parquet file without TEXT is a one-line UserError naming the expected columns."""
+    write_parquet(tmp_path / "bad.parquet", [{"SOURCE": "x", "METADATA": "{}"}], columns=("SOURCE", "METADATA"))
+    with pytest.raises(UserError, match="no TEXT column"):
+        prepare_data.prepare({**defaults(), "source": str(tmp_path / "bad.parquet"), "tokenizer": "byte",
+                              "out_dir": str(tmp_path / "o")})
+
+
+def test_bad_books_are_skipped_and_counted(tmp_path):
+    """Empty, non-English (metadata and stop-word check), duplicate-id and duplicate-text books are counted skips."""
+    rows = pg_rows(5)
+    rows.append({"TEXT": "", "SOURCE": "PG", "METADATA": json.dumps({"text_id": 1, "language": "en"})})
+    rows.append({"TEXT": FRENCH, "SOURCE": "PG", "METADATA": json.dumps({"text_id": 2, "language": "fr"})})
+    rows.append({"TEXT": FRENCH, "SOURCE": "PG", "METADATA": None})
+    rows.append(dict(rows[0]))                                                         # same id
+    rows.append({**rows[1], "METADATA": json.dumps({"text_id": 3, "language": "en"})})  # same text, new id
+    write_parquet(tmp_path / "a.parquet", rows)
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'a.parquet'}"))
+    assert meta["skipped"] == {"empty": 1, "non-English (metadata)": 1, "non-English (stop-word check)": 1,
+                               "duplicate Gutenberg id": 1, "duplicate text": 1}
+    assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 5
+    report = open(os.path.join(tmp_path / "out", "report.md"), encoding="utf-8").read()
+    assert "non-English (metadata): 1" in report and "| 104 |" in report
+
+
+def test_jsonl_and_txt_folder_sources(tmp_path):
+    """jsonl files and folders of raw .txt books (utf-8, or latin-1 with a counted note) both work."""
+    bodies = demo_bodies(4, seed=4)
+    with open(tmp_path / "books.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(bodies):
+            f.write(json.dumps({"TEXT": pg_file(t, 200 + i), "SOURCE": "PG",
+                                "METADATA": json.dumps({"text_id": 200 + i, "language": "en"})}) + "\n")
+        f.write("{not json\n")
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'books.jsonl'}", name="j"))
+    assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 4
+    assert meta["skipped"] == {"bad json line": 1}
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, t in enumerate(bodies[:3]):
+        (txt / f"pg{300 + i}.txt").write_bytes(pg_file(t, 300 + i).encode("utf-8"))
+    (txt / "book.txt").write_bytes(pg_file(bodies[3] + " Café déjà vu.", 303).encode("latin-1"))
+    meta = load_meta(run(tmp_path, f"--source={txt}", name="t"))
+    ids = sorted(i for s in ("train", "val", "test") for i in meta["splits"][s]["book_ids"])
+    assert ids == [300, 301, 302, 303]
+    assert "decoded as latin-1" in open(tmp_path / "t" / "report.md", encoding="utf-8").read()
+
+
+def test_hub_offline_is_user_error(tmp_path, monkeypatch):
+    """--source=hub without network: one-line UserError that says how to pass a local path."""
+    def offline(dataset_id):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(prepare_data, "_load_hub_stream", offline)
+    with pytest.raises(UserError, match="--source=") as e:
+        prepare_data.prepare({**defaults(), "source": "hub", "tokenizer": "byte", "out_dir": str(tmp_path / "o")})
+    assert "\n" not in str(e.value)
+
+
+def test_too_few_books(tmp_path):
+    """Fewer than 3 usable books cannot fill train/val/test: clear error, no output dir."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(2))
+    with pytest.raises(UserError, match="at least 3"):
+        prepare_data.prepare({**defaults(), "source": str(tmp_path / "a.parquet"), "tokenizer": "byte",
+                              "min_chars": 500, "out_dir": str(tmp_path / "o")})
+    assert not os.path.exists(tmp_path / "o") and not [d for d in os.listdir(tmp_path) if ".tmp-" in d]
+
+
+def test_cli_error_exit_code(tmp_path):
+    """The CLI prints one 'error: ...' line and exits 2 for a missing source (no traceback)."""
+    r = subprocess.run([sys.executable, "prepare_data.py", f"--source={tmp_path / 'nope'}", "--tokenizer=byte"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- multitrack/data.py ------------------------------------------------------------------------------
+def test_load_meta_errors(tmp_path):
+    """Missing dir/meta.json or a truncated .bin is a UserError telling how to (re)create the data."""
+    with pytest.raises(UserError, match="prepare_data.py"):
+        load_meta(tmp_path / "none")
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    out = run(tmp_path, f"--source={tmp_path / 'a.parquet'}")
+    with open(os.path.join(out, "val.bin"), "r+b") as f:
+        f.truncate(2)
+    with pytest.raises(UserError, match="truncated"):
+        load_meta(out)
+
+
+def test_epoch_order_and_batches():
+    """epoch_order is a deterministic permutation per (seed, epoch); batch_indices slices it."""
+    a, b, c = epoch_order(100, 0, 1), epoch_order(100, 0, 1), epoch_order(100, 1, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert sorted(a.tolist()) == list(range(100))
+    assert np.array_equal(batch_indices(a, 8, 2), a[16:24])
+    with pytest.raises(IndexError):
+        batch_indices(a, 8, 12)
+    assert num_sequences(1, 64) == 0 and num_sequences(65, 64) == 1 and num_sequences(0, 64) == 0
+
+
+def test_check_tokenizer_match():
+    """Matching tokenizers pass; a different sha256/vocab/eos is a UserError."""
+    t = {"name": "a", "sha256": "x", "vocab_size": 10, "eos_id": 0}
+    check_tokenizer_match(t, dict(t))
+    with pytest.raises(UserError, match="mismatch"):
+        check_tokenizer_match(t, {**t, "sha256": "y"})

@@ -1,0 +1,233 @@
+"""The shared training loop: LR schedule, weight-decay groups, loss/eval, exact resume, safety refusals, CLI."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multitrack import trainer
+from multitrack.checkpoint import load_checkpoint, save_checkpoint
+from multitrack.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def builder(d_model=32, vocab_size=257):
+    def build():
+        from multitrack.mamba import mamba_config
+        from multitrack.models import build_model
+        return build_model("mamba", mamba_config("tiny", vocab_size=vocab_size, d_model=d_model))
+    return build
+
+
+def train_losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_lr_schedule():
+    """Linear warmup to lr, cosine to min_lr at `total`, min_lr after; monotone decay after warmup."""
+    lr, min_lr = 1e-3, 1e-5
+    assert trainer.get_lr(0, 10, 100, lr, min_lr) == pytest.approx(1e-4)
+    assert trainer.get_lr(9, 10, 100, lr, min_lr) == pytest.approx(lr)
+    assert trainer.get_lr(55, 10, 100, lr, min_lr) == pytest.approx((lr + min_lr) / 2)
+    assert trainer.get_lr(100, 10, 100, lr, min_lr) == pytest.approx(min_lr)
+    assert trainer.get_lr(500, 10, 100, lr, min_lr) == min_lr
+    decay = [trainer.get_lr(s, 10, 100, lr, min_lr) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_weight_decay_groups(tiny_model):
+    """Decay exactly on 2-D Linear weights; embedding (tied lm_head), norms, biases, conv, A_log, D undecayed."""
+    model = tiny_model()
+    decay, no_decay = trainer.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)].split(".")[-2] for p in decay["params"]}
+    assert decayed == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert "backbone.embedding.weight" in undecayed and "backbone.norm_f.weight" in undecayed
+    for suffix in ("A_log", "D", "conv1d.weight", "conv1d.bias", "dt_proj.bias", "norm.weight"):
+        assert any(n.endswith(suffix) for n in undecayed), suffix
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    n_grouped = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n_grouped == model.num_params()  # tied lm_head counted once, nothing missing
+
+
+def test_lm_loss_ignores_padded_logits():
+    """Logits beyond the vocabulary (embedding padding) take no probability mass in the loss."""
+    logits = torch.randn(2, 5, 8)
+    targets = torch.randint(0, 6, (2, 5))
+    padded = logits.clone()
+    padded[..., 6:] = 50.0
+    expected = torch.nn.functional.cross_entropy(logits[..., :6].reshape(-1, 6), targets.reshape(-1))
+    assert torch.allclose(trainer.lm_loss(padded, targets, 6), expected)
+
+
+def test_estimate_loss_is_token_mean(demo_data_dir, tiny_model):
+    """estimate_loss = mean token CE over the given sequences, independent of the batch size."""
+    from multitrack.data import TokenSplit
+    split = TokenSplit(demo_data_dir, "val")
+    model = tiny_model().eval()
+    idx = np.array([0, 3, 5, 9, 11])
+    x, y = split.get_batch(idx)
+    with torch.no_grad():
+        manual = trainer.lm_loss(model(x), y, 257).item()
+    for bs in (1, 2, 8):
+        assert trainer.estimate_loss(model, split, idx, batch_size=bs, vocab_size=257) == pytest.approx(manual, rel=1e-5)
+
+
+def test_overfit_one_batch(demo_data_dir, tiny_model):
+    """The model + loss + optimizer groups can memorise one batch: loss falls far below its start in 100 steps."""
+    from multitrack.data import TokenSplit
+    torch.manual_seed(0)
+    model = tiny_model(d_model=48)
+    x, y = TokenSplit(demo_data_dir, "train").get_batch(np.arange(4))
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in trainer.param_groups(model, 0.0)],
+                            lr=1e-2)
+    losses = []
+    for _ in range(100):
+        loss = trainer.lm_loss(model(x), y, 257)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"overfit: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.35 * losses[0]
+
+
+def test_train_outputs_and_resume_is_exact(demo_data_dir, tmp_path, train_config):
+    """N steps straight == N/2, stop (request_stop), resume N/2: identical losses and weights; all outputs written."""
+    straight = trainer.train(train_config(demo_data_dir, tmp_path / "a", max_steps=6, eval_interval=3,
+                                          tensorboard=True), builder(), script="test")
+    assert straight["step"] == 6 and not straight["interrupted"]
+    out = tmp_path / "a"
+    for name in ("ckpt_latest.pt", "ckpt_best.pt", "metrics.jsonl", "log.txt", "epochs.md", "epochs.csv", "loss.png"):
+        assert (out / name).exists(), name
+    assert "| epoch | train loss | val loss | val ppl | minutes | tokens |" in (out / "epochs.md").read_text()
+    assert "step 6/6" in (out / "log.txt").read_text()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+    def stop_at_3(model, step, out_dir):
+        if step == 3:
+            trainer.request_stop()
+        return {"probe": 1.0}
+
+    cfg_b = train_config(demo_data_dir, tmp_path / "b", max_steps=6, eval_interval=3)
+    first = trainer.train(cfg_b, builder(), script="test", on_eval=stop_at_3)
+    assert first["interrupted"] and first["step"] == 3
+    assert load_checkpoint(tmp_path / "b" / "ckpt_latest.pt")["step"] == 3
+    resumed = trainer.train({**cfg_b, "resume": True}, builder(), script="test")
+    assert resumed["step"] == 6
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert np.allclose([a[s] for s in a], [b[s] for s in a], rtol=0, atol=1e-6), (a, b)
+    wa = load_checkpoint(tmp_path / "a" / "ckpt_latest.pt")["model"]
+    wb = load_checkpoint(tmp_path / "b" / "ckpt_latest.pt")["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    assert [r["step"] for r in resumed["history"]] == [6]  # one row per epoch, partial rows replaced
+    assert resumed["history"][0]["val_loss"] == pytest.approx(straight["history"][0]["val_loss"], abs=1e-6)
+    extended = trainer.train({**cfg_b, "resume": True, "max_steps": 8}, builder(), script="test")
+    assert [r["step"] for r in extended["history"]] == [8]  # the earlier partial row of epoch 1 was replaced
+
+
+def test_refusals(demo_data_dir, tmp_path, train_config):
+    """Existing checkpoint without resume/overwrite, different model on resume, tokenizer mismatch: clear errors."""
+    cfg = train_config(demo_data_dir, tmp_path / "r", max_steps=2, eval_interval=0)
+    trainer.train(cfg, builder(), script="test")
+    with pytest.raises(UserError, match="already holds"):
+        trainer.train(cfg, builder(), script="test")
+    with pytest.raises(UserError, match="different model"):
+        trainer.train({**cfg, "resume": True, "max_steps": 3}, builder(d_model=48), script="test")
+    ckpt_path = tmp_path / "r" / "ckpt_latest.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    from multitrack.tokenizer import train_demo_bpe
+    ckpt["tokenizer"] = train_demo_bpe(["a tiny corpus for another tokenizer, not the bytes"] * 20, 300).to_dict()
+    save_checkpoint(ckpt_path, ckpt)
+    with pytest.raises(UserError, match="tokenizer mismatch"):
+        trainer.train({**cfg, "resume": True, "max_steps": 3}, builder(), script="test")
+    with pytest.raises(UserError, match="tokenizer mismatch"):  # fine-tuning from it is refused too
+        trainer.train({**cfg, "out_dir": str(tmp_path / "ft"), "init_from": str(ckpt_path)}, builder(), script="test")
+    done = trainer.train({**cfg, "overwrite": True}, builder(), script="test")  # explicit overwrite works
+    assert done["step"] == 2 and load_checkpoint(ckpt_path)["tokenizer"]["sha256"] == "byte-v1"
+    # init_from a checkpoint: starts at step 0 from its weights (same val loss before any step)
+    ft = trainer.train({**cfg, "out_dir": str(tmp_path / "ft"), "init_from": str(ckpt_path), "max_steps": 1,
+                        "lr": 0.0, "min_lr": 0.0}, builder(d_model=48), script="test")
+    assert ft["step"] == 1 and "initialised from" in (tmp_path / "ft" / "log.txt").read_text()
+    assert ft["val_loss_full"] == pytest.approx(done["val_loss_full"], abs=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(demo_data_dir, tmp_path, train_config, monkeypatch):
+    """A NaN loss stops training with a clear error; the last good checkpoint is left untouched."""
+    real = trainer.lm_loss
+    calls = {"train": 0}
+
+    def nan_after_5(logits, targets, vocab_size=None):
+        loss = real(logits, targets, vocab_size)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] > 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer, "lm_loss", nan_after_5)
+    cfg = train_config(demo_data_dir, tmp_path / "n", max_steps=10, eval_interval=4)
+    with pytest.raises(trainer.TrainingDiverged, match="diverged at step 6.*intact"):
+        trainer.train(cfg, builder(), script="test")
+    ckpt = load_checkpoint(tmp_path / "n" / "ckpt_latest.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_sigterm_saves_and_resumes(demo_data_dir, tmp_path):
+    """SIGTERM mid-run saves ckpt_latest.pt before exit; --resume=True continues from it to the end."""
+    out = tmp_path / "sig"
+    args = ["train_baseline.py", "--preset=tiny", "--d_model=32", f"--data_dir={demo_data_dir}", f"--out_dir={out}",
+            "--batch_size=2", "--max_steps=100000", "--eval_interval=0", "--log_interval=1", "--device=cpu",
+            "--tensorboard=False"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = out / "log.txt"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (log.exists() and "step 3/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    ckpt = load_checkpoint(out / "ckpt_latest.pt")
+    assert ckpt["step"] >= 3 and "stopped by signal" in log.read_text()
+    r = run_cli(*args[:-5], f"--max_steps={ckpt['step'] + 2}", "--eval_interval=0", "--log_interval=1",
+                "--device=cpu", "--tensorboard=False", "--resume=True")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "ckpt_latest.pt")["step"] == ckpt["step"] + 2
+
+
+def test_cli_smoke_train_then_generate(demo_data_dir, tmp_path):
+    """train_baseline.py (5 steps) then generate_text.py on its checkpoint writes the sample markdown."""
+    out = tmp_path / "smoke"
+    r = run_cli("train_baseline.py", "--preset=tiny", f"--data_dir={demo_data_dir}", f"--out_dir={out}",
+                "--batch_size=2", "--max_steps=5", "--eval_interval=5", "--eval_max_batches=4", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert math.isfinite(load_checkpoint(out / "ckpt_best.pt")["metrics"]["val_loss"])
+    r = run_cli("generate_text.py", f"--ckpt={out / 'ckpt_best.pt'}", "--max_new_tokens=10", "--num_samples=1",
+                f"--generations_dir={tmp_path / 'gen'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "gen").glob("generations_*.md"))) == 1
+
+
+def test_cli_bad_key_and_missing_data(tmp_path):
+    """Unknown key or missing data dir: one line `error: ...`, exit 2, no traceback."""
+    for arg in ("--learning_rate=1e-3", f"--data_dir={tmp_path / 'none'}"):
+        r = run_cli("train_baseline.py", arg, f"--out_dir={tmp_path / 'o'}", "--device=cpu", timeout=60)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr, r.stderr

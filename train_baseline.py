@@ -1,0 +1,81 @@
+"""Train the plain Mamba baseline on a prepared data dir.
+
+    python prepare_data.py --source=demo                       # offline demo corpus -> data/demo (~5 s)
+    python train_baseline.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo --seq_len=256 \
+        --max_steps=60 --eval_interval=20                      # 2.2M params, ~6 min on 2 busy CPU cores, val loss ~1.7
+    python train_baseline.py --resume=True --out_dir=out/demo   # continue exactly where it stopped
+    torchrun --nproc_per_node=4 train_baseline.py --data_dir=data/gutenberg-neox   # DDP, same global batch
+
+The reference run: preset mamba-130m (126.9M params, NeoX tokenizer), global batch 8 x 1024 tokens,
+AdamW(0.9, 0.95) lr 6e-4 with 2% warmup and cosine decay to 1e-5, weight decay 0.1, grad clip 1.0,
+3 epochs. Outputs go to out_dir: ckpt_latest.pt / ckpt_best.pt, metrics.jsonl, log.txt, epochs.md,
+epochs.csv, loss.png, tb/ (see multitrack/trainer.py, where the loop lives).
+
+Weight decay applies only to the 2-D weights of nn.Linear layers (in_proj, x_proj, dt_proj, out_proj);
+no decay on the embedding (= the tied lm_head), RMSNorm weights, biases, the conv1d kernel, A_log, D,
+dt_proj.bias. The group sizes are printed at start.
+"""
+
+import sys
+
+from multitrack.configurator import apply_overrides
+from multitrack.errors import user_errors
+
+# ----------------------------------------------------------------------------------------------
+# model
+preset = "mamba-130m"         # multitrack.mamba.PRESETS: mamba-130m | mamba-130m-ssm | small-cpu | tiny
+d_model = 0                   # override the preset's width (0: keep)
+n_layer = 0                   # override the preset's depth (0: keep)
+# data and output
+data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tokenizer come from its meta.json)
+out_dir = "out/baseline"      # checkpoints and logs
+seq_len = 0                   # 0: the data's seq_len (1024 for the reference run)
+# optimization
+batch_size = 8                # sequences per micro-batch
+grad_accum = 1                # micro-batches per optimizer step (global batch = batch_size * grad_accum)
+lr = 6e-4                     # peak learning rate
+min_lr = 1e-5                 # cosine decay floor (mamba recipe)
+warmup_steps = 0              # 0: warmup_frac of the run
+warmup_frac = 0.02            # 2% linear warmup
+epochs = 3                    # passes over the train split
+max_steps = 0                 # stop after this many optimizer steps (0: epochs decide); the LR schedule spans the budget
+max_tokens = 0                # stop after this many training tokens (0: no limit)
+weight_decay = 0.1            # on 2-D Linear weights only
+beta1 = 0.9                   # AdamW beta1
+beta2 = 0.95                  # AdamW beta2
+grad_clip = 1.0               # max global gradient norm (0: off)
+# evaluation and logging
+eval_interval = 500           # steps between evals on a fixed val subset (and ckpt_latest.pt)
+eval_batches = 20             # batches in that fixed subset
+eval_max_batches = 0          # cap for the full val pass at each epoch end (0: whole split)
+log_interval = 10             # steps between log lines (log.txt, metrics.jsonl)
+tensorboard = True            # write tb/ event files
+# system
+seed = 1337                   # init and data order
+device = "auto"               # auto | cpu | cuda | cuda:N
+dtype = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU | float32 | bfloat16 | float16
+compile = False               # torch.compile (falls back to eager with a warning)
+fsdp = False                  # under torchrun: FSDP instead of DDP (for larger models)
+resume = False                # continue from out_dir/ckpt_latest.pt
+overwrite = False             # allow starting over in an out_dir that holds a checkpoint
+init_from = "scratch"         # scratch | resume | path to a repo .pt or an HF / mamba-ssm folder (fine-tune)
+# ----------------------------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def build_model():
+    """The baseline from its preset, with the data tokenizer's vocabulary."""
+    from multitrack.data import load_meta
+    from multitrack.mamba import mamba_config
+    from multitrack.models import build_model as build
+
+    shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer)) if v}
+    vocab_size = load_meta(data_dir)["tokenizer"]["vocab_size"]
+    return build("mamba", mamba_config(preset, vocab_size=vocab_size, **shape))
+
+
+if __name__ == "__main__":
+    from multitrack.trainer import train
+
+    with user_errors():
+        train(config, build_model, script="train_baseline.py")
