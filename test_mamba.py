@@ -45,6 +45,7 @@ def grads_of(model, ids):
     """Gradients of a next-token loss w.r.t. every parameter, as {name: tensor}."""
     model.zero_grad(set_to_none=True)
     logits = model(ids[:, :-1])
+    logits = getattr(logits, "logits", logits)  # mamba_ssm's model returns CausalLMOutput(logits=...)
     F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -74,15 +75,25 @@ with user_errors():
                torch.randn(b_, 2, n_, l_, generator=g, device=dev), torch.randn(d_, generator=g, device=dev),
                torch.randn(b_, d_, l_, generator=g, device=dev), torch.randn(d_, generator=g, device=dev),
                torch.randn(b_, d_, n_, generator=g, device=dev)]
-    diffs = []
+    # mamba_ssm's SelectiveScanFn ignores the gradient w.r.t. its last_state output, so the kernel is
+    # checked on (out, grads of a loss on out) and, separately, on the last state's value.
+    diffs, lasts = [], []
     for fn in (ops.selective_scan_ref, ops.selective_scan):
         leaves = [t.clone().requires_grad_() for t in scan_in]
         # with an initial state, the CUDA-kernel path is the kernel plus the decayed state (linearity)
-        out, last = fn(*leaves[:8], delta_softplus=True, return_last_state=True, initial_state=leaves[8])
-        (out.square().sum() + last.sum()).backward()
-        diffs.append([out.detach(), last.detach()] + [t.grad for t in leaves])
-    d = max(max_diff(a, b) / (a.abs().max().item() + 1e-6) for a, b in zip(*diffs))
-    check(f"selective_scan ({ops.KERNELS['selective_scan']}) == ref", d < 1e-4, f"max rel diff={d:.2e} (out, state, grads)")
+        out = fn(*leaves[:8], delta_softplus=True, initial_state=leaves[8])
+        out.square().sum().backward()
+        diffs.append([out.detach()] + [t.grad for t in leaves])
+        with torch.no_grad():
+            lasts.append(fn(*scan_in[:8], delta_softplus=True, return_last_state=True, initial_state=scan_in[8])[1])
+    names = ["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0"]
+    rel = {n: max_diff(a, b) / (a.abs().max().item() + 1e-6) for n, a, b in zip(names, *diffs)}
+    worst = max(rel, key=rel.get)
+    # fp32 tolerance of mamba-ssm's own tests (rtol 6e-4, x5 for gradients of delta), relative to scale
+    check(f"selective_scan ({ops.KERNELS['selective_scan']}) == ref", rel[worst] < 3e-3,
+          f"max rel diff={rel[worst]:.2e} ({worst}; out, all grads, initial state)")
+    d = max_diff(*lasts) / (lasts[0].abs().max().item() + 1e-6)
+    check(f"selective_scan last state ({ops.KERNELS['selective_scan']}) == ref", d < 1e-4, f"max rel diff={d:.2e}")
 
     # 1. block-level shapes
     x = torch.randn(batch_size, seq_len, cfg.d_model, device=dev)

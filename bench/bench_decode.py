@@ -125,8 +125,8 @@ with user_errors():
     torch_dtype = getattr(torch, dt_name)
     torch.manual_seed(seed)
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
-    print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}  "
-          f"{ops.describe_kernels()}")
+    print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}")
+    ops.log_kernels_once()
     net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
 
     speed_rows = []

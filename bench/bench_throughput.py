@@ -83,6 +83,7 @@ def peak_memory_gib(dev) -> float:
 def train_step(net, opt, ids, dev):
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
         logits = net(ids[:, :-1])
+    logits = getattr(logits, "logits", logits)  # mamba_ssm's model returns CausalLMOutput(logits=...)
     loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
     aux = net.aux_loss() if hasattr(net, "aux_loss") else None
     (loss if aux is None else loss + aux).backward()
@@ -139,7 +140,8 @@ with user_errors():
         impls.append(("multitrack (models.build_model)", build_multitrack))
     gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"device={dev} ({gpu})  torch={torch.__version__}  preset={preset}  seq_len={seq_len}  "
-          f"steps={steps} warmup={warmup}  {ops.describe_kernels()}")
+          f"steps={steps} warmup={warmup}")
+    ops.log_kernels_once()
     rows = []
     for batch in sizes:
         for name, build in impls:

@@ -399,7 +399,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Shapes as `selective_scan_ref`. `chunk_size` only affects the PyTorch path.
     """
-    if _use(_ss_cuda, u, delta):
+    # mamba_ssm's SelectiveScanFn drops the gradient w.r.t. its last_state output: when that state
+    # may be differentiated (truncated BPTT through the cache), take the PyTorch path, which is exact.
+    grad_through_state = return_last_state and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    if _use(_ss_cuda, u, delta) and not grad_through_state:
         if initial_state is None:
             return _ss_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -499,7 +503,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     Shapes as `causal_conv1d_ref`.
     """
     if initial_states is None and not return_final_states and _use(_conv_cuda, x):
-        return _conv_cuda(x, weight, bias, activation=activation)
+        return _conv_cuda(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                          activation=activation)
     b, d, l = x.shape
     w = weight.shape[1]
     if initial_states is None:
@@ -519,8 +524,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 
     x: (b, d); weight: (d, w); returns (b, d) in x's dtype.
     """
-    if _use(_conv_update_cuda, x, conv_state):
-        return _conv_update_cuda(x, conv_state, weight, bias, activation)
+    if _use(_conv_update_cuda, x, conv_state) and conv_state.dtype == x.dtype:
+        return _conv_update_cuda(x, conv_state, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                                 activation)
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x
     out = (conv_state.float() * weight.float()).sum(-1)

@@ -116,6 +116,32 @@ def test_initial_state_by_linearity():
     torch.testing.assert_close(last, last_r, atol=1e-5, rtol=1e-5)
 
 
+def test_kernel_not_used_when_grad_must_flow_through_last_state(monkeypatch):
+    """mamba_ssm's SelectiveScanFn drops the gradient of its last_state output (seen on the H200:
+    7.5e-3 relative error in the grads). selective_scan must then take the exact PyTorch path, and use
+    the kernel otherwise. A stand-in kernel that detaches last_state plays mamba_ssm here."""
+    calls = []
+
+    def lossy_kernel(u, dl, A, B, C, D, z, db, sp, rls):
+        calls.append(rls)
+        out = ops.selective_scan_chunked(u, dl, A, B, C, D, z, db, sp, return_last_state=rls)
+        return (out[0], out[1].detach()) if rls else out
+
+    monkeypatch.setattr(ops, "_ss_cuda", lossy_kernel)
+    monkeypatch.setattr(ops, "_use", lambda kernel, *tensors: kernel is lossy_kernel)
+    t = _scan_inputs(2, 4, 3, 9, None, True, True, requires_grad=True)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    out, last = ops.selective_scan(*args, return_last_state=True)
+    assert calls == [] and last.requires_grad           # gradient through the state: PyTorch path
+    grad = torch.autograd.grad(last.sum(), t["u"])[0]
+    ref_grad = torch.autograd.grad(ops.selective_scan_ref(*args, return_last_state=True)[1].sum(), t["u"])[0]
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+    ops.selective_scan(*args)                            # no state requested: the kernel
+    with torch.no_grad():
+        ops.selective_scan(*args, return_last_state=True)  # no gradient: the kernel
+    assert calls == [False, True]
+
+
 @pytest.mark.parametrize("l", [1, 2, 11])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_causal_conv_matches_reference(l, activation):

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded demo corpus, offline, on a CPU, in a few minutes:
+#   prepare (procedural stories -> BPE trained on the fly -> uint16 memmaps in data/demo)
+#   -> train a small baseline (out/demo) -> write a markdown sample (generations/generations_YYYYMMDD.md).
+# Extra arguments go to train_baseline.py, e.g. ./demo.sh --max_steps=200
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # small ops: one thread is fastest on small CPUs
+"$PY" prepare_data.py --source=demo
+"$PY" train_baseline.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo --seq_len=256 \
+    --max_steps=60 --eval_interval=20 --overwrite=True "$@"
+"$PY" generate_text.py --ckpt=out/demo/ckpt_best.pt --prompt="CHAPTER I" --max_new_tokens=200 \
+    --num_samples=1 --temperature=0.8
