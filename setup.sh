@@ -161,4 +161,4 @@ step_start "import check"
 "$PY" -c 'import multitrack.ops as ops; print("    " + ops.describe_kernels())' \
   || fail "the repository's modules do not import; see the error above"
 step_done
-echo "setup.sh: finished in $(( $(date +%s) - T0 )) s. Use: source $VENV/bin/activate"
+if [ "$VENV" = "none" ]; then echo "setup.sh: finished in $(( $(date +%s) - T0 )) s (installed into $PY)"; else echo "setup.sh: finished in $(( $(date +%s) - T0 )) s. Use: source $VENV/bin/activate"; fi

@@ -338,19 +338,6 @@ def folder_tokenizer(folder: Path):
     return tok
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the ByteLevel alphabet of `tokenizers`)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def hf_tokenizer_json(tokenizer) -> tuple[str, str]:
     """(tokenizer.json text, eos token string) for a TextTokenizer.
 
@@ -362,6 +349,8 @@ def hf_tokenizer_json(tokenizer) -> tuple[str, str]:
         return d["json"], tokenizer.id_to_token(tokenizer.eos_id)
     if d.get("kind") == "byte":
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        from multitrack.tokenizer import bytes_to_unicode
         vocab = {ch: b for b, ch in bytes_to_unicode().items()}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

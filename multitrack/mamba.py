@@ -260,6 +260,22 @@ class MixerModel(nn.Module):
                            residual_in_fp32=self.residual_in_fp32)
 
 
+@torch.no_grad()
+def init_lm_weights(model: nn.Module, n_layer: int) -> None:
+    """mamba-ssm's `_init_weights` for any LM whose blocks are `model.backbone.layers[i].mixer.out_proj`:
+    zero Linear biases (except dt_proj), N(0, 0.02) embedding, out_proj re-drawn with
+    kaiming_uniform(a=sqrt(5)) and scaled by 1/sqrt(n_layer) (prenorm rescale)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+    for layer in model.backbone.layers:
+        p = layer.mixer.out_proj.weight
+        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        p /= math.sqrt(n_layer)
+
+
 class MambaLMHeadModel(nn.Module):
     """Mamba LM: MixerModel + tied LM head. forward: (B, L) ids -> (B, L, V_pad) logits."""
 
@@ -270,24 +286,10 @@ class MambaLMHeadModel(nn.Module):
         self.config = config
         self.backbone = MixerModel(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
-        self._init_weights()
+        init_lm_weights(self, config.n_layer)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         ops.log_kernels_once()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        """mamba-ssm's `_init_weights`: zero Linear biases (except dt_proj), N(0, 0.02) embedding,
-        out_proj re-drawn with kaiming_uniform(a=sqrt(5)) and scaled by 1/sqrt(n_layer) (prenorm rescale)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-        for layer in self.backbone.layers:
-            p = layer.mixer.out_proj.weight
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-            p /= math.sqrt(self.config.n_layer)
 
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """input_ids: (B, L) long -> logits (B, L, V_pad). With a cache: start from its state, leave the final one."""

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from multitrack import ops
 from multitrack.errors import UserError
-from multitrack.mamba import MambaLMHeadModel
+from multitrack.mamba import init_lm_weights
 from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features
@@ -100,7 +100,7 @@ class MultiTrackLM(nn.Module):
                                                          dtype=torch.uint8, device=device))
         # mamba-ssm's init (zero Linear biases except dt_proj, N(0, 0.02) embedding, out_proj rescaled by
         # 1/sqrt(n_layer)); the structure it walks (backbone.layers[i].mixer.out_proj) is the same here
-        MambaLMHeadModel._init_weights(self)
+        init_lm_weights(self, config.n_layer)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.record_stats = True         # accumulate router statistics in every forward (not step)

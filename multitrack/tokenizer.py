@@ -34,9 +34,8 @@ LOCAL_NEOX_HINT = "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json"
 KNOWN_SHA256 = {"d169a59a0a2c7e1270a2b952b9fcb3956e3d7b531f3444c6ad6e9af173fbe600": NEOX_NAME}
 
 
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: printable stand-in character -> byte value."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the ByteLevel alphabet of `tokenizers`)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -45,7 +44,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: printable stand-in character -> byte value."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 @lru_cache(maxsize=1)
