@@ -9,7 +9,7 @@ Stages (`--stages=`, comma-separated; each one is cached, so `--resume=True` ski
     loss        token loss / perplexity, bits per byte, PG-19 word perplexity on `split`; the mean loss
                 at every position 0..L-1 of the training context (table by log2 buckets + PNG); loss by
                 narrative token type (dialogue, narration, paragraph starts, ...; multitrack/narrative.py)
-    books       beyond the training length: the first `book_tokens` tokens of each book, in windows of
+    books       beyond the training length: the first `book_tokens` tokens of each book (0: all), in windows of
                 the training length, with the recurrent state carried across windows vs reset at each
                 window; loss by window index (distance into the book), table + PNG
     generation  samples from held-out book openings (fixed sampling settings and seed): distinct-n,
@@ -19,8 +19,9 @@ Stages (`--stages=`, comma-separated; each one is cached, so `--resume=True` ski
                 character's name/trait stated thousands of tokens earlier predicted at the cue?
 
 Output: `reports/eval_<timestamp>.md` (or `--out=`), PNGs and a `.json` of every number beside it.
-Partial results go to `state_dir` after each stage, keyed by checkpoint file + data fingerprint +
-the stage's settings; a re-run with `--resume=True` reuses the stages whose key matches.
+Results go to `state_dir` after each stage (and the running sums of the loss and books stages every
+`save_every` seconds), keyed by checkpoint file + data fingerprint + the stage's settings; a re-run
+with `--resume=True` reuses the finished stages whose key matches and continues an interrupted one.
 Metric definitions: multitrack/metrics.py.
 """
 
@@ -48,7 +49,9 @@ split = "test"              # split to evaluate: val | test
 stages = "loss,books,generation,recall"  # which stages to run (see the docstring)
 out = ""                    # report path (.md); default reports/eval_<UTC timestamp>.md
 state_dir = "reports/.eval_state"  # partial results per checkpoint+data+settings (for --resume)
-resume = False              # reuse finished stages from state_dir whose checkpoint, data and settings match
+resume = False              # reuse finished stages from state_dir whose checkpoint, data and settings match,
+                            # and continue an interrupted loss/books stage from its last partial save
+save_every = 60.0           # seconds between partial saves inside the loss and books stages (0 = every batch)
 device = "auto"             # auto | cpu | cuda | cuda:1 ...
 dtype = "float32"           # float32 | bfloat16 (autocast; losses are always computed in float32)
 seed = 1337                 # sampling seed (generation) and probe-story seed offset (recall)
@@ -57,7 +60,7 @@ seq_len = 0                 # evaluation context length; 0 = the data's seq_len 
 batch_size = 4              # sequences per forward
 max_sequences = 512         # cap on evaluated sequences, evenly spaced over the split (0 = all)
 # books stage (beyond the training length)
-book_tokens = 16384         # tokens scored per book (its first book_tokens tokens)
+book_tokens = 16384         # tokens scored per book (its first book_tokens tokens; 0 = whole books)
 window = 0                  # window length for carried/reset evaluation; 0 = seq_len
 max_books = 32              # books evaluated (the first ones of the split longer than one window; 0 = all)
 book_batch_size = 4         # books per forward
@@ -144,36 +147,46 @@ def file_identity(path: str) -> dict:
 def load_model(path: str, dev: torch.device, meta: dict):
     """(model, tokenizer, info) from a repo .pt or an HF / mamba-ssm folder; UserError on a tokenizer mismatch."""
     from multitrack.checkpoint import load_any_model
-    from multitrack.data import check_tokenizer_match
 
     model, tokenizer, info = load_any_model(path, device=dev)
-    try:
-        if tokenizer is not None:
-            check_tokenizer_match(meta["tokenizer"], tokenizer.to_dict())
-        else:  # a folder without tokenizer.json (state-spaces/mamba-*): check the vocabulary, use the data's
-            from multitrack.interop import check_data_tokenizer
-            check_data_tokenizer(info, meta["tokenizer"], data_dir)
-            tokenizer = data_tokenizer(meta)
-            info["tokenizer_source"] = "data dir (the folder has none)"
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+    check_model_tokenizer(path, tokenizer.to_dict() if tokenizer is not None else None, info, meta)
+    if tokenizer is None:  # a folder without tokenizer.json (state-spaces/mamba-*): use the data's
+        tokenizer = data_tokenizer(meta)
+        info["tokenizer_source"] = "data dir (the folder has none)"
     model.eval()
     return model, tokenizer, info
 
 
-def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
-    """Tokenizer check of every repo checkpoint before the first forward (folders are checked on load)."""
-    from multitrack.checkpoint import load_checkpoint
+def check_model_tokenizer(path: str, model_tokenizer: dict | None, info: dict, meta: dict) -> None:
+    """UserError naming `path` when the model's tokenizer (or, for a folder without one, its
+    vocabulary size) does not match the data's."""
     from multitrack.data import check_tokenizer_match
+    from multitrack.interop import check_data_tokenizer
+
+    try:
+        if model_tokenizer is not None:
+            check_tokenizer_match(meta["tokenizer"], model_tokenizer)
+        else:
+            check_data_tokenizer(info, meta["tokenizer"], data_dir)
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+
+def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
+    """Tokenizer check of every checkpoint and folder before the first forward (folders: from their
+    config.json and tokenizer.json, without reading the weights)."""
+    from multitrack.checkpoint import load_checkpoint
+    from multitrack.interop import describe_folder
 
     for _name, path in pairs:
         if Path(path).is_file():
             ckpt = load_checkpoint(path)
-            try:
-                check_tokenizer_match(meta["tokenizer"], ckpt.get("tokenizer") or {})
-            except UserError as e:
-                raise UserError(f"{path}: {e}") from None
+            check_model_tokenizer(path, ckpt.get("tokenizer") or {}, {}, meta)
             del ckpt
+        else:
+            info = describe_folder(path)
+            tok = info["tokenizer"] if isinstance(info["tokenizer"], dict) else None
+            check_model_tokenizer(path, tok, info, meta)
 
 
 def data_tokenizer(meta: dict):
@@ -264,8 +277,27 @@ def ends_in_word(pieces: list[str], previous: bool) -> bool:
     return previous
 
 
-def eval_loss(model, tokenizer, data, dev) -> dict:
-    """Token loss, bits per byte, word perplexity and per-position loss over (a cap of) the split's sequences."""
+class Progress:
+    """Resumable accumulators of a running stage: `saved` (a JSON dict from an interrupted run, or None)
+    seeds them; `tick(make)` hands `make()` (the current accumulators, JSON-safe) to `save` at most every
+    `save_every` seconds. Sums are float64 and JSON round-trips floats exactly, so a resumed stage gives
+    the same numbers as an uninterrupted one."""
+
+    def __init__(self, saved: dict | None = None, save=None):
+        self.saved, self.save, self.last = saved, save, time.time()
+
+    def tick(self, make) -> None:
+        if self.save is not None and time.time() - self.last >= save_every:
+            self.save(make())
+            self.last = time.time()
+
+
+def eval_loss(model, tokenizer, data, dev, progress: Progress | None = None) -> dict:
+    """Token loss, bits per byte, word perplexity and per-position loss over (a cap of) the split's sequences.
+
+    Memory: one batch of logits (batch_size, L, V) at a time plus (L,) position sums. `progress`:
+    partial sums are saved every `save_every` seconds and a re-run continues from them.
+    """
     L, V = data.seq_len, tokenizer.vocab_size
     n = data.num_sequences
     if n == 0:
@@ -280,8 +312,18 @@ def eval_loss(model, tokenizer, data, dev) -> dict:
     pos_sum, pos_count = np.zeros(L), np.zeros(L)
     total_nll, total_bytes, total_words = 0.0, 0, 0
     prev_index, prev_in_word = None, False
-    bar = tqdm(total=len(indices) * L, unit="tok", unit_scale=True, desc="loss", dynamic_ncols=True)
-    for b in range(0, len(indices), batch_size):
+    start = 0
+    progress = progress or Progress()
+    if progress.saved:                              # continue an interrupted run of the same settings
+        p = progress.saved
+        start, total_nll, total_bytes, total_words = p["next"], p["total_nll"], p["total_bytes"], p["total_words"]
+        prev_index, prev_in_word = p["prev_index"], p["prev_in_word"]
+        pos_sum, pos_count = np.array(p["pos_sum"]), np.array(p["pos_count"])
+        type_sum, type_count = np.array(p["type_sum"]), np.array(p["type_count"])
+        print(f"   loss: continuing from sequence {start:,} of {len(indices):,} (partial results)")
+    bar = tqdm(total=len(indices) * L, initial=start * L, unit="tok", unit_scale=True, desc="loss",
+               dynamic_ncols=True)
+    for b in range(start, len(indices), batch_size):
         batch = indices[b:b + batch_size]
         x, y = data.get_batch(batch, device=dev)
         with torch.no_grad(), autocast(dev):
@@ -303,6 +345,10 @@ def eval_loss(model, tokenizer, data, dev) -> dict:
             prev_index, prev_in_word = k, ends_in_word(pieces, contiguous and prev_in_word)
         bar.update(len(batch) * L)
         bar.set_postfix(loss=f"{total_nll / (pos_count[0] * L):.4f}")
+        progress.tick(lambda: {"next": b + len(batch), "total_nll": total_nll, "total_bytes": total_bytes,
+                               "total_words": total_words, "prev_index": prev_index, "prev_in_word": prev_in_word,
+                               "pos_sum": pos_sum.tolist(), "pos_count": pos_count.tolist(),
+                               "type_sum": type_sum.tolist(), "type_count": type_count.tolist()})
     bar.close()
     summary = M.loss_summary(total_nll, int(pos_count.sum()), total_bytes, total_words)
     summary["sequences"] = int(len(indices))
@@ -340,23 +386,28 @@ def target_token_types(signal_table, x, y):
 
 
 def book_arrays(data, eos: int, cap: int, min_len: int, limit: int) -> list[np.ndarray]:
-    """Token arrays of the split's books (trailing eos dropped), each cut to `cap` tokens; books
-    shorter than `min_len` are skipped; at most `limit` books (0 = all), in split order."""
+    """Token arrays of the split's books (trailing eos dropped), each cut to `cap` tokens (0 = whole
+    book); books shorter than `min_len` are skipped; at most `limit` books (0 = all), in split order.
+    The arrays are uint16 views of the memory-mapped split: nothing is read before a batch needs it."""
     books = []
     for _book_id, start, n in data.book_spans():
-        toks = np.asarray(data.tokens[start:start + n], dtype=np.int64)
+        toks = data.tokens[start:start + n]
         if len(toks) and toks[-1] == eos:
             toks = toks[:-1]
         if len(toks) < min_len:
             continue
-        books.append(toks[:cap])
+        books.append(toks[:cap] if cap else toks)
         if limit and len(books) >= limit:
             break
     return books
 
 
-def eval_books(model, tokenizer, data, dev, win: int) -> dict:
-    """Loss by window index into each book, state carried across windows vs reset at each window."""
+def eval_books(model, tokenizer, data, dev, win: int, progress: Progress | None = None) -> dict:
+    """Loss by window index into each book, state carried across windows vs reset at each window.
+
+    Memory: `book_batch_size` books of at most `book_tokens` tokens (ids and per-token losses) and one
+    window of logits at a time. `progress`: per-window sums are saved after each group of books.
+    """
     if not hasattr(model, "allocate_cache"):
         raise UserError("model has no allocate_cache(); the carried-state evaluation needs the recurrent cache API")
     eos, V = tokenizer.eos_id, tokenizer.vocab_size
@@ -367,15 +418,23 @@ def eval_books(model, tokenizer, data, dev, win: int) -> dict:
     n_win = math.ceil(len(books[0]) / win)
     sums = {"carried": np.zeros(n_win), "reset": np.zeros(n_win)}
     counts, book_counts = np.zeros(n_win), np.zeros(n_win, dtype=np.int64)
-    bar = tqdm(total=2 * sum(len(b) for b in books), unit="tok", unit_scale=True, desc="books", dynamic_ncols=True)
-    for b in range(0, len(books), book_batch_size):
+    start = 0
+    progress = progress or Progress()
+    if progress.saved:                              # continue an interrupted run of the same settings
+        p = progress.saved
+        start, counts, book_counts = p["next"], np.array(p["counts"]), np.array(p["book_counts"], dtype=np.int64)
+        sums = {mode: np.array(v) for mode, v in p["sums"].items()}
+        print(f"   books: continuing from book {start:,} of {len(books):,} (partial results)")
+    bar = tqdm(total=2 * sum(len(b) for b in books), initial=2 * sum(len(b) for b in books[:start]), unit="tok",
+               unit_scale=True, desc="books", dynamic_ncols=True)
+    for b in range(start, len(books), book_batch_size):
         group = books[b:b + book_batch_size]
         T = len(group[0])
         x = torch.full((len(group), T), eos, dtype=torch.long)
         y = torch.zeros((len(group), T), dtype=torch.long)
         mask = torch.zeros((len(group), T), dtype=torch.bool)
         for i, toks in enumerate(group):          # input: eos + book[:-1] (as in the training stream)
-            t = torch.from_numpy(toks)
+            t = torch.from_numpy(np.asarray(toks, dtype=np.int64))
             x[i, 1:len(t)] = t[:-1]
             y[i, :len(t)] = t
             mask[i, :len(t)] = True
@@ -392,6 +451,8 @@ def eval_books(model, tokenizer, data, dev, win: int) -> dict:
             c = maskf[:, w * win:(w + 1) * win]
             counts[w] += c.sum()
             book_counts[w] += int((c.sum(1) > 0).sum())
+        progress.tick(lambda: {"next": b + len(group), "counts": counts.tolist(), "book_counts": book_counts.tolist(),
+                               "sums": {mode: v.tolist() for mode, v in sums.items()}})
     bar.close()
     rows = [{"window": w, "first_token": w * win, "books": int(book_counts[w]), "tokens": int(counts[w]),
              "carried": sums["carried"][w] / counts[w], "reset": sums["reset"][w] / counts[w]}
@@ -543,6 +604,10 @@ def fmt(x, digits=4) -> str:
     return str(x)
 
 
+def plural(n, word: str) -> str:
+    return f"{fmt(n)} {word}" + ("" if n == 1 else "s")
+
+
 def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     sep = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
@@ -567,7 +632,7 @@ def plot_position_loss(results: dict, path: Path) -> Path | None:
     series = {n: r["loss"]["position_loss"] for n, r in results.items() if "position_loss" in r.get("loss", {})}
     if plt is None or not series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
     for i, (n, ys) in enumerate(series.items()):
         color = f"C{i % 10}"
         ax.plot(np.arange(1, len(ys) + 1), ys, lw=0.8, alpha=0.35, color=color)       # raw: noisy
@@ -577,7 +642,7 @@ def plot_position_loss(results: dict, path: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("position in the context + 1 (tokens seen before the target)")
     ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title(f"loss by position ({split} split)", fontsize=10)
+    ax.set_title(f"loss by position ({split} split; faint: each position, dots: log2-bucket means)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, plt, path)
@@ -589,17 +654,23 @@ def plot_book_loss(results: dict, path: Path) -> Path | None:
     series = {n: r["books"]["rows"] for n, r in results.items() if r.get("books", {}).get("rows")}
     if plt is None or not series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for i, (n, rows) in enumerate(series.items()):
         xs = [r["first_token"] for r in rows]
         color = f"C{i % 10}"
         ax.plot(xs, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{n} (state carried)")
         ax.plot(xs, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{n} (state reset)")
+        gap.plot(xs[1:], [r["reset"] - r["carried"] for r in rows[1:]], "o-", ms=3, color=color, label=n)
     ax.set_xlabel("distance into the book (tokens, start of window)")
     ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title(f"beyond the training length ({split} split)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(f"loss by window ({split} split)", fontsize=10)
+    gap.axhline(0.0, color="0.3", lw=0.8)
+    gap.set_xlabel("distance into the book (tokens, start of window)")
+    gap.set_ylabel("reset - carried (nats/token)")
+    gap.set_title("gain from carrying the state (> 0: the state helps)", fontsize=10)
+    for a in (ax, gap):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     return _save(fig, plt, path)
 
 
@@ -632,7 +703,7 @@ def section_data(meta: dict, results: dict, L: int, win: int, device_name: str) 
     times = "; ".join(f"{n}: " + ", ".join(f"{st} {r[st].get('seconds', 0):.1f}" for st in r)
                       for n, r in results.items())
     return "\n".join([
-        f"- data dir: `{data_dir}`, split **{split}**: {fmt(sp.get('books'))} books, {fmt(sp.get('tokens'))} tokens, "
+        f"- data dir: `{data_dir}`, split **{split}**: {plural(sp.get('books'), 'book')}, {fmt(sp.get('tokens'))} tokens, "
         f"{fmt(sp.get('characters'))} characters",
         f"- fingerprint: `{meta.get('fingerprint')}`",
         f"- tokenizer: {tok.get('name')} ({tok.get('kind')}, vocab {tok.get('vocab_size')}, eos {tok.get('eos_id')}, "
@@ -688,21 +759,25 @@ def book_verdict(bk: dict) -> str:
 
 def section_books(results: dict, win: int, png: Path | None) -> str:
     names_ = with_stage(results, "books", "rows")
-    header = (["window", "tokens from"] + [f"{n} carried" for n in names_] + [f"{n} reset" for n in names_]
-              + ["books"])
+    header = ["window", "tokens from", "books"] + [f"{n} {mode}" for n in names_ for mode in ("carried", "reset")]
+    n_rows = max(len(results[n]["books"]["rows"]) for n in names_)
+    # long books (book_tokens=0): windows grouped in log2 buckets (0, 1, 2-3, 4-7, ...), token-weighted
+    groups = M.log2_buckets(n_rows) if n_rows > 24 else [(w, w + 1) for w in range(n_rows)]
     rows = []
-    for w in range(max(len(results[n]["books"]["rows"]) for n in names_)):
-        cells = [str(w), None] + [None] * (2 * len(names_)) + [None]
+    for lo, hi in groups:
+        cells = [M.bucket_label(lo, hi), None, None] + [None] * (2 * len(names_))
         for j, n in enumerate(names_):
-            rows_n = results[n]["books"]["rows"]
-            if w < len(rows_n):
-                cells[1], cells[-1] = rows_n[w]["first_token"], rows_n[w]["books"]
-                cells[2 + j], cells[2 + len(names_) + j] = rows_n[w]["carried"], rows_n[w]["reset"]
+            part = results[n]["books"]["rows"][lo:hi]
+            if part:
+                tokens = sum(r["tokens"] for r in part)
+                cells[1], cells[2] = part[0]["first_token"], part[0]["books"]
+                cells[3 + 2 * j] = sum(r["carried"] * r["tokens"] for r in part) / tokens
+                cells[4 + 2 * j] = sum(r["reset"] * r["tokens"] for r in part) / tokens
         rows.append(cells)
     lines = [md_table(header, rows), ""]
     for n in names_:
         bk = results[n]["books"]
-        lines.append(f"- **{n}**: {bk['books']} books, {bk['tokens']:,} tokens; beyond the first window, carried "
+        lines.append(f"- **{n}**: {plural(bk['books'], 'book')}, {bk['tokens']:,} tokens; beyond the first window, carried "
                      f"{bk['carried_beyond']:.4f} vs reset {bk['reset_beyond']:.4f}: {book_verdict(bk)}.")
     lines.append(f"\nEach book is read from its start in windows of {win} tokens. *carried*: the recurrent state at "
                  "the end of a window is the initial state of the next (one pass over the whole book); *reset*: "
@@ -718,18 +793,25 @@ GEN_COLUMNS = [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("seq
                ("names_prompt_name_recall", "prompt names reused")]
 
 
+GEN_COUNTS = ("first_loop", "names_new_names")
+
+
 def section_generation(results: dict) -> str:
     from multitrack.report import as_paragraphs, blockquote
 
     names_ = with_stage(results, "generation", "model")
-    rows = [[n] + [results[n]["generation"]["model"].get(k) for k, _ in GEN_COLUMNS] for n in names_]
-    rows.append(["real continuation"] + [results[names_[0]]["generation"]["human"].get(k) for k, _ in GEN_COLUMNS])
+    def cells(r: dict) -> list:        # counts (means over prompts) with one decimal, rates with four
+        return [f"{r[k]:.1f}" if k in GEN_COUNTS and isinstance(r.get(k), float) and math.isfinite(r[k])
+                else r.get(k) for k, _ in GEN_COLUMNS]
+
+    rows = [[n] + cells(results[n]["generation"]["model"]) for n in names_]
+    rows.append(["real continuation"] + cells(results[names_[0]]["generation"]["human"]))
     text = md_table(["source"] + [h for _, h in GEN_COLUMNS], rows)
-    text += (f"\n\nMeans over {results[names_[0]]['generation']['prompts']} prompts: the first {prompt_tokens} "
+    text += (f"\n\nMeans over {plural(results[names_[0]]['generation']['prompts'], 'prompt')}: the first {prompt_tokens} "
              f"tokens of {split} books, {gen_tokens} tokens generated with temperature={temperature}, top_k={top_k}, "
              f"top_p={top_p}, min_p={min_p}, repetition_penalty={repetition_penalty}, seed={seed}. distinct-n: "
-             "unique/total n-grams; seq-rep-4: 1 - unique/total 4-grams; rep/l: share of tokens already among the "
-             f"previous l tokens; loop: a block of >= {loop_min_period} tokens repeated {loop_repeats} times back "
+             "unique/total n-grams of a sample; seq-rep-4: 1 - unique/total 4-grams (Welleck et al. 2019); rep/l: "
+             "share of sampled tokens already among the previous l tokens (prompt included); loop: a block of >= {loop_min_period} tokens repeated {loop_repeats} times back "
              "to back; name consistency: share of capitalised-name mentions that reuse names of the prompt; "
              "'real continuation' scores the books' own next tokens the same way.")
     for n in names_:
@@ -828,11 +910,19 @@ def main() -> None:
                 results[name][stage] = cached["result"]
                 continue
             t0 = time.time()
+            partial = state.setdefault("partial", {})
+            saved = partial.get(stage) if (partial.get(stage) or {}).get("settings") == key else None
+
+            def save_partial(acc, stage=stage, key=key):              # survives a crash inside the stage
+                partial[stage] = {"settings": key, "progress": acc}
+                save_state(st_path, state)
+
+            progress = Progress(saved["progress"] if saved else None, save_partial)
             try:
                 if stage == "loss":
-                    res = eval_loss(model, tokenizer, data, dev)
+                    res = eval_loss(model, tokenizer, data, dev, progress)
                 elif stage == "books":
-                    res = eval_books(model, tokenizer, data, dev, win)
+                    res = eval_books(model, tokenizer, data, dev, win, progress)
                 elif stage == "generation":
                     res = eval_generation(model, tokenizer, data, dev)
                 else:
@@ -846,6 +936,7 @@ def main() -> None:
                 notes.append(f"{name}: stage {stage} skipped: {res['skipped']}")
             results[name][stage] = res
             state["stages"][stage] = {"settings": key, "result": res}
+            partial.pop(stage, None)
             save_state(st_path, state)                          # partial results survive a crash
             print(f"   {stage}: done in {res['seconds']:.1f}s" + _headline(stage, res))
         del model

@@ -50,10 +50,13 @@ def main():
     import torch
 
     from multitrack.checkpoint import load_any_model
-    from multitrack.generation import TextStreamer, generate, read_prompts
+    from multitrack.generation import TextStreamer, check_sampling_options, generate, read_prompts
     from multitrack.report import as_paragraphs, blockquote, write_markdown
     from multitrack.trainer import resolve_device, resolve_dtype
 
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                           num_samples=num_samples)
     run_device = resolve_device(device)
     model, tok, info = load_any_model(ckpt, device=run_device, tokenizer=tokenizer or None)
     if tok is None:

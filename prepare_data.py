@@ -19,6 +19,11 @@ split BY BOOK: sha256(str(book_id)) mod 1000 < val_permille -> val, < val_permil
 test, else train (if val or test gets no book, the train books with the smallest hashes move there) ->
 train.bin / val.bin / test.bin (uint16), meta.json, tokenizer.json, report.md, written atomically.
 Re-running with the same source, options and tokenizer reuses the result; other options need --force=True.
+An interrupted run (Ctrl-C, SIGTERM, an error) removes its tmp dir and leaves out_dir as it was.
+Bad input: missing TEXT column -> error; empty / too short / non-English / duplicate books -> counted skips
+(meta.json "skipped", report.md); non-UTF-8 bytes -> decoded (latin-1, or U+FFFD inside jsonl) and counted
+(meta.json "notes"); books without header/footer markers are kept by the rule in multitrack/gutenberg.py
+and counted (meta.json "cleaning": head/tail found by marker, precleaned or heuristic).
 
 Expected output on the shared corpus (2-core CPU shared with other jobs, see bench/results/prepare_cpu.md):
 """
@@ -29,6 +34,7 @@ Expected output on the shared corpus (2-core CPU shared with other jobs, see ben
 # override: num_books = 0
 # prepare: 100%|██████████| 1276/1276 [07:28<00:00,  2.85book/s, 1.09 MB/s, 250k tok/s, kept 1275]
 # kept 1275 books, skipped 1: too short 1; 489.7 MB raw text in 448.9 s
+# header/footer found by marker: 1275/1275 books; without markers (kept, see multitrack/gutenberg.py): pre-cleaned 0/0, heuristic 0/0
 # wrote data/gutenberg-neox: train 1154 books / 101,743,663 tokens / 99,359 seqs, val 59 books / 5,031,238 tokens
 #   / 4,913 seqs, test 62 books / 5,367,234 tokens / 5,241 seqs in 449.1 s
 # (the skipped book is #45265, "The Story of a Fierce Bad Rabbit": 1,219 characters once cleaned)
@@ -80,6 +86,7 @@ force = False                    # overwrite an out_dir prepared with different 
 
 _OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "english_threshold",
                 "val_permille", "test_permille")
+_DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md"}  # what --force may replace
 _CLEANING_VERSION = 2            # bump when multitrack/gutenberg.py changes its output
 _FICTION_WORDS = ("fiction", "drama", "stories", "story", "tales", "novel", "romance", "fairy", "comedies",
                   "tragedies", "fables", "legends", "folklore", "plays")
@@ -98,8 +105,26 @@ def _parse_metadata(raw) -> dict:
     return meta if isinstance(meta, dict) else {"_bad_metadata": True}
 
 
+def _decode(raw: bytes) -> tuple[str, str | None]:
+    """(text, note): UTF-8, else latin-1 (every byte decodes; old PG files are often latin-1), with a note."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("latin-1"), "not UTF-8: decoded as latin-1"
+
+
 def _record(text, metadata, origin, note=None) -> dict:
+    """One book record. Bytes (a binary TEXT column) are decoded; problems become a per-book `note`,
+    counted in meta.json's "notes" when the book is kept."""
+    notes = [note] if note else []
+    if isinstance(text, (bytes, bytearray)):
+        text, n = _decode(bytes(text))
+        notes += [n] if n else []
+    if isinstance(metadata, (bytes, bytearray)):
+        metadata = metadata.decode("utf-8", errors="replace")
     meta = _parse_metadata(metadata)
+    if meta.get("_bad_metadata"):
+        notes.append("unreadable METADATA")
     book_id = meta.get("text_id", meta.get("id"))
     try:
         book_id = int(book_id) if book_id is not None else None
@@ -107,7 +132,7 @@ def _record(text, metadata, origin, note=None) -> dict:
         book_id = None
     if book_id is None and isinstance(text, str):
         book_id = gutenberg.gutenberg_id_from_header(text)
-    return {"id": book_id, "text": text, "meta": meta, "origin": origin, "note": note}
+    return {"id": book_id, "text": text, "meta": meta, "origin": origin, "note": "; ".join(notes) or None}
 
 
 def _source_files(path: str) -> list[str]:
@@ -147,10 +172,15 @@ def _read_parquet(path):
 
 
 def _read_jsonl(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            note = None
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # JSON is UTF-8: keep the row, mark the bad bytes, count it
+                line, note = raw.decode("utf-8", errors="replace"), "invalid UTF-8 bytes replaced by U+FFFD"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -159,18 +189,12 @@ def _read_jsonl(path):
             if not isinstance(row, dict) or "TEXT" not in row:
                 raise UserError(f"{path}:{lineno} has no TEXT field; expected the columns of "
                                 "sedthh/gutenberg_english: TEXT, SOURCE, METADATA")
-            yield _record(row["TEXT"], row.get("METADATA"), f"{os.path.basename(path)}:{lineno}")
+            yield _record(row["TEXT"], row.get("METADATA"), f"{os.path.basename(path)}:{lineno}", note)
 
 
 def _read_txt(path):
     with open(path, "rb") as f:
-        raw = f.read()
-    note = None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text, note = raw.decode("latin-1"), "decoded as latin-1"
-    rec = _record(text, None, os.path.basename(path), note)
+        rec = _record(f.read(), None, os.path.basename(path))
     if rec["id"] is None:
         digits = "".join(ch if ch.isdigit() else " " for ch in os.path.basename(path)).split()
         rec["id"] = int(digits[0]) if digits else None
@@ -272,6 +296,7 @@ _WORKER = {}
 def _init_worker(tok_dict, cfg, in_pool=False):
     if in_pool:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must kill workers (main() traps SIGTERM)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is handled once, by the main process
     _WORKER["tok"] = tok_dict if isinstance(tok_dict, TextTokenizer) else tokenizer_from_dict(tok_dict)
     _WORKER["cfg"] = cfg
 
@@ -386,6 +411,17 @@ def default_out_dir(cfg, tok_spec, tok) -> str:
     return os.path.join("data", f"{src_name}-{short}")
 
 
+def cleaning_totals(rows) -> dict:
+    """Kept books: characters removed per kind, and how head / tail were found (marker, precleaned = no
+    marker and no Project Gutenberg text near that end, heuristic = no marker but PG text; see gutenberg.py)."""
+    kept = [r["report"] for r in rows if r["status"] == "ok"]
+    tot = {k: sum(c[k] for c in kept) for k in ("header_chars", "footer_chars", "credit_chars",
+                                                "illustration_chars", "note_chars", "unwrapped_paragraphs")}
+    for end in ("head", "tail"):
+        tot[end] = {how: sum(1 for c in kept if c[end] == how) for how in ("marker", "precleaned", "heuristic")}
+    return tot
+
+
 def write_report(path, name, meta, rows, skipped, moves, elapsed):
     """report.md: totals, skips and the per-book cleaning table."""
     sp = meta["splits"]
@@ -411,6 +447,8 @@ def write_report(path, name, meta, rows, skipped, moves, elapsed):
               + ", ".join(f"{k}: {v}" for k, v in sorted(tot.items()) if k.startswith(("head=", "tail="))) + ".", "",
               "## Skipped", ""]
     lines += [f"- {reason}: {n}" for reason, n in sorted(skipped.items())] or ["- none"]
+    if meta.get("notes"):
+        lines += ["", "Kept with a note: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["notes"].items())) + "."]
     if moves:
         lines += ["", "Tiny corpus: moved " + ", ".join(f"book {b} {a}->{t}" for b, a, t in moves) + "."]
     lines += ["", "## Per book", "",
@@ -463,12 +501,18 @@ def check_existing(out, request, force) -> bool:
             old = json.load(open(meta_path, encoding="utf-8")).get("request")
         except (OSError, json.JSONDecodeError):
             old = None
+    if not os.path.isdir(out):
+        raise UserError(f"--out_dir={out} is a file, not a folder; choose another --out_dir")
     if old == request and all(os.path.isfile(os.path.join(out, f"{s}.bin")) for s in SPLITS):
         return not force
+    foreign = sorted(set(os.listdir(out)) - _DATA_FILES)
+    if old is None and foreign:  # never delete a folder that is not a data dir, not even with --force
+        raise UserError(f"{out} exists and is not a prepared data dir (it holds {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); choose another --out_dir")
     if force:
         return False
     if old is None:
-        raise UserError(f"{out} exists and is not a prepared data dir; choose another --out_dir or pass --force=True")
+        raise UserError(f"{out} holds an incomplete data dir (no readable meta.json); pass --force=True to rebuild it")
     diff = sorted(k for k in set(old.get("options", {})) | set(request["options"])
                   if old.get("options", {}).get(k) != request["options"].get(k))
     diff += [k for k in ("source", "tokenizer") if old.get(k) != request[k]]
@@ -514,7 +558,7 @@ def _selected(records, cfg, skipped, rows):
     for rec in records:
         reason = None
         if not isinstance(rec["text"], str):
-            reason = rec["note"] or "missing TEXT"
+            reason = "bad json line" if rec["note"] == "bad json line" else "missing TEXT"
         elif rec["id"] is not None and rec["id"] in seen_ids:
             reason = "duplicate Gutenberg id"
         else:
@@ -528,8 +572,6 @@ def _selected(records, cfg, skipped, rows):
             rows.append({"id": rec["id"], "title": str(rec["meta"].get("title") or "")[:60], "status": reason,
                          "report": gutenberg.CleanReport().as_dict(), "note": rec["note"]})
             continue
-        if rec["meta"].get("_bad_metadata"):
-            skipped["note: unreadable METADATA (kept)"] += 1
         if rec["id"] is None:
             rec["id"] = 10 ** 12 + int(hashlib.sha256(rec["text"].encode()).hexdigest()[:10], 16)
         seen_ids.add(rec["id"])
@@ -539,7 +581,7 @@ def _selected(records, cfg, skipped, rows):
 def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
     workers = cfg["num_workers"] or os.cpu_count() or 1
     limit = cfg["num_books"] or None
-    skipped, rows, split_of, seen_sha = Counter(), [], {}, set()
+    skipped, notes, rows, split_of, seen_sha = Counter(), Counter(), [], {}, set()
     writer = SplitWriter(tmp)
     expected = min(x for x in (total_rows, limit) if x) if (total_rows or limit) else None
     bar = tqdm(total=expected, unit="book", desc="prepare", dynamic_ncols=True, smoothing=0.05)
@@ -555,6 +597,9 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
             rows.append(res)
             continue
         seen_sha.add(res["sha"])
+        for note in (res["note"] or "").split("; "):
+            if note:
+                notes[note] += 1
         split = assign_split(res["id"], cfg["val_permille"], cfg["test_permille"])
         split_of[res["id"]] = split
         writer.add(split, res["id"], res["chars"], res.pop("tokens"))
@@ -572,7 +617,7 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
     if kept == 0:
         raise UserError(f"no usable books in --source={cfg['source']} (skipped: "
                         + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none") + ")")
-    if limit and kept < limit:
+    if limit and kept < limit and cfg["source"] != "demo":  # the demo corpus has demo_num_books by design
         print(f"note: --num_books={limit} but the source has only {kept} usable books; using all of them")
     if kept < 3:
         raise UserError(f"only {kept} usable book(s); need at least 3 so train, val and test each get a book")
@@ -589,12 +634,16 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
         splits[s] = {"books": st["books"], "characters": st["characters"], "tokens": st["tokens"],
                      "sequences": num_sequences(st["tokens"], cfg["seq_len"]),
                      "book_ids": st["book_ids"], "book_spans": st["book_spans"]}
+        if splits[s]["sequences"] == 0:
+            print(f"warning: the {s} split has {st['tokens']:,} tokens, not one full sequence of {cfg['seq_len']}: "
+                  "add books or lower --seq_len")
     tok_meta = {k: v for k, v in tok.to_dict().items() if k != "json"}
     meta = {"format": _DATA_FORMAT, "seq_len": cfg["seq_len"], "dtype": "uint16", "tokenizer": tok_meta,
             "fingerprint": h.hexdigest(), "source": desc,
             "options": request["options"] | {"dedupe": "gutenberg id, then sha256 of cleaned text",
                                              "split_rule": "sha256(str(book_id)) % 1000"},
-            "splits": splits, "skipped": dict(skipped), "rebalanced": [list(m) for m in moves],
+            "splits": splits, "skipped": dict(skipped), "notes": dict(notes),
+            "cleaning": cleaning_totals(rows), "rebalanced": [list(m) for m in moves],
             "request": request, "config": cfg,
             "stats": {"raw_characters": raw_bytes, "seconds": round(time.time() - t0, 2), "workers": workers},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -608,6 +657,11 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
     print(f"kept {kept} books, skipped {sum(skipped.values())}: "
           + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
           + f"; {raw_bytes / 1e6:.1f} MB raw text in {time.time() - t0:.1f} s")
+    cl = meta["cleaning"]
+    print(f"header/footer found by marker: {cl['head']['marker']}/{cl['tail']['marker']} books; without markers "
+          f"(kept, see multitrack/gutenberg.py): pre-cleaned {cl['head']['precleaned']}/{cl['tail']['precleaned']}, "
+          f"heuristic {cl['head']['heuristic']}/{cl['tail']['heuristic']}"
+          + ("; notes on kept books: " + ", ".join(f"{k} {v}" for k, v in sorted(notes.items())) if notes else ""))
     return meta
 
 
@@ -640,7 +694,11 @@ def main(argv=None) -> str:
     namespace = {k: globals()[k] for k in config_keys(globals())}
     cfg = apply_overrides(namespace, sys.argv[1:] if argv is None else argv)
     with user_errors():
-        return prepare(cfg)
+        try:
+            return prepare(cfg)
+        except KeyboardInterrupt:  # prepare() has already removed its tmp dir: out_dir is untouched
+            print("\ninterrupted: nothing was written (out_dir is unchanged)", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
 #   ./setup.sh --no-kernels         never build the CUDA kernels (pure-PyTorch paths everywhere)
 #   ./setup.sh --kernels            build the kernels even if they are already importable
 #   ./setup.sh --venv DIR           another venv location ("none": install into the current python)
+#   ./setup.sh --help               this text
+#
+# Options combine, e.g. ./setup.sh --use-system-torch --offline --wheelhouse sdists --mamba-only (INSTALL.md).
 #
 # On a CPU-only machine mamba-ssm and causal-conv1d are NOT installed: there `import mamba_ssm` fails on
 # selective_scan_cuda, and transformers binds the CUDA code paths whenever mamba_ssm imports. Everything
@@ -21,25 +24,33 @@ TORCH_VERSION="2.13.0"           # the pinned torch (CPU machines take the CPU b
 MAMBA_SSM_VERSION="2.3.2.post1"  # built from its sdist on GPU machines
 CAUSAL_CONV1D_VERSION="1.7.0"    # built from its sdist on GPU machines
 
-cd "$(dirname "$0")"
-REPO=$(pwd)
+# Options are parsed in the caller's directory: relative --venv / --wheelhouse paths are relative to it.
 VENV=".venv"; USE_SYSTEM_TORCH=0; WHEELHOUSE=""; OFFLINE=0; MAMBA_ONLY=0; KERNELS="auto"
+need_arg() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || { echo "setup.sh: $1 needs a value (see ./setup.sh --help)"; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --venv) VENV="$2"; shift ;;
+    --venv) need_arg "$@"; VENV="$2"; [ "$VENV" = "none" ] || VENV="$(realpath -m "$VENV")"; shift ;;
     --use-system-torch) USE_SYSTEM_TORCH=1 ;;
-    --wheelhouse) WHEELHOUSE="$(cd "$2" && pwd)" || { echo "setup.sh: --wheelhouse $2: no such folder"; exit 2; }; shift ;;
+    --wheelhouse) need_arg "$@"
+      WHEELHOUSE="$(cd "$2" 2>/dev/null && pwd)" || { echo "setup.sh: --wheelhouse $2: no such folder"; exit 2; }; shift ;;
     --offline) OFFLINE=1 ;;
     --mamba-only) MAMBA_ONLY=1 ;;
     --no-kernels) KERNELS="no" ;;
     --kernels) KERNELS="force" ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $1 (see ./setup.sh --help)"; exit 2 ;;
   esac
   shift
 done
+if [ $MAMBA_ONLY = 1 ] && [ "$KERNELS" = "no" ]; then
+  echo "setup.sh: --mamba-only and --no-kernels contradict each other (pick one)"; exit 2
+fi
+cd "$(dirname "$0")"
+REPO=$(pwd)
 
 T0=$(date +%s)
+KWORK=""
+trap '[ -n "$KWORK" ] && rm -rf "$KWORK"' EXIT
 step_start() { STEP="$1"; STEP_T0=$(date +%s); echo "==> $STEP"; }
 step_done() { echo "    done: $STEP ($(( $(date +%s) - STEP_T0 )) s)"; }
 fail() { echo "setup.sh: FAILED at step '$STEP': $1"; exit 1; }
@@ -59,7 +70,7 @@ else
     ARGS=""; [ $USE_SYSTEM_TORCH = 1 ] && ARGS="--system-site-packages"
     python3 -m venv $ARGS "$VENV" || fail "python3 -m venv failed; install python3-venv (apt-get install python3-venv)"
   fi
-  PY="$REPO/$VENV/bin/python"
+  case "$VENV" in /*) PY="$VENV/bin/python" ;; *) PY="$REPO/$VENV/bin/python" ;; esac
 fi
 "$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
   || fail "Python 3.10 or newer is needed ($("$PY" --version 2>&1))"
@@ -72,12 +83,12 @@ step_done
 # ---- 2. torch ---------------------------------------------------------------------------------
 step_start "torch"
 if [ $USE_SYSTEM_TORCH = 1 ]; then
-  "$PY" -c 'import torch' 2>/dev/null || fail "--use-system-torch given but this python has no torch"
+  "$PY" -c 'import torch' 2>/dev/null || fail "--use-system-torch given but $PY cannot import torch: run with the python that has the CUDA torch, or drop --use-system-torch"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   "${PIP[@]}" install -q "${PIP_SRC[@]}" "torch==$TORCH_VERSION" \
     || fail "pip install torch==$TORCH_VERSION failed; on a machine with its own CUDA torch use --use-system-torch"
 fi
-"$PY" -c 'import torch; print(f"    torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
+"$PY" -W ignore -c 'import torch; print(f"    torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
 step_done
 
 # ---- 3. pinned requirements -------------------------------------------------------------------
@@ -124,15 +135,40 @@ else
   ARCH=$("$PY" -c 'import torch; ma, mi = torch.cuda.get_device_capability(); print(f"{ma}{mi}")')
   command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] \
     || { STEP="CUDA kernels"; fail "nvcc not found: install the CUDA toolkit matching torch.version.cuda or set CUDA_HOME"; }
-  export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+  # nvcc, and the venv's own bin (its `ninja`): torch's cpp_extension looks both up on PATH.
+  export PATH="$(dirname "$PY"):${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  # --no-build-isolation builds with this python's own build tools: their setup.py imports packaging,
+  # setuptools and wheel (a fresh venv lacks wheel), and without ninja torch compiles serially (far slower).
+  TO_BUILD=0
+  for m in mamba_ssm $([ $MAMBA_ONLY = 1 ] || echo causal_conv1d); do "$PY" -c "import $m" 2>/dev/null || TO_BUILD=1; done
+  [ "$KERNELS" = "force" ] && TO_BUILD=1
+  if [ $TO_BUILD = 1 ]; then
+  step_start "build tools (setuptools, wheel, packaging, ninja)"
+  need=$("$PY" -c 'import importlib.util as u, shutil
+need = []
+try:
+    import setuptools  # noqa: F401  (recent setuptools vendors wheel: import it first, like their setup.py)
+except ImportError:
+    need.append("setuptools")
+need += [m for m in ("wheel", "packaging") if u.find_spec(m) is None]
+print(" ".join(need + ([] if shutil.which("ninja") else ["ninja"])))')
+  if [ -n "$need" ]; then
+    echo "    installing: $need"
+    "${PIP[@]}" install -q "${PIP_SRC[@]}" $need || echo "    WARNING: could not install $need (offline? put their wheels in --wheelhouse)"
+  fi
+  "$PY" -c 'import setuptools, wheel.bdist_wheel, packaging' 2>/dev/null \
+    || fail "setuptools, wheel and packaging are needed to build the kernels: put their wheels in --wheelhouse"
+  command -v ninja >/dev/null || echo "    WARNING: no ninja on PATH: torch falls back to a serial build (much slower); add ninja to --wheelhouse"
+  step_done
+  fi
   build_kernel() {  # $1 = pip name, $2 = version, $3 = import name, $4 = env prefix
     local name="$1" version="$2" module="$3" prefix="$4"
     step_start "$name $version for sm_$ARCH only"
     if [ "$KERNELS" != "force" ] && "$PY" -c "import $module" 2>/dev/null; then
       echo "    $module already importable"; step_done; return
     fi
-    local work; work=$(mktemp -d)
+    local work; work=$(mktemp -d); KWORK="$work"  # removed on exit, also when the build fails
     local sdist=""
     [ -n "$WHEELHOUSE" ] && sdist=$(ls "$WHEELHOUSE"/${name//-/_}-"$version".tar.gz 2>/dev/null | head -1)
     if [ -z "$sdist" ]; then
@@ -152,7 +188,11 @@ else
     rm -rf "$work"
     step_done
   }
-  [ $MAMBA_ONLY = 1 ] || build_kernel causal-conv1d "$CAUSAL_CONV1D_VERSION" causal_conv1d CAUSAL_CONV1D
+  if [ $MAMBA_ONLY = 1 ]; then
+    echo "==> causal-conv1d: skipped (--mamba-only); the short convolution runs in PyTorch"
+  else
+    build_kernel causal-conv1d "$CAUSAL_CONV1D_VERSION" causal_conv1d CAUSAL_CONV1D
+  fi
   build_kernel mamba-ssm "$MAMBA_SSM_VERSION" mamba_ssm MAMBA
 fi
 

@@ -11,6 +11,10 @@ AdamW(0.9, 0.95) lr 6e-4 with 2% warmup and cosine decay to 1e-5, weight decay 0
 3 epochs. Outputs go to out_dir: ckpt_latest.pt / ckpt_best.pt, metrics.jsonl, log.txt, epochs.md,
 epochs.csv, loss.png, tb/ (see multitrack/trainer.py, where the loop lives).
 
+Ctrl-C (SIGINT) or SIGTERM saves ckpt_latest.pt after the current step and exits with status 130 / 143
+(128 + signal, as shells and schedulers expect); a second Ctrl-C aborts at once without saving. A NaN/inf
+loss stops with `error: training diverged ...` (exit 2), leaving the last good checkpoint as it was.
+
 Weight decay applies only to the 2-D weights of nn.Linear layers (in_proj, x_proj, dt_proj, out_proj);
 no decay on the embedding (= the tied lm_head), RMSNorm weights, biases, the conv1d kernel, A_log, D,
 dt_proj.bias. The group sizes are printed at start.

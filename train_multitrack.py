@@ -2,7 +2,8 @@
 
     python prepare_data.py --source=demo                        # offline demo corpus -> data/demo
     python train_multitrack.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo-mt --max_steps=300
-    python train_multitrack.py --resume=True --out_dir=out/demo-mt
+    python train_multitrack.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo-mt --max_steps=300 \
+        --resume=True                                           # continue: the same flags plus --resume=True
     python train_multitrack.py --router=uniform --out_dir=out/abl-uniform   # ablations: see research_plan.md
 
 Same loop, hyperparameters, checkpoints, resume, evaluation, logs and plots as train_baseline.py

@@ -6,8 +6,10 @@
 
 Training: tokens/s of forward + backward + AdamW step (autocast `dtype`, fp32 params), after warmup.
 Decode: tokens/s of `multitrack.generation.generate` (prompt 128 tokens, CUDA graphs on CUDA) at
-batch 1 and `decode_batch`. Prints one table with the ratio multitrack / baseline; the goal is >= 0.8
-for both. Random weights and random ids: speed does not depend on them.
+batch 1 and `decode_batch`. Ops per decode step: aten ops dispatched by one eager `model.step` at
+batch 1 (torch.profiler), and on CUDA the GPU kernels it launches: the launch count that bounds
+decode speed at batch 1. Prints one table with the ratio multitrack / baseline; the goal is >= 0.8
+for the speeds. Random weights and random ids: speed does not depend on them.
 """
 
 import os
@@ -72,6 +74,29 @@ def decode_speed(model, batch: int) -> float:
     return batch * decode_tokens / (time.time() - t0)
 
 
+@torch.no_grad()
+def ops_per_step(model) -> dict:
+    """aten ops (and CUDA kernels on a GPU) of one eager decode step at batch 1, after two warmup steps."""
+    from torch.profiler import ProfilerActivity, profile
+    model.eval()
+    cache = model.allocate_cache(1)
+    ids = torch.randint(0, model.config.vocab_size, (1,), device=device)
+    for _ in range(2):
+        model.step(ids, cache)
+    sync()
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        model.step(ids, cache)
+        sync()
+    events = prof.events()
+    out = {"aten ops per step": sum(e.name.startswith("aten::") for e in events)}
+    if cuda:
+        out["GPU kernels per step"] = sum(e.device_type.name == "CUDA" for e in events)
+    model.train()
+    return out
+
+
 def main():
     from multitrack.mamba import MambaLMHeadModel, mamba_config
     from multitrack.multitrack_model import MultiTrackLM, multitrack_config
@@ -95,6 +120,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         rows[name]["decode tok/s (batch 1)"] = decode_speed(model, 1)
         rows[name][f"decode tok/s (batch {decode_batch})"] = decode_speed(model, decode_batch)
+        rows[name].update(ops_per_step(model))
         print(name, rows[name], flush=True)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"\n{name} | batch {batch_size} x {seq_len} | {dtype} | ablation: {ablation or 'none'}\n")

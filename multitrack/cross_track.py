@@ -51,3 +51,18 @@ class CrossTrackAttention(nn.Module):
         attn = torch.softmax(scores, dim=-2)                                   # over the key tracks
         read = (attn.unsqueeze(-1) * v.unsqueeze(-4)).sum(-3)                  # (..., G, H, dh)
         return y + torch.einsum("...gf,gfc->...gc", read.flatten(-2), self.out)
+
+    def step(self, y: torch.Tensor) -> torch.Tensor:
+        """One position per sequence (the decode step): y (B, G, d_track) -> same; equals forward (tested).
+
+        The G x G attention is one fused `scaled_dot_product_attention` call instead of six broadcast
+        ops: fewer kernels per generated token. (forward keeps the broadcast form, whose backward is
+        plain autograd on every device.)
+        """
+        h, dh = self.n_heads, self.head_dim
+        yn = F.rms_norm(y, (y.shape[-1],), eps=self.eps)
+        qkv = torch.einsum("bgc,gcf->bgf", yn, self.qkv)                       # (B, G, 3 H dh)
+        q, k, v = qkv.unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4)        # (3, B, H, G, dh)
+        read = F.scaled_dot_product_attention(q, k, v, scale=self.scale)       # (B, H, G, dh)
+        read = read.transpose(1, 2).flatten(-2)                                # (B, G, H dh)
+        return y + torch.einsum("bgf,gfc->bgc", read, self.out)

@@ -107,6 +107,26 @@ def sample_next(logits, generated=None, temperature=1.0, top_k=0, top_p=1.0, min
     return sample_from_logits(logits, seen, temperature, top_k, top_p, min_p, repetition_penalty, generator)
 
 
+def check_sampling_options(*, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                           max_new_tokens=1, num_samples=1) -> None:
+    """Raise UserError (one line, says the valid range) for settings that would crash or silently
+    misbehave in the sampler (e.g. min_p > 1 or repetition_penalty <= 0 leave no finite probability)."""
+    from multitrack.errors import UserError
+
+    checks = [
+        (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
+        (top_k >= 0, f"--top_k={top_k} must be >= 0 (0 = off)"),
+        (0 < top_p <= 1, f"--top_p={top_p} must be in (0, 1] (1 = off)"),
+        (0 <= min_p <= 1, f"--min_p={min_p} must be in [0, 1] (0 = off)"),
+        (repetition_penalty > 0, f"--repetition_penalty={repetition_penalty} must be > 0 (1 = off)"),
+        (max_new_tokens >= 0, f"--max_new_tokens={max_new_tokens} must be >= 0"),
+        (num_samples >= 1, f"--num_samples={num_samples} must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 # ----------------------------------------------------------------------------------------------
 # recurrent generation
 

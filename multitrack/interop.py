@@ -158,8 +158,14 @@ def load_weight_file(path) -> dict:
 
 
 def first_line(e: Exception) -> str:
+    """The first line of an exception message, cut after its first sentence when long (torch's zip
+    errors run on for several sentences)."""
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
+    line = text[0] if text else ""
+    if len(line) > 120:
+        end = line.find(". ", 20)
+        line = line[:end + 1] if 0 < end < 200 else line[:200] + "…"
+    return line
 
 
 def load_folder_weights(folder: Path, layout: str) -> tuple[dict, str]:
@@ -400,7 +406,7 @@ def check_data_tokenizer(info: dict, data_tokenizer: dict, data_dir=None) -> Non
         raise UserError(
             f"{info['path']} has no tokenizer and a vocabulary of {model_vocab} (padded {padded}); the data"
             f"{where} uses tokenizer {data_desc}: prepare the data with the model's tokenizer "
-            f"(state-spaces/mamba-* use EleutherAI/gpt-neox-20b) or choose another --init_from")
+            f"(state-spaces/mamba-* use EleutherAI/gpt-neox-20b) or use a model made for this data")
 
 
 # -----------------------------------------------------------------------------
@@ -431,6 +437,32 @@ def load_pretrained(path, device="cpu", tokenizer=None):
                         f"--tokenizer {given.name!r} (vocab {given.vocab_size}) was given; drop --tokenizer")
     model.eval()
     return model, tok, info
+
+
+def describe_folder(path) -> dict:
+    """What load_pretrained would report about an HF / mamba-ssm folder's vocabulary and tokenizer,
+    read from config.json and tokenizer.json only (no weights): {"path", "layout", "vocab_size",
+    "padded_vocab_size", "vocab_exact", "tokenizer": summary dict | "missing"}. For checks that
+    must fail before any expensive work (evaluate.py checks every checkpoint first)."""
+    from multitrack.mamba import MambaConfig
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "repo":
+        raise UserError(f"{path} is a repo checkpoint file, not a model folder")
+    config_path = path / "config.json"
+    raw = read_json(config_path)
+    tok = folder_tokenizer(path)
+    if layout == "hf":
+        kwargs = config_from_hf(raw, tok.vocab_size if tok is not None else None, str(config_path))
+    else:
+        kwargs = config_from_mamba_ssm(raw, str(config_path))
+    try:
+        config = MambaConfig(**kwargs)
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{config_path}: cannot build a Mamba config ({first_line(e)})") from None
+    return {"path": str(path), "layout": layout, "vocab_size": config.vocab_size,
+            "padded_vocab_size": config.padded_vocab_size, "vocab_exact": layout == "mamba_ssm" or tok is not None,
+            "tokenizer": tokenizer_summary(tok) if tok is not None else "missing"}
 
 
 def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):

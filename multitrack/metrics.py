@@ -11,13 +11,21 @@ Glossary
 Loss normalisations (so numbers compare across tokenizers and with published long-book results):
     token perplexity   exp(total NLL / number of target tokens)
     bits per byte      total NLL / ln 2 / number of UTF-8 bytes those target tokens decode to
+                       (an end-of-text separator is scored but decodes to 0 bytes)
     word perplexity    exp(total NLL / number of whitespace-separated words of that text)
                        (the PG-19 convention, Rae et al. 2020)
 
-Generation (degeneration) metrics, on token ids of one continuation:
-    distinct-n     unique n-grams / total n-grams (Li et al. 2016); higher = more diverse
-    seq-rep-n      1 - unique n-grams / total n-grams (Welleck et al. 2019); higher = more repetitive
-    rep/l          share of tokens already present among the previous l tokens (Welleck et al. 2019)
+Generation (degeneration) metrics, on token ids of one continuation (evaluate.py averages them
+over the continuations):
+    distinct-n     unique n-grams / total n-grams; higher = more diverse. Li et al. 2016 pool all
+                   samples and divide by the number of generated tokens; per sample and over n-grams
+                   is the common variant (for T-token samples the denominators differ by n - 1)
+    seq-rep-n      1 - unique n-grams / total n-grams of the continuation (Welleck et al. 2019,
+                   exactly their `pct_repeat_{n}grams`); higher = more repetitive
+    rep/l          share of the continuation's tokens that already occur among the previous l tokens
+                   (the prompt included). Welleck et al. 2019 apply this indicator to the greedy
+                   next-token predictions under the true context; here it is applied to the sampled
+                   tokens themselves (their code's `human_repeat_at_1` applied to a sample)
     first loop     first position where a block of >= k tokens repeats m times back to back
 Name consistency, on strings: capitalised names of the prompt reused in the continuation vs new
 capitalised names the model invents.
@@ -176,7 +184,7 @@ def ngrams(tokens: Sequence, n: int) -> list[tuple]:
 
 
 def distinct_n(sequences: Sequence | Sequence[Sequence], n: int) -> float:
-    """Distinct-n (Li et al. 2016): unique n-grams / total n-grams.
+    """Distinct-n: unique n-grams / total n-grams (Li et al. 2016 divide by the number of tokens).
 
     `sequences` is one token sequence or a list of them (corpus level: n-grams pooled over all
     sequences, never spanning two). nan when there is no n-gram.
@@ -196,7 +204,10 @@ def seq_rep_n(tokens: Sequence, n: int = 4) -> float:
 
 
 def rep_l(tokens: Sequence, window: int = 16, context: Sequence = ()) -> float:
-    """rep/l (Welleck et al. 2019): share of tokens that already occur among the previous `window` tokens.
+    """rep/l: share of tokens that already occur among the previous `window` tokens.
+
+    The indicator of Welleck et al. 2019's rep/l, applied to the tokens of a text (a sample or the
+    reference) rather than to a model's greedy predictions.
 
     Scored positions are every token of `tokens`; the look-back may reach into `context` (the prompt).
     The very first token of a text with no context has nothing to look back on and is not scored.

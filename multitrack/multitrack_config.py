@@ -90,7 +90,8 @@ class MultiTrackConfig:
         n = len(self.track_dt_min)
         if len(self.track_dt_max) != n or (self.tracks > 1 and n != self.tracks):
             raise UserError(f"track_dt_min/track_dt_max need one entry per track (tracks={self.tracks}), "
-                            f"got {len(self.track_dt_min)} and {len(self.track_dt_max)}")
+                            f"got {len(self.track_dt_min)} and {len(self.track_dt_max)} (train_multitrack.py: "
+                            f"--track_dt=min:max,... with one range per track)")
         if any(not 0 < lo <= hi for lo, hi in zip(self.track_dt_min, self.track_dt_max)):
             raise UserError(f"each track needs 0 < dt_min <= dt_max, got {self.track_dt_min} / {self.track_dt_max}")
         if self.tracks > 1 and len(self.track_names) != self.tracks:

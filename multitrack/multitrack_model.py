@@ -23,13 +23,14 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from multitrack import ops
 from multitrack.errors import UserError
 from multitrack.mamba import init_lm_weights
 from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config)
-from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features
+from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
 from multitrack.router import balance_loss
 from multitrack.triple_track import MultiTrackBlock
 
@@ -77,11 +78,12 @@ class MultiTrackBackbone(nn.Module):
                                     residual_in_fp32=self.residual_in_fp32)
         return hidden_states, all_weights
 
-    def step(self, input_ids, features, cache):
-        """input_ids (B,) -> hidden (B, D)."""
+    def step(self, input_ids, signal_logits, cache):
+        """input_ids (B,), signal_logits (B, n_layer, G) | None -> hidden (B, D)."""
         hidden_states, residual = self.embedding(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual, _ = layer.step(hidden_states, residual, features, cache)
+        for i, layer in enumerate(self.layers):
+            logits_i = None if signal_logits is None else signal_logits[:, i]
+            hidden_states, residual, _ = layer.step(hidden_states, residual, logits_i, cache)
         return self.norm_f(hidden_states, residual=residual, prenorm=False,
                            residual_in_fp32=self.residual_in_fp32)
 
@@ -103,7 +105,9 @@ class MultiTrackLM(nn.Module):
         init_lm_weights(self, config.n_layer)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
-        self.record_stats = True         # accumulate router statistics in every forward (not step)
+        # router statistics: "train" = accumulate in training-mode forwards only (so the trainer's val
+        # passes do not mix into them), True = every forward, False = never; step() never records
+        self.record_stats: bool | str = "train"
         self._aux_terms: list[torch.Tensor] = []
         self._warned_no_table = False
         self.reset_stats()
@@ -149,11 +153,20 @@ class MultiTrackLM(nn.Module):
         return MultiTrackCache(conv, ssm, NarrativeState.zeros(batch_size, device=device))
 
     def step(self, input_ids: torch.Tensor, cache: MultiTrackCache) -> torch.Tensor:
-        """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache."""
-        features, _, new_state = narrative_features(self.signal_table[input_ids][:, None], cache.narrative)
-        cache.narrative.copy_(new_state)
-        features = features[:, 0] if self.config.use_signals else None
-        return self.lm_head(self.backbone.step(input_ids, features, cache))
+        """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache.
+
+        Same result as forward (tested); written for few ops per token: the narrative features come
+        from the single-token `narrative_step`, and the routers' signal terms W_s s of all layers are one
+        matmul (B, F) x (F, n_layer G) with the routers' biases, so each layer's router is one addmm.
+        """
+        features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
+        signal_logits = None
+        if self.config.use_signals:                     # W_s s + b of every layer's router: (B, n_layer, G)
+            routers = [layer.mixer.router for layer in self.backbone.layers]
+            w = torch.cat([r.signal_proj.weight for r in routers])                 # (n_layer G, F)
+            b = torch.cat([r.proj.bias for r in routers])                          # (n_layer G,)
+            signal_logits = F.linear(features.to(w.dtype), w, b).unflatten(-1, (self.config.n_layer, -1))
+        return self.lm_head(self.backbone.step(input_ids, signal_logits, cache))
 
     def num_params(self) -> int:
         """Number of unique parameters (the tied embedding / LM head counted once; buffers excluded)."""
@@ -168,7 +181,7 @@ class MultiTrackLM(nn.Module):
             return
         if self.training and torch.is_grad_enabled() and self.config.router_aux_weight > 0:
             self._aux_terms = [balance_loss(w) for w in weights]
-        if self.record_stats:
+        if self.record_stats is True or (self.record_stats == "train" and self.training):
             with torch.no_grad():
                 t = types.float()                                                # (B, L, T)
                 w = torch.stack(weights).float()                                 # (n_layer, B, L, G)
@@ -191,8 +204,9 @@ class MultiTrackLM(nn.Module):
         self._stat_counts = None    # (len(TOKEN_TYPES),) float64: tokens of each type
 
     def stats(self) -> dict:
-        """Router statistics of the forwards since reset_stats() (the trainer resets after each eval, so
-        at `on_eval` they cover the training steps since the previous eval), as flat floats:
+        """Router statistics of the recorded forwards since reset_stats() (by default training-mode
+        forwards only, see `record_stats`; the trainer resets after each eval, so at `on_eval` they cover
+        the training steps since the previous eval), as flat floats:
 
         router/<type>/<track>          mean weight of the track over tokens of that type, averaged over layers
                                        (types: TOKEN_TYPES; weights of the tracks sum to 1)

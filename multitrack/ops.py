@@ -47,7 +47,9 @@ if not _FORCED_PYTORCH:
     except Exception:  # noqa: BLE001 - any failure means: no kernel
         _ss_cuda = None
     try:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as _mamba_inner_cuda
+        import mamba_ssm.ops.selective_scan_interface as _ssi
+        # mamba_inner_fn needs causal_conv1d's C++ functions, imported (or set to None) by mamba_ssm itself
+        _mamba_inner_cuda = _ssi.mamba_inner_fn if getattr(_ssi, "causal_conv1d_fwd_function", None) else None
     except Exception:  # noqa: BLE001
         _mamba_inner_cuda = None
     try:
@@ -185,10 +187,11 @@ def _contract_d(Y, X, g):
 def _scan_loop(a, x, h0):
     """In place on x: x_t <- a_t * x_{t-1} + x_t (x_{-1} = h0), one contiguous step at a time.
     a, x: (l, b, d, n); h0: (b, d, n) | None. Fastest on CPU."""
+    xs, as_ = x.unbind(0), a.unbind(0)                                     # views made once, not per step
     if h0 is not None:
-        x[0].addcmul_(a[0], h0)
-    for t in range(1, x.shape[0]):
-        x[t].addcmul_(a[t], x[t - 1])
+        xs[0].addcmul_(as_[0], h0)
+    for t in range(1, len(xs)):
+        xs[t].addcmul_(as_[t], xs[t - 1])
     return x
 
 
@@ -242,8 +245,9 @@ def _scan_affine(a, x, h0, chunk_size, method="auto"):
 def _scan_affine_reverse(a, x, chunk_size, method="auto"):
     """Adjoint scan g_t = x_t + a_{t+1} * g_{t+1} along dim 0, g_{l-1} = x_{l-1} (may reuse x's memory)."""
     if _pick(method, x) == "loop":
-        for t in range(x.shape[0] - 2, -1, -1):
-            x[t].addcmul_(a[t + 1], x[t + 1])
+        xs, as_ = x.unbind(0), a.unbind(0)
+        for t in range(len(xs) - 2, -1, -1):
+            xs[t].addcmul_(as_[t + 1], xs[t + 1])
         return x
     a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
     return _scan_chunks(a_next, x, None, chunk_size, reverse=True)
@@ -253,10 +257,12 @@ def _forward_states(u, dt, A, Bt, h0, chunk_size, method):
     """dA = exp(Δ'A) and the states h, both (l, b, d, n). u, dt: (b, d, l); Bt: (l, b, g, n)."""
     l, b, g, n = Bt.shape
     d = u.shape[1]
-    dt_t = dt.permute(2, 0, 1)                                             # (l, b, d)
-    dA = torch.exp(dt_t.unsqueeze(-1) * A.float())                         # (l, b, d, n)
-    dtu = (dt * u.float()).permute(2, 0, 1).reshape(l, b, g, d // g, 1)
-    dBu = (dtu * Bt.unsqueeze(3)).reshape(l, b, d, n)                     # Δ' u B
+    # time-major copy first: a product with the permuted view would inherit its (b, d, l, n) memory
+    # layout, and every step of the scan would then read a strided, cache-unfriendly slice dA[t]
+    dt_t = dt.permute(2, 0, 1).contiguous()                                # (l, b, d)
+    dA = (dt_t.unsqueeze(-1) * A.float()).exp_()                           # (l, b, d, n) contiguous
+    dtu = (dt * u.float()).permute(2, 0, 1).contiguous().view(l, b, g, d // g, 1)   # (same reason)
+    dBu = (dtu * Bt.unsqueeze(3)).view(l, b, d, n)                        # Δ' u B, contiguous
     h0f = h0.float() if h0 is not None else None
     return dA, _scan_affine(dA, dBu, h0f, chunk_size, method)
 
@@ -393,6 +399,24 @@ def _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplu
     return out, last0.float() + carried[-1]
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _scan_kernel_supports(u, A) -> bool:
+    """What mamba_ssm's selective_scan_cuda.fwd accepts (csrc/selective_scan/selective_scan.cpp):
+    u in fp32/fp16/bf16, real or complex-float A, d_state <= 256."""
+    return u.dtype in _KERNEL_DTYPES and A.shape[-1] <= 256 and A.dtype in (torch.float32, torch.float64)
+
+
+def _scan_kernel_dtypes(u, delta, A, B, C, D, z, delta_bias):
+    """Cast to the dtypes selective_scan_cuda.fwd checks (TORCH_CHECKs in selective_scan.cpp): delta,
+    (input-dependent) B and C, and z in u's dtype; A, D and delta_bias float32. No-ops when they already
+    are (mamba-ssm's Mamba passes them so); under autocast a caller's float32 Δ would otherwise fail."""
+    dtype = u.dtype
+    return (u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), None if D is None else D.float(),
+            None if z is None else z.to(dtype), None if delta_bias is None else delta_bias.float())
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, chunk_size=64):
     """Fast selective scan: mamba_ssm's CUDA kernel when available, else `selective_scan_chunked`.
@@ -403,7 +427,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     # may be differentiated (truncated BPTT through the cache), take the PyTorch path, which is exact.
     grad_through_state = return_last_state and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    if _use(_ss_cuda, u, delta) and not grad_through_state:
+    if _use(_ss_cuda, u, delta) and not grad_through_state and _scan_kernel_supports(u, A):
+        u, delta, A, B, C, D, z, delta_bias = _scan_kernel_dtypes(u, delta, A, B, C, D, z, delta_bias)
         if initial_state is None:
             return _ss_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -423,9 +448,12 @@ def mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
 
     xz: (b, 2 d_inner, l); conv1d_weight: (d_inner, 1, w); returns (b, l, d_model).
     """
+    # mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+    #                out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, ..., delta_softplus=True)
     return _mamba_inner_cuda(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
-                             out_proj_weight, out_proj_bias, A, None, None, D,
-                             delta_bias=delta_bias, delta_softplus=True)
+                             out_proj_weight, out_proj_bias, A.float(), None, None,
+                             None if D is None else D.float(),
+                             delta_bias=None if delta_bias is None else delta_bias.float(), delta_softplus=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +466,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     returns y: (b, d) in x's dtype
     """
     if B.dim() == 2 and _use(_ssu_triton, state, x):
-        return _ssu_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        # mamba_ssm 2.3.2's wrapper unpacks D.stride() and dt_bias.stride() unconditionally (a None
+        # crashes it): pass zeros instead, which change nothing
+        zeros = None if D is not None and dt_bias is not None else torch.zeros(
+            x.shape[1], device=x.device, dtype=torch.float32)
+        return _ssu_triton(state, x, dt, A, B, C, D=zeros if D is None else D, z=z,
+                           dt_bias=zeros if dt_bias is None else dt_bias, dt_softplus=dt_softplus)
     b, d = x.shape
     dt = dt.float()
     if dt_bias is not None:
@@ -497,14 +530,20 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_states=None
     return out, xp[:, :, xp.shape[2] - (w - 1):].to(dtype_in)
 
 
+def _conv_kernel_supports(x, weight) -> bool:
+    """What causal_conv1d's kernels accept: fp32/fp16/bf16 input and weight, width 2..4."""
+    return x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES and 2 <= weight.shape[-1] <= 4
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
     """Causal depthwise conv: causal_conv1d's kernel on CUDA (zero initial state), else F.conv1d.
 
     Shapes as `causal_conv1d_ref`.
     """
-    if initial_states is None and not return_final_states and _use(_conv_cuda, x):
-        return _conv_cuda(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
-                          activation=activation)
+    if initial_states is None and not return_final_states and _use(_conv_cuda, x) and _conv_kernel_supports(x, weight):
+        # as mamba-ssm's Mamba: the weight in its own dtype (the kernel takes mixed input/weight
+        # dtypes), the bias in the weight's dtype (TORCH_CHECK in causal_conv1d.cpp)
+        return _conv_cuda(x, weight, bias.to(weight.dtype) if bias is not None else None, activation=activation)
     b, d, l = x.shape
     w = weight.shape[1]
     if initial_states is None:
@@ -524,8 +563,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 
     x: (b, d); weight: (d, w); returns (b, d) in x's dtype.
     """
-    if _use(_conv_update_cuda, x, conv_state) and conv_state.dtype == x.dtype:
-        return _conv_update_cuda(x, conv_state, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+    if _use(_conv_update_cuda, x, conv_state) and conv_state.dtype == x.dtype and _conv_kernel_supports(x, weight):
+        # causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, ...): with a
+        # (b, d, w) state it uses state[..., 1:] and x, and shifts x in, exactly as below
+        return _conv_update_cuda(x, conv_state, weight, bias.to(weight.dtype) if bias is not None else None,
                                  activation)
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x

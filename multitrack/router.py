@@ -37,10 +37,18 @@ class NarrativeRouter(nn.Module):
         if self.signal_proj is not None:
             nn.init.zeros_(self.signal_proj.weight)
 
-    def forward(self, u: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """u: (..., D), features: (..., F) or None -> weights (..., G) float32, summing to 1."""
+    def forward(self, u: torch.Tensor, features: torch.Tensor | None = None,
+                signal_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (..., D), features: (..., F) or None -> weights (..., G) float32, summing to 1.
+
+        signal_logits (B, G): W_s s + b precomputed by the caller (the decode step does it for all layers
+        in one matmul, `MultiTrackLM.step`); with u (B, D) the logits are then one addmm.
+        """
         if not self.learned:
             return u.new_full((*u.shape[:-1], self.n_tracks), 1.0 / self.n_tracks, dtype=torch.float32)
+        if signal_logits is not None:
+            logits = torch.addmm(signal_logits, u, self.proj.weight.t())
+            return torch.softmax(logits, dim=-1, dtype=torch.float32)
         logits = self.proj(u)
         if self.signal_proj is not None and features is not None:
             logits = logits + self.signal_proj(features.to(self.signal_proj.weight.dtype))
@@ -57,9 +65,10 @@ def balance_loss(weights: torch.Tensor) -> torch.Tensor:
 def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str | None:
     """PNG of router statistics (rows: MultiTrackLM.stats() dicts, each with a "step").
 
-    Left: mean track weight by token type at the last row (grouped bars). Middle: mean weight of each
-    track over all tokens across training steps. Right: per-layer mean weights at the last row.
-    Returns the path, or None when there is nothing to plot.
+    Left: mean track weight by token type at the last row, as the difference from uniform mixing
+    (1/G), so that small preferences are visible (grouped bars, token share under each group).
+    Middle: mean weight of each track over all tokens across training steps. Right: per-layer mean
+    weights at the last row. Returns the path, or None when there is nothing to plot.
     """
     by_step = {r["step"]: r for r in rows if "router/tokens" in r}          # a repeated step: keep the last
     rows = [by_step[s] for s in sorted(by_step)]
@@ -68,34 +77,49 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     last = rows[-1]
+    n = len(track_names)
+    uniform = 1 / n
     types = [t for t in token_types if f"router/{t}/{track_names[0]}" in last]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    width = 0.8 / len(track_names)
+    colors = [f"C{g}" for g in range(n)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    width = 0.8 / n
     for g, track in enumerate(track_names):
-        axes[0].bar([i + g * width for i in range(len(types))], [last[f"router/{t}/{track}"] for t in types],
-                    width=width, label=track)
-    axes[0].axhline(1 / len(track_names), color="gray", lw=0.8, ls="--")
-    axes[0].set_xticks([i + width * (len(track_names) - 1) / 2 for i in range(len(types))])
-    axes[0].set_xticklabels([f"{t.replace('_', ' ')}\n{100 * last.get(f'router/frac/{t}', 0):.0f}% of tokens"
-                             for t in types], fontsize=7)
-    axes[0].set_ylabel("mean router weight")
-    axes[0].set_title(f"track usage by token type (step {last['step']})")
-    top = max(last[f"router/{t}/{track}"] for t in types for track in track_names)
-    axes[0].set_ylim(0, 1.3 * top)
-    axes[0].legend(fontsize=8, loc="upper center", ncol=len(track_names))
+        axes[0].bar([i + (g - (n - 1) / 2) * width for i in range(len(types))],
+                    [last[f"router/{t}/{track}"] - uniform for t in types], width=width, label=track,
+                    color=colors[g])
+    axes[0].axhline(0, color="gray", lw=0.8)
+    axes[0].set_xticks(range(len(types)))
+
+    def share(t):
+        f = 100 * last.get(f"router/frac/{t}", 0)
+        return f"{f:.0f}%" if f >= 10 or f == 0 else f"{f:.1f}%"
+
+    axes[0].set_xticklabels([f"{t.replace('_', chr(10))}\n({share(t)})" for t in types], fontsize=9)
+    axes[0].set_ylabel(f"mean router weight - 1/{n} (uniform)")
+    axes[0].set_title(f"track usage by token type, step {last['step']} (share of tokens in brackets)", fontsize=10)
+    axes[0].legend(fontsize=9, ncol=n, loc="best")
     steps = [r["step"] for r in rows]
-    for track in track_names:
-        axes[1].plot(steps, [r[f"router/all/{track}"] for r in rows], marker=".", label=track)
+    for g, track in enumerate(track_names):
+        axes[1].plot(steps, [r[f"router/all/{track}"] for r in rows], marker=".", label=track, color=colors[g])
+    axes[1].axhline(uniform, color="gray", lw=0.8, ls="--")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_xlabel("step")
-    axes[1].set_title("track usage over training (all tokens)")
+    axes[1].set_ylabel("mean router weight")
+    axes[1].set_title("track usage over training (all tokens)", fontsize=10)
+    axes[1].legend(fontsize=9)
     layers = sorted({int(k.split("/")[1][5:]) for k in last if k.startswith("router/layer")})
-    for track in track_names:
-        axes[2].plot(layers, [last[f"router/layer{k}/{track}"] for k in layers], marker="o", label=track)
-    axes[2].set_xticks(layers)
+    for g, track in enumerate(track_names):
+        axes[2].plot(layers, [last[f"router/layer{k}/{track}"] for k in layers], marker="o", label=track,
+                     color=colors[g])
+    axes[2].axhline(uniform, color="gray", lw=0.8, ls="--")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_xlabel("layer")
-    axes[2].set_title("track usage by layer")
+    axes[2].set_ylabel("mean router weight")
+    axes[2].set_title(f"track usage by layer, step {last['step']}", fontsize=10)
+    axes[2].legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

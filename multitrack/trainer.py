@@ -310,6 +310,7 @@ class RunLog:
 # stop requests (SIGINT / SIGTERM)
 
 _stop = threading.Event()
+_stop_signal: list[int] = []   # the signal number that asked for the stop (empty: request_stop() or none)
 
 
 def request_stop() -> None:
@@ -321,6 +322,7 @@ def request_stop() -> None:
 def _stop_on_signals():
     """SIGINT/SIGTERM -> request_stop (a second SIGINT interrupts at once)."""
     _stop.clear()
+    _stop_signal.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -328,6 +330,7 @@ def _stop_on_signals():
     def handler(signum, frame):
         if _stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        _stop_signal.append(signum)
         _stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -359,14 +362,22 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
     router statistics cover the training steps since the previous eval. on_end(model, out_dir,
     history) runs on rank 0 after the last step.
     Returns {"step", "tokens_seen", "val_loss", "val_ppl", "best_val_loss", "interrupted", "out_dir", ...}.
+
+    SIGINT / SIGTERM: ckpt_latest.pt is saved after the current optimizer step, then the process exits
+    with status 128 + signal (130 / 143, what shells and schedulers expect from an interrupted job;
+    `SystemExit` is raised). `request_stop()` from inside the process stops the same way but returns
+    normally with "interrupted": True.
     """
     cfg = {**DEFAULTS, **config}
     dist = Dist(cfg["device"])
     try:
         with _stop_on_signals():
-            return _Run(cfg, config, build_model, script, on_eval, on_end, dist).run()
+            result = _Run(cfg, config, build_model, script, on_eval, on_end, dist).run()
     finally:
         dist.close()
+    if result["interrupted"] and _stop_signal:
+        raise SystemExit(128 + _stop_signal[0])
+    return result
 
 
 class _Run:
@@ -487,6 +498,10 @@ class _Run:
         if self.cfg["init_from"] in ("scratch", ""):
             return build_model()
         model, tokenizer, info = load_any_model(self.cfg["init_from"])
+        want_type = self._script_model_type(build_model)
+        if model.model_type != want_type:
+            raise UserError(f"--init_from={self.cfg['init_from']} holds a {model.model_type!r} model, but "
+                            f"{self.script} trains {want_type!r} models; use the script for that model type")
         if tokenizer is not None:
             check_tokenizer_match(self.meta["tokenizer"], tokenizer.to_dict())
         else:  # an HF / mamba-ssm folder without a tokenizer: only the vocabulary size can be checked
@@ -495,17 +510,27 @@ class _Run:
         self.log_init = f"initialised from {self.cfg['init_from']} ({info.get('layout', info.get('source'))})"
         return model.train()
 
+    @staticmethod
+    def _probe_model(build_model):
+        """The model the script would build, on the meta device when it allows (no memory, no init)."""
+        try:
+            with torch.device("meta"):
+                return build_model()
+        except Exception:
+            return build_model()
+
+    @classmethod
+    def _script_model_type(cls, build_model) -> str:
+        probe = cls._probe_model(build_model)
+        return getattr(probe, "model_type", type(probe).__name__)
+
     def _check_same_model(self, ckpt, build_model):
         """Resume refuses a run whose model settings differ from the checkpoint's."""
         from multitrack.models import model_config_dict
 
         if self.cfg["init_from"] not in ("scratch", "resume", ""):
             return  # the model came from a pretrained checkpoint: the script's preset does not describe it
-        try:
-            with torch.device("meta"):
-                probe = build_model()
-        except Exception:
-            probe = build_model()
+        probe = self._probe_model(build_model)
         want_type = getattr(probe, "model_type", type(probe).__name__)
         want = json.loads(json.dumps(model_config_dict(probe)))
         have = json.loads(json.dumps(ckpt["model_config"]))

@@ -69,6 +69,7 @@ class TripleTrackMixer(nn.Module):
             f = c.dt_clamp_factor
             self.register_buffer("dt_lo", lo / f, persistent=False)
             self.register_buffer("dt_hi", hi * f, persistent=False)
+            self.register_buffer("dt_zero_bias", torch.zeros_like(lo), persistent=False)
 
     def _track_dt_bounds(self, c: MultiTrackConfig, device):
         """Per-channel (Di,) Δ range of the channel's track."""
@@ -100,25 +101,34 @@ class TripleTrackMixer(nn.Module):
         return dt, B, C
 
     def _delta(self, dt: torch.Tensor, channel_dim: int):
-        """Δ (before the kernel) and the kernel's (delta_bias, delta_softplus). With clamping Δ is final."""
+        """Δ (before the kernel) and the kernel's (delta_bias, delta_softplus). With clamping Δ is final.
+
+        The clamped Δ goes back to dt's dtype: mamba-ssm's selective_scan_cuda requires Δ in u's dtype
+        (TORCH_CHECK(delta.scalar_type() == input_type); bf16 under autocast). Its bias is a zero vector,
+        not None: the Triton selective_state_update of mamba-ssm 2.3.2 unpacks dt_bias.stride() and fails
+        on None.
+        """
         if not self.clamp:
             return dt, self.dt_proj.bias.float(), True
         shape = [1] * dt.dim()
         shape[channel_dim] = -1
         bias, lo, hi = (t.view(shape) for t in (self.dt_proj.bias.float(), self.dt_lo, self.dt_hi))
         delta = F.softplus(dt.float() + bias)
-        return torch.minimum(torch.maximum(delta, lo), hi), None, False
+        return torch.minimum(torch.maximum(delta, lo), hi).to(dt.dtype), self.dt_zero_bias.float(), False
 
-    def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None):
-        """y: (..., Di) scan output, u: (..., D) block input -> (mixed y (..., Di), weights (..., G) | None)."""
+    def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None,
+                    signal_logits: torch.Tensor | None = None, one_token: bool = False):
+        """y: (..., Di) scan output, u: (..., D) block input, features (..., F) or precomputed
+        signal_logits (B, G) -> (mixed y (..., Di), weights (..., G) | None). one_token: the decode step,
+        y (B, Di), which uses the cross-track attention's fused single-position path."""
         if self.tracks == 1:
             return y, None
         y = y.unflatten(-1, (self.tracks, self.d_track))                        # (..., G, d_track)
         if self.cross is not None:
-            y = self.cross(y)
+            y = self.cross.step(y) if one_token else self.cross(y)
         weights = None
         if self.router is not None:
-            weights = self.router(u, features)                                   # (..., G) float32
+            weights = self.router(u, features, signal_logits)                    # (..., G) float32
             y = y * (self.tracks * weights).to(y.dtype).unsqueeze(-1)
         return y.flatten(-2), weights
 
@@ -158,8 +168,9 @@ class TripleTrackMixer(nn.Module):
         y, weights = self._mix_tracks(y.transpose(1, 2), u, features)           # (B, L, Di)
         return self.out_proj(y), weights
 
-    def step(self, u: torch.Tensor, features: torch.Tensor | None, cache):
-        """One token: u (B, D), features (B, F) | None -> (out (B, D), weights (B, G) | None); updates cache."""
+    def step(self, u: torch.Tensor, signal_logits: torch.Tensor | None, cache):
+        """One token: u (B, D), signal_logits (B, G) | None (this layer's W_s s + b, computed for all layers
+        at once by MultiTrackLM.step) -> (out (B, D), weights (B, G) | None); updates cache."""
         x, z = self.in_proj(u).chunk(2, dim=-1)                                  # (B, Di) each
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")
@@ -180,7 +191,7 @@ class TripleTrackMixer(nn.Module):
         else:
             y = ops.selective_state_update(state, x, delta, A, B, C, self.D.float(), z=z, dt_bias=dt_bias,
                                            dt_softplus=softplus)
-        y, weights = self._mix_tracks(y, u, features)
+        y, weights = self._mix_tracks(y, u, None, signal_logits, one_token=True)
         return self.out_proj(y), weights
 
 
@@ -200,9 +211,10 @@ class MultiTrackBlock(nn.Module):
         out, weights = self.mixer(normed, features, cache=cache)
         return out, residual, weights
 
-    def step(self, hidden_states, residual, features, cache):
-        """hidden_states, residual: (B, D) -> (mixer output, new residual, router weights | None)."""
+    def step(self, hidden_states, residual, signal_logits, cache):
+        """hidden_states, residual: (B, D), signal_logits (B, G) | None -> (mixer output, new residual,
+        router weights | None)."""
         normed, residual = self.norm(hidden_states, residual=residual, prenorm=True,
                                      residual_in_fp32=self.residual_in_fp32)
-        out, weights = self.mixer.step(normed, features, cache)
+        out, weights = self.mixer.step(normed, signal_logits, cache)
         return out, residual, weights

@@ -197,3 +197,102 @@ def test_hf_and_mamba_ssm_folders_evaluate_like_the_checkpoint(setup, tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())["results"]
     losses = [v["loss"]["loss"] for v in res.values()]
     assert len(losses) == 3 and max(losses) - min(losses) < 1e-5
+
+
+def load_evaluate(monkeypatch, args):
+    """evaluate.py imported as a module with `args` as its command line (its config is read at import)."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+    spec = importlib.util.spec_from_file_location("evaluate_under_test", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_interrupted_stages_continue_from_partial_sums(setup, tmp_path, monkeypatch, capsys):
+    """A loss stage and a books stage killed after a partial save continue from it with --resume=True
+    (no sequence or book scored twice or skipped) and give exactly the numbers of an uninterrupted run."""
+    root, data, a, _ = setup
+    args = [f"--ckpts={a}", f"--data_dir={data}", "--split=train", "--stages=loss,books", "--save_every=0",
+            "--seq_len=32", "--batch_size=3", "--max_sequences=40", "--book_tokens=256", "--window=64",
+            "--book_batch_size=1", "--max_books=4", "--device=cpu"]
+    load_evaluate(monkeypatch, [*args, f"--out={tmp_path / 'full.md'}", f"--state_dir={tmp_path / 's1'}"]).main()
+    full = json.loads((tmp_path / "full.json").read_text())["results"]
+
+    def run(crash_stage, after, resume):
+        ev = load_evaluate(monkeypatch, [*args, f"--out={tmp_path / 'cut.md'}", f"--state_dir={tmp_path / 's2'}",
+                                         f"--resume={resume}"])
+        real, saves = ev.save_state, []
+
+        def save_then_maybe_crash(path, state):
+            real(path, state)
+            if crash_stage in state.get("partial", {}):
+                saves.append(state["partial"][crash_stage]["progress"]["next"])
+                if len(saves) == after:
+                    raise SimulatedCrash(crash_stage)
+        ev.save_state = save_then_maybe_crash
+        if crash_stage:
+            with pytest.raises(SimulatedCrash):
+                ev.main()
+        else:
+            ev.main()
+        return saves
+
+    assert run("loss", 4, False) == [3, 6, 9, 12]                 # killed after 12 of 40 sequences
+    assert run("books", 2, True) == [1, 2]                          # loss continues from 12; books killed after 2
+    capsys.readouterr()
+    run(None, 0, True)
+    out = capsys.readouterr().out
+    assert "loss: reusing finished results" in out and "books: continuing from book 2 of 4" in out
+    cut = json.loads((tmp_path / "cut.json").read_text())["results"]
+    for stage in ("loss", "books"):
+        a_res = {k: v for k, v in full[a.parent.name + "/ckpt_best"][stage].items() if k != "seconds"}
+        b_res = {k: v for k, v in cut[a.parent.name + "/ckpt_best"][stage].items() if k != "seconds"}
+        assert a_res == b_res, stage
+
+
+def test_position_loss_matches_a_direct_forward(report, setup):
+    """The per-position table of the loss stage equals the mean over all test sequences of the NLL at each
+    position, computed here with one direct forward of the checkpoint."""
+    import torch
+
+    from multitrack import metrics as M
+    from multitrack.checkpoint import model_from_checkpoint
+    from multitrack.data import TokenSplit
+
+    out, _ = report
+    _, data, a, _ = setup
+    res = json.loads(out.with_suffix(".json").read_text())["results"]["alpha"]["loss"]
+    model, _ = model_from_checkpoint(str(a))
+    split = TokenSplit(data, "test", seq_len=32)
+    x, y = split.get_batch(np.arange(split.num_sequences))
+    with torch.no_grad():
+        nll = M.token_nll(model.eval(), x, y, 257).double()                 # (n, 32)
+    assert np.allclose(res["position_loss"], nll.mean(0).numpy(), atol=1e-5)
+    assert res["position_buckets"][-1]["label"] == "16-31"
+    assert res["position_buckets"][-1]["loss"] == pytest.approx(float(nll[:, 16:].mean()), abs=1e-5)
+
+
+def test_folder_tokenizer_mismatch_fails_before_any_work(setup, tmp_path):
+    """HF / mamba-ssm folders are checked against the data's tokenizer before the first checkpoint is
+    evaluated: a folder with another tokenizer, and a tokenizer-less folder with another vocabulary size,
+    each stop the run with one line naming the folder (exit 2), with no stage run and no report written."""
+    from multitrack.interop import export_hf, export_mamba_ssm
+    from multitrack.tokenizer import train_demo_bpe
+
+    root, data, a, _ = setup
+    bpe = train_demo_bpe(["the cat sat on the mat " * 20, "a dog ran far away"], vocab_size=280)
+    export_hf(str(save_tiny_checkpoint(tmp_path / "bpe.pt", bpe, seed=0)), tmp_path / "hf_bpe")
+    export_mamba_ssm(str(save_tiny_checkpoint(tmp_path / "bpe2.pt", bpe, seed=0)), tmp_path / "ssm_bpe")
+    (tmp_path / "ssm_bpe" / "tokenizer.json").unlink()
+    for folder, needle in ((tmp_path / "hf_bpe", "tokenizer mismatch"), (tmp_path / "ssm_bpe", "has no tokenizer")):
+        r = run_eval([f"--ckpts={a},{folder}", f"--data_dir={data}", f"--out={tmp_path / 'x.md'}", "--stages=loss",
+                      "--seq_len=32", f"--state_dir={tmp_path / 'state'}", "--device=cpu"], cwd=tmp_path)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert needle in r.stderr and str(folder) in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "loss: done" not in r.stdout and not (tmp_path / "x.md").exists()

@@ -162,9 +162,23 @@ def test_generate_text_cli(tmp_path, tiny_model, demo_data_dir):
 
 
 def test_generate_text_bad_input(tmp_path):
-    """A missing checkpoint or an unknown key: one-line error, exit status 2."""
-    for arg in (f"--ckpt={tmp_path / 'nope.pt'}", "--temprature=0.5"):
+    """A missing checkpoint, an unknown key or an out-of-range sampling setting (which would otherwise
+    crash torch.multinomial with a traceback, or sample nothing): one-line error, exit status 2."""
+    for arg in (f"--ckpt={tmp_path / 'nope.pt'}", "--temprature=0.5", "--min_p=2.0", "--repetition_penalty=0.0",
+                "--num_samples=0", "--top_p=0.0", "--temperature=-1.0", "--max_new_tokens=-5"):
         r = subprocess.run([sys.executable, "generate_text.py", arg], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2
         assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+        assert arg.split("=")[0].lstrip("-") in r.stderr, r.stderr   # the message names the setting
+
+
+def test_check_sampling_options_accepts_the_edges():
+    """The validator accepts every boundary value the sampler handles (greedy, off switches, min_p=1)."""
+    from multitrack.errors import UserError
+    from multitrack.generation import check_sampling_options
+
+    check_sampling_options(temperature=0.0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=1.0,
+                           max_new_tokens=0, num_samples=1)
+    with pytest.raises(UserError, match="min_p"):
+        check_sampling_options(min_p=1.5)

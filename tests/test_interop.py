@@ -218,11 +218,17 @@ def test_export_mamba_ssm_round_trip(tmp_path, bpe):
 
 
 def test_broken_folders_are_user_errors(tmp_path, bpe):
-    """Garbage weights, a truncated safetensors file, a missing weights file, and a config.json that
-    does not fit the weights each give a one-line UserError naming the problem."""
+    """Garbage weights, a truncated safetensors or torch .bin file, a missing weights file, and a config.json
+    that does not fit the weights each give a short one-line UserError naming the file and the problem."""
     hf_tiny(304).save_pretrained(tmp_path / "good")
     weights = (tmp_path / "good" / "model.safetensors").read_bytes()
     config = (tmp_path / "good" / "config.json").read_text()
+    import io
+
+    from safetensors.torch import load_file
+    buffer = io.BytesIO()
+    torch.save(load_file(str(tmp_path / "good" / "model.safetensors")), buffer)   # a real torch zip file
+    bin_bytes = buffer.getvalue()
 
     def folder(name, weight_bytes=weights, config_text=config, weight_name="model.safetensors"):
         d = tmp_path / name
@@ -237,6 +243,8 @@ def test_broken_folders_are_user_errors(tmp_path, bpe):
         "truncated": (folder("truncated", weights[: len(weights) // 2]), "corrupted or truncated"),
         "garbage_bin": (folder("garbage_bin", b"PK\x03\x04 garbage" * 50, weight_name="pytorch_model.bin"),
                         "corrupted or truncated"),
+        "truncated_bin": (folder("truncated_bin", bin_bytes[: len(bin_bytes) - 3000], weight_name="pytorch_model.bin"),
+                          "corrupted or truncated"),
         "no_weights": (folder("no_weights", None), "no weights"),
         "mismatch": (folder("mismatch", config_text=config.replace('"hidden_size": 32', '"hidden_size": 48')),
                      "does not match"),
@@ -248,7 +256,7 @@ def test_broken_folders_are_user_errors(tmp_path, bpe):
         with pytest.raises(UserError) as e:
             load_pretrained(path)
         msg = str(e.value)
-        assert expected in msg and "\n" not in msg, (name, msg)
+        assert expected in msg and "\n" not in msg and len(msg) < 400, (name, msg)
         assert str(path) in msg, (name, msg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
@@ -302,7 +310,11 @@ def test_init_from_folders_fine_tunes_and_refuses_mismatch(tmp_path, demo_data_d
     pretrained = our_tiny(257, seed=11)
     export_mamba_ssm(pretrained, tmp_path / "ssm")
     assert not (tmp_path / "ssm" / "tokenizer.json").exists()
-    never = lambda: pytest.fail("build_model must not be called when init_from is a folder")  # noqa: E731
+    def never():
+        """The script's builder: only probed on the meta device (model type), never used for the weights."""
+        if torch.empty(0).device.type != "meta":
+            pytest.fail("build_model must not build the real model when init_from is a folder")
+        return our_tiny(257)
     cfg = train_config(demo_data_dir, tmp_path / "out", init_from=str(tmp_path / "ssm"), lr=0.0,
                        min_lr=0.0, max_steps=2, eval_interval=2, eval_max_batches=2)
     train(cfg, never, script="train_baseline.py")
@@ -324,3 +336,120 @@ def test_init_from_folders_fine_tunes_and_refuses_mismatch(tmp_path, demo_data_d
     with pytest.raises(UserError, match="has no tokenizer and a vocabulary of 300.*'byte' \\(vocab 257\\)"):
         train(train_config(demo_data_dir, tmp_path / "out_300", init_from=str(tmp_path / "ssm300")),
               never, script="train_baseline.py")
+
+
+def test_init_from_refuses_a_model_of_another_type(tmp_path, demo_data_dir, train_config):
+    """train_multitrack.py --init_from=<a Mamba folder> is refused up front with one line, instead of
+    training a plain Mamba and failing in the multitrack hooks at the end."""
+    from multitrack.multitrack_config import multitrack_config
+    from multitrack.models import build_model
+    from multitrack.trainer import train
+
+    export_mamba_ssm(our_tiny(257, seed=3), tmp_path / "ssm")
+    build_multitrack = lambda: build_model("multitrack", multitrack_config("tiny", vocab_size=257))  # noqa: E731
+    with pytest.raises(UserError, match="holds a 'mamba' model, but train_multitrack.py trains 'multitrack'"):
+        train(train_config(demo_data_dir, tmp_path / "out", init_from=str(tmp_path / "ssm")), build_multitrack,
+              script="train_multitrack.py")
+    assert not (tmp_path / "out" / "ckpt_latest.pt").exists()
+
+
+MAMBA_SSM_SDIST = REPO / ".sdist" / "mamba_ssm-2.3.2.post1.tar.gz"
+
+
+def import_mamba_ssm_from_sdist(tmp_path, monkeypatch):
+    """mamba-ssm's own Python (config_mamba, mixer_seq_simple, mamba_simple, block, mlp, utils/hf) from the
+    sdist that setup.sh builds on GPU machines, with its CUDA / triton kernel modules stubbed out: enough to
+    run its from_pretrained / save_pretrained on CPU (building the model, strict load), not its forward."""
+    import tarfile
+    import types
+
+    root = tmp_path / "mamba_ssm_src"
+    wanted = ["models/config_mamba.py", "models/mixer_seq_simple.py", "modules/mamba_simple.py", "modules/block.py",
+              "modules/mlp.py", "utils/hf.py"]
+    with tarfile.open(MAMBA_SSM_SDIST) as tar:
+        for member in tar.getmembers():
+            rel = member.name.split("/mamba_ssm/", 1)[-1]
+            if member.name.count("/mamba_ssm/") and rel in wanted:
+                member.name = rel
+                tar.extract(member, root, filter="data")
+    assert all((root / w).is_file() for w in wanted)
+
+    def module(name, path=None, **attrs):
+        m = types.ModuleType(name)
+        if path is not None:
+            m.__path__ = [str(path)]
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+
+    class RMSNorm(torch.nn.Module):  # the triton RMSNorm's parameters, without the kernel
+        def __init__(self, hidden_size, eps=1e-5, dropout_p=0.0, device=None, dtype=None):
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+            self.register_parameter("bias", None)
+
+    for pkg, sub in (("mamba_ssm", ""), ("mamba_ssm.ops", "ops"), ("mamba_ssm.ops.triton", "ops/triton"),
+                     ("mamba_ssm.models", "models"), ("mamba_ssm.modules", "modules"), ("mamba_ssm.utils", "utils")):
+        module(pkg, root / sub)
+    def kernel(*args, **kwargs):
+        raise NotImplementedError("triton kernel stub")
+
+    module("mamba_ssm.ops.triton.layer_norm", RMSNorm=RMSNorm, layer_norm_fn=kernel, rms_norm_fn=kernel)
+    module("mamba_ssm.ops.selective_scan_interface", selective_scan_fn=None, mamba_inner_fn=None)
+    module("mamba_ssm.ops.triton.selective_state_update", selective_state_update=None)
+    module("mamba_ssm.modules.mamba2", Mamba2=type("Mamba2", (), {}))
+    module("mamba_ssm.modules.mha", MHA=type("MHA", (), {}))
+    module("mamba_ssm.utils.generation", GenerationMixin=type("GenerationMixin", (), {}))
+    for name in [n for n in sys.modules if n.startswith("mamba_ssm.") and n not in (
+            "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.models", "mamba_ssm.modules", "mamba_ssm.utils",
+            "mamba_ssm.ops.triton.layer_norm", "mamba_ssm.ops.selective_scan_interface",
+            "mamba_ssm.ops.triton.selective_state_update", "mamba_ssm.modules.mamba2", "mamba_ssm.modules.mha",
+            "mamba_ssm.utils.generation")]:
+        monkeypatch.delitem(sys.modules, name)
+    import importlib
+    before = set(sys.modules)
+    mixer_seq_simple = importlib.import_module("mamba_ssm.models.mixer_seq_simple")
+    for name in set(sys.modules) - before:           # forget the sdist's modules when the test ends
+        monkeypatch.setitem(sys.modules, name, sys.modules.pop(name))
+    return mixer_seq_simple
+
+
+@pytest.mark.skipif(not MAMBA_SSM_SDIST.is_file(), reason="needs the mamba-ssm sdist in .sdist/ (setup.sh)")
+def test_mamba_ssm_own_from_pretrained_reads_the_export(tmp_path, monkeypatch, bpe):
+    """mamba-ssm 2.3.2's own MambaLMHeadModel.from_pretrained (its load_config_hf / load_state_dict_hf,
+    MambaConfig(**config.json), strict load_state_dict) reads an export_mamba_ssm folder with every tensor
+    equal; and a folder written by its save_pretrained loads back into our model with the same logits."""
+    mixer_seq_simple = import_mamba_ssm_from_sdist(tmp_path, monkeypatch)
+    ours = our_tiny(bpe.vocab_size, seed=4)
+    export_mamba_ssm(ours, tmp_path / "ssm", tokenizer=bpe)
+    theirs = mixer_seq_simple.MambaLMHeadModel.from_pretrained(str(tmp_path / "ssm"))
+    assert theirs.lm_head.weight.data_ptr() == theirs.backbone.embedding.weight.data_ptr()   # tied
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
+    theirs.save_pretrained(str(tmp_path / "resaved"))
+    model, tok, info = load_pretrained(tmp_path / "resaved")
+    assert info["layout"] == "mamba_ssm" and tok is None
+    x = ids_for(bpe.vocab_size)
+    with torch.no_grad():
+        assert max_diff(model(x), ours(x)) == 0.0
+
+
+def test_half_precision_folders_load_as_float32(tmp_path):
+    """Folders stored in bfloat16 (transformers save_pretrained) or float16 (a mamba-ssm state dict) load
+    into a float32 model with the stored values exactly (reported as info["stored_dtype"])."""
+    hf = hf_tiny(56, seed=2).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf_bf16")
+    model, _, info = load_pretrained(tmp_path / "hf_bf16")
+    assert info["stored_dtype"] == "bfloat16" and next(model.parameters()).dtype == torch.float32
+    assert torch.equal(model.backbone.embedding.weight, hf.backbone.embeddings.weight.float())
+
+    ours = our_tiny(50, seed=6)
+    export_mamba_ssm(ours, tmp_path / "ssm")
+    state = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / "ssm" / "pytorch_model.bin")
+    model, _, info = load_pretrained(tmp_path / "ssm")
+    assert info["stored_dtype"] == "float16" and next(model.parameters()).dtype == torch.float32
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key].half().float()), key

@@ -222,3 +222,31 @@ def test_summarize_recall_groups_by_distance_and_kind():
     assert out["buckets"]["1024-4095"] == {"probes": 2, "accuracy": 0.5, "mean_logprob": -2.5, "reset_accuracy": 0.0}
     assert out["accuracy"] == pytest.approx(2 / 3) and out["reset_accuracy"] == 0.0
     assert out["by_kind"] == {"pet": 1.0, "town": 0.5}
+
+
+def test_carried_state_equals_one_long_forward_multitrack():
+    """Tiny multi-track model (narrative-signal state included): NLL with the cache carried over windows
+    equals one forward over the whole text (within 1e-5), as the books and recall stages assume."""
+    from multitrack.multitrack_config import multitrack_config
+    from multitrack.multitrack_model import MultiTrackLM
+    from multitrack.narrative import build_signal_tables
+    from multitrack.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = MultiTrackLM(multitrack_config("tiny", vocab_size=257, d_model=32, n_layer=2))
+    model.set_signal_table(build_signal_tables(tok))
+    with torch.no_grad():                               # move zero-initialised parts off zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.eval()
+    text = 'CHAPTER I\n\nHe said, "Run now, before the rain." Then he left.\n\n"Wait," she called. "Wait!"\n\nNight.'
+    ids = torch.tensor([tok.encode(text)])[:, :90]
+    x, y = ids[:, :-1], ids[:, 1:]                      # window 16: a quote spans a window boundary
+    with torch.no_grad():
+        full = M.token_nll(model, x, y, 257)
+        carried = M.windowed_nll(model, x, y, 16, 257, carry_state=True)
+        reset = M.windowed_nll(model, x, y, 16, 257, carry_state=False)
+    print("max |carried - full| =", float((carried - full).abs().max()))
+    assert torch.allclose(carried, full, atol=1e-5)
+    assert not torch.allclose(reset[:, 16:], full[:, 16:], atol=1e-4)

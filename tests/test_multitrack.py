@@ -116,7 +116,7 @@ def test_track_dt_initialisation_ranges():
     assert dt1.min() < 1e-3 and dt1.max() > 1e-2                               # spread over 3 decades
 
 
-@pytest.mark.parametrize("name", ["full", "one-track", "dt-clamp"])
+@pytest.mark.parametrize("name", ["full", "one-track", "dt-clamp", "no-cross", "no-signals", "uniform-router"])
 def test_step_matches_parallel_forward(name, byte_table, story_ids):
     """Guards generation: teacher-forced step() equals forward() logits (fp32, < 1e-4) and the cache
     carries the dialogue parity exactly as the parallel pass computes it."""
@@ -151,14 +151,21 @@ def test_chunked_forward_with_cache_equals_full_forward(byte_table, story_ids):
 
 def test_router_weights_and_stats(byte_table, story_ids):
     """Guards the router statistics: uniform at init, weights sum to 1 per token type, keys present,
-    dialogue share matches the narrative features, reset_stats clears, record_stats=False records nothing."""
+    dialogue share matches the narrative features, reset_stats clears, record_stats=False records nothing,
+    and by default ("train") eval-mode forwards (the trainer's val passes) are not recorded."""
     fresh = make_model(tiny(), byte_table, perturb=False).eval()
+    assert fresh.record_stats == "train"
+    with torch.no_grad():
+        fresh(story_ids)
+    assert fresh.stats() == {}                                                 # eval forward: not recorded
+    fresh.record_stats = True
     with torch.no_grad():
         fresh(story_ids)
     st = fresh.stats()
     assert all(abs(st[f"router/all/{t}"] - 1 / 3) < 1e-6 for t in fresh.config.track_names)
 
     model = make_model(tiny(), byte_table).eval()
+    model.record_stats = True
     with torch.no_grad():
         model(story_ids)
         model(story_ids[:1])
@@ -182,6 +189,7 @@ def test_router_weights_and_stats(byte_table, story_ids):
     model(story_ids)
     assert model.stats() == {}
     uniform = make_model(tiny(router="uniform"), byte_table).eval()
+    uniform.record_stats = True
     with torch.no_grad():
         uniform(story_ids)
     assert uniform.stats() == {} and uniform.aux_loss() is None
@@ -264,9 +272,46 @@ def test_train_multitrack_script_end_to_end(demo_data_dir, tmp_path):
     with_stats = {row["step"] for row in evals if "router/all/plot" in row and "router/dialogue/scene" in row}
     assert with_stats == {row["step"] for row in evals} == {2, 4}
     assert (out / "router_usage.png").stat().st_size > 1000
-    assert len((out / "router_stats.jsonl").read_text().splitlines()) >= 2
+    stat_rows = [json.loads(line) for line in (out / "router_stats.jsonl").read_text().splitlines()]
+    # one row per eval step: the epoch-end val pass at step 4 is not recorded (eval-mode forwards)
+    assert [row["step"] for row in stat_rows] == [2, 4]
+    assert stat_rows[0]["router/tokens"] == stat_rows[1]["router/tokens"]       # 2 training steps each
     model, ckpt = model_from_checkpoint(out / "ckpt_latest.pt")
     assert ckpt["model_type"] == "multitrack" and model.signal_table.any()
     bad = subprocess.run([sys.executable, str(root / "train_multitrack.py"), *args, "--track_dt=1e-2"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_clamped_delta_meets_kernel_dtype_contract():
+    """Guards dt_clamp_factor on GPU: mamba-ssm's selective_scan_cuda requires Δ in u's dtype (bf16 under
+    autocast) and fp32 delta_bias, and its Triton step kernel cannot take dt_bias=None; the clamped Δ is
+    returned in dt's dtype with a float32 zero bias, clamped to each track's widened range."""
+    cfg = tiny(dt_clamp_factor=2.0)
+    mixer = MultiTrackLM(cfg).backbone.layers[0].mixer
+    dt = torch.randn(2, cfg.d_inner, 5).mul(20).to(torch.bfloat16)             # (B, Di, L), extreme values
+    delta, bias, softplus = mixer._delta(dt, channel_dim=1)
+    assert delta.dtype == torch.bfloat16 and not softplus
+    assert bias is not None and bias.dtype == torch.float32 and not bias.any()
+    lo = torch.tensor([r[0] for r in cfg.dt_ranges]).repeat_interleave(cfg.d_track) / 2
+    hi = torch.tensor([r[1] for r in cfg.dt_ranges]).repeat_interleave(cfg.d_track) * 2
+    d = delta.float()
+    assert (d >= lo[:, None] * 0.99).all() and (d <= hi[:, None] * 1.01).all()
+    free = MultiTrackLM(tiny()).backbone.layers[0].mixer._delta(dt, channel_dim=1)
+    assert free[0] is dt and free[1].dtype == torch.float32 and free[2]      # unclamped: the kernel applies softplus
+
+
+def test_cross_track_step_equals_forward():
+    """Guards the fused decode path of the cross-track attention: step (one SDPA call) equals forward
+    (broadcast form) on the same positions, and is not the identity once the output projection is trained."""
+    from multitrack.cross_track import CrossTrackAttention
+
+    torch.manual_seed(0)
+    cross = CrossTrackAttention(n_tracks=3, d_track=12, n_heads=2, head_dim=4)
+    with torch.no_grad():
+        cross.out.normal_(std=0.5)
+    y = torch.randn(5, 3, 12)                                                    # (B, G, d_track)
+    full = cross(y[:, None])[:, 0]                                               # as (B, L=1, G, d_track)
+    step = cross.step(y)
+    print(f"max |step - forward| = {(step - full).abs().max().item():.2e}")
+    assert torch.allclose(step, full, atol=1e-6) and not torch.allclose(step, y, atol=1e-3)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from multitrack.narrative import (COL, FEATURE_NAMES, SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState,
-                                  build_signal_tables, dialogue_parity, narrative_features, token_signals)
+                                  build_signal_tables, dialogue_parity, narrative_features, narrative_step,
+                                  token_signals)
 from multitrack.tokenizer import load_tokenizer, train_demo_bpe
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -138,3 +139,21 @@ def test_narrative_state_chunked_equals_full():
         f2, t2, s2 = narrative_features(table[ids[:, cut:]], s)
         assert torch.equal(torch.cat([f1, f2], 1), full) and torch.equal(torch.cat([t1, t2], 1), full_types)
         assert torch.equal(s2.parity, full_state.parity)
+
+
+@pytest.mark.parametrize("vocab", ["byte", "bpe"])
+def test_narrative_step_equals_chunk_features(vocab, bpe):
+    """Guards the decode-step fast path: narrative_step, token by token, gives the same features and
+    the same carried state as narrative_features over the whole chunk (byte-level and BPE vocabularies)."""
+    tok = load_tokenizer("byte") if vocab == "byte" else bpe
+    table = build_signal_tables(tok)
+    story = STORY + '"Still talking\n\n"and again," he said.\n"Ends'
+    ids = tok.encode(story)
+    ids = torch.tensor([ids[:100], ids[-100:]])                                  # (2, 100), different contexts
+    full, _, full_state = narrative_features(table[ids])
+    state = NarrativeState.zeros(2)
+    steps = torch.stack([narrative_step(table[ids[:, t]], state) for t in range(ids.shape[1])], dim=1)
+    assert steps.dtype == torch.float32 and torch.equal(steps, full)
+    assert full[..., F["in_dialogue"]].any() and full[..., F["paragraph_break"]].any()
+    for name in ("parity", "prev_ends_newline", "prev_reset"):
+        assert torch.equal(getattr(state, name), getattr(full_state, name)), name

@@ -232,3 +232,76 @@ def test_env_var_forces_pytorch_path():
     with ops.force_pytorch():
         assert ops._pytorch_only
     assert not ops._pytorch_only
+
+
+def test_kernel_dispatch_passes_the_dtypes_mamba_ssm_checks(monkeypatch):
+    """The CUDA dispatch hands mamba_ssm / causal_conv1d / Triton kernels what their checks demand
+    (selective_scan.cpp: Δ, B, C, z in u's dtype, A/D/Δ_bias fp32; causal_conv1d.cpp: bias dtype ==
+    weight dtype; selective_state_update: D and dt_bias never None). Strict stand-in kernels raise like
+    the real TORCH_CHECKs would, so a caller under autocast with a float32 Δ (the multi-track mixer) or
+    without D / dt_bias cannot crash the GPU run."""
+    seen = {}
+
+    def strict_scan(u, dl, A, B, C, D, z, db, sp, rls):
+        assert dl.dtype == B.dtype == C.dtype == z.dtype == u.dtype, "input-dtype mismatch"
+        assert A.dtype == D.dtype == db.dtype == torch.float32, "weight-dtype mismatch"
+        seen["scan"] = u.dtype
+        return ops.selective_scan_ref(u, dl, A, B, C, D, z, db, sp, return_last_state=rls)
+
+    def strict_conv(x, weight, bias, activation=None):
+        assert bias.dtype == weight.dtype, "bias must have the weight's dtype"
+        seen["conv"] = (x.dtype, weight.dtype)
+        return ops.causal_conv1d_ref(x, weight, bias, activation)
+
+    def strict_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        D.stride(), dt_bias.stride()  # mamba_ssm 2.3.2 unpacks both strides unconditionally
+        seen["update"] = True
+        return _ssu_pytorch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    monkeypatch.setattr(ops, "_ss_cuda", strict_scan)
+    monkeypatch.setattr(ops, "_conv_cuda", strict_conv)
+    monkeypatch.setattr(ops, "_ssu_triton", strict_update)
+    kernels = (strict_scan, strict_conv, strict_update)
+    monkeypatch.setattr(ops, "_use", lambda kernel, *tensors: kernel in kernels)
+    t = _scan_inputs(2, 4, 3, 9, None, True, True, requires_grad=False)
+    u16 = t["u"].bfloat16()
+    out = ops.selective_scan(u16, t["delta"], t["A"].double(), t["B"], t["C"].bfloat16(), t["D"].bfloat16(),
+                             t["z"], t["delta_bias"].bfloat16(), True)
+    assert seen["scan"] == torch.bfloat16 and out.dtype == torch.bfloat16
+    w, bias = torch.randn(4, 4), torch.randn(4).bfloat16()
+    ops.causal_conv1d(u16, w, bias, "silu")
+    assert seen["conv"] == (torch.bfloat16, torch.float32)   # weight kept in fp32, as mamba-ssm's Mamba
+    # selective_state_update without D and dt_bias: zeros are passed, the result is the reference's
+    state = torch.randn(2, 4, 3)
+    state_ref = state.clone()
+    x, dt, B, C = torch.randn(2, 4), torch.rand(2, 4), torch.randn(2, 3), torch.randn(2, 3)
+    y = ops.selective_state_update(state, x, dt, t["A"], B, C)
+    assert seen["update"]
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_use", lambda kernel, *tensors: False)
+        y_ref = ops.selective_state_update(state_ref, x, dt, t["A"], B, C)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(state, state_ref)
+
+
+def _ssu_pytorch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """The PyTorch selective_state_update (the stand-in Triton kernel computes with it)."""
+    original = ops._use
+    ops._use = lambda kernel, *tensors: False
+    try:
+        return ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    finally:
+        ops._use = original
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cpu_scan_states_are_time_major_contiguous(groups):
+    """The PyTorch scan's (l, b, d, n) tensors exp(Δ'A) and h are contiguous time-major: products with
+    a permuted (b, d, l) view used to inherit its layout, so every scan step read a strided slice and
+    the C . h / B contractions cloned the whole state (1.5-3x slower CPU training; no timing asserted)."""
+    b, d, n, l = 2, 8, 4, 13
+    u, dt = torch.randn(b, d, l), torch.rand(b, d, l)
+    A, Bt = -torch.rand(d, n), torch.randn(l, b, groups, n)
+    dA, hs = ops._forward_states(u, dt, A, Bt, torch.randn(b, d, n), 64, "loop")
+    assert dA.shape == hs.shape == (l, b, d, n)
+    assert dA.is_contiguous() and hs.is_contiguous()

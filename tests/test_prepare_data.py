@@ -163,6 +163,27 @@ def test_reuse_and_force(tmp_path, capsys):
     assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d or ".old-" in d]
 
 
+def test_force_never_deletes_a_folder_that_is_not_a_data_dir(tmp_path):
+    """--force=True replaces a prepared data dir, but refuses (UserError, files intact) a folder holding
+    anything else, e.g. a mistyped --out_dir=data that holds other data dirs."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    precious = tmp_path / "precious"
+    (precious / "demo").mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, src, "--force=True", name="precious")
+    assert e.value.code == 2
+    assert (precious / "notes.txt").read_text() == "keep me" and (precious / "demo").is_dir()
+    partial = tmp_path / "partial"  # an incomplete data dir (no meta.json) may be rebuilt with --force
+    partial.mkdir()
+    (partial / "train.bin").write_bytes(b"\0\0")
+    with pytest.raises(SystemExit):
+        run(tmp_path, src, name="partial")
+    meta = load_meta(run(tmp_path, src, "--force=True", name="partial"))
+    assert meta["splits"]["train"]["tokens"] > 1
+
+
 def test_uint16_overflow_refused(tmp_path, monkeypatch):
     """A tokenizer whose ids do not fit uint16 is refused before anything is written."""
     class Huge:
@@ -226,6 +247,76 @@ def test_jsonl_and_txt_folder_sources(tmp_path):
     ids = sorted(i for s in ("train", "val", "test") for i in meta["splits"][s]["book_ids"])
     assert ids == [300, 301, 302, 303]
     assert "decoded as latin-1" in open(tmp_path / "t" / "report.md", encoding="utf-8").read()
+
+
+def test_undecodable_bytes_are_kept_with_a_counted_note(tmp_path):
+    """Non-UTF-8 bytes (a binary TEXT column, a jsonl line with invalid bytes) never vanish silently:
+    the book is decoded (latin-1 / U+FFFD), kept, and counted in meta.json's "notes" and report.md."""
+    rows = pg_rows(4)
+    latin = pg_file(demo_bodies(1, seed=11)[0] + " Café déjà vu.", 150).encode("latin-1")
+    table = pa.table({"TEXT": pa.array([r["TEXT"].encode() for r in rows] + [latin], pa.binary()),
+                      "METADATA": [r["METADATA"] for r in rows] + [json.dumps({"text_id": 150, "language": "en"})]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'b.parquet'}", name="b"))
+    assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 5 and meta["skipped"] == {}
+    assert meta["notes"] == {"not UTF-8: decoded as latin-1": 1}
+    split = next(s for s in ("train", "val", "test") if 150 in meta["splits"][s]["book_ids"])
+    ts = TokenSplit(tmp_path / "b", split)
+    _, start, n = next(sp for sp in ts.book_spans() if sp[0] == 150)
+    assert "Café déjà vu." in load_tokenizer("byte").decode(ts.tokens[start:start + n])
+    with open(tmp_path / "j.jsonl", "wb") as f:
+        for r in rows[:3]:
+            f.write(json.dumps(r).encode() + b"\n")
+        f.write(json.dumps({"TEXT": demo_bodies(1, seed=12)[0] + " XY", "METADATA": json.dumps({"text_id": 160})})
+                .encode().replace(b" XY", b" \xff\xfe") + b"\n")
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'j.jsonl'}", name="j"))
+    assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 4
+    assert meta["notes"] == {"invalid UTF-8 bytes replaced by U+FFFD": 1}
+    assert "Kept with a note: invalid UTF-8" in open(tmp_path / "j" / "report.md", encoding="utf-8").read()
+
+
+def test_books_without_markers_are_kept_and_counted(tmp_path):
+    """A pre-cleaned book (hub style: no PG markers, no PG text) is kept whole, and meta.json counts it."""
+    rows = pg_rows(4)
+    body = demo_bodies(1, seed=13)[0]
+    rows.append({"TEXT": body, "SOURCE": "PG", "METADATA": json.dumps({"text_id": 170, "language": "en"})})
+    write_parquet(tmp_path / "a.parquet", rows)
+    meta = load_meta(run(tmp_path, f"--source={tmp_path / 'a.parquet'}"))
+    assert meta["cleaning"]["head"] == {"marker": 4, "precleaned": 1, "heuristic": 0}
+    assert meta["cleaning"]["tail"] == {"marker": 4, "precleaned": 1, "heuristic": 0}
+    assert meta["cleaning"]["header_chars"] > 0 and meta["cleaning"]["footer_chars"] > 0
+    split = next(s for s in ("train", "val", "test") if 170 in meta["splits"][s]["book_ids"])
+    ts = TokenSplit(tmp_path / "out", split)
+    _, start, n = next(sp for sp in ts.book_spans() if sp[0] == 170)
+    assert load_tokenizer("byte").decode(ts.tokens[start:start + n - 1]) == clean_book(body)[0] == body
+
+
+def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a run: exit 130 with one line, no out_dir, no tmp dir; a --force rebuild
+    that is interrupted leaves the previous data dir intact."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(6))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    real, calls = prepare_data.process_book, []
+
+    def interrupt_third(rec):
+        calls.append(rec["id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(rec)
+    monkeypatch.setattr(prepare_data, "process_book", interrupt_third)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, src)
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["a.parquet"]
+    monkeypatch.setattr(prepare_data, "process_book", real)
+    before = load_meta(run(tmp_path, src))["fingerprint"]
+    monkeypatch.setattr(prepare_data, "process_book", interrupt_third)
+    calls.clear()
+    with pytest.raises(SystemExit):
+        run(tmp_path, src, "--seq_len=32", "--force=True")
+    meta = load_meta(tmp_path / "out")
+    assert meta["fingerprint"] == before and meta["seq_len"] == 64
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "out"]
 
 
 def test_hub_offline_is_user_error(tmp_path, monkeypatch):

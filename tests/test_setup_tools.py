@@ -1,6 +1,7 @@
-"""Tests of the install tooling: the gencode patch that setup.sh applies to the kernel sdists."""
+"""Tests of the install tooling: the gencode patch that setup.sh applies to the kernel sdists, and setup.sh options."""
 
 import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
@@ -72,3 +73,40 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
     readme = (REPO / "README.md").read_text()
     assert ci[-1] in readme, f"README.md does not contain the CI test command {ci[-1]!r}"
+
+
+def _setup(*args):
+    return subprocess.run(["bash", str(REPO / "setup.sh"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_setup_sh_help_lists_every_option():
+    """./setup.sh --help exits 0, shows only the usage text (no shell code) and names every option it parses."""
+    r = _setup("--help")
+    assert r.returncode == 0
+    parsed = set(re.findall(r"^\s*(--[a-z-]+)(?:\|[^)]*)?\)", (REPO / "setup.sh").read_text(), re.M))
+    assert {"--venv", "--wheelhouse", "--offline", "--mamba-only", "--no-kernels", "--kernels"} <= parsed
+    for opt in parsed:
+        assert opt in r.stdout, f"{opt} is parsed by setup.sh but missing from --help"
+    assert "set -uo" not in r.stdout and "TORCH_VERSION" not in r.stdout
+
+
+def test_setup_sh_bad_options_fail_fast_with_one_line(tmp_path):
+    """Bad options exit 2 with one 'setup.sh: ...' line before anything is installed or created."""
+    cases = {("--frobnicate",): "unknown option", ("--venv",): "--venv needs a value",
+             ("--wheelhouse",): "--wheelhouse needs a value",
+             ("--wheelhouse", "--offline"): "--wheelhouse needs a value",
+             ("--wheelhouse", str(tmp_path / "nope")): "no such folder",
+             ("--mamba-only", "--no-kernels"): "contradict"}
+    for args, msg in cases.items():
+        r = _setup("--venv", str(tmp_path / "v"), *args)
+        out = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 2 and len(out) == 1 and out[0].startswith("setup.sh: ") and msg in out[0], (args, out)
+    assert not (tmp_path / "v").exists()
+
+
+def test_demo_sh_without_setup_says_run_setup(tmp_path):
+    """./demo.sh with no usable python (setup.sh not run) stops with one line saying to run ./setup.sh."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "no-python")}
+    r = subprocess.run(["bash", str(REPO / "demo.sh")], capture_output=True, text=True, timeout=60, env=env)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(out) == 1 and "./setup.sh" in out[0]
