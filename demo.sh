@@ -10,7 +10,6 @@ if ! "$PY" -c 'import torch, tokenizers' 2>/dev/null; then
   echo "demo.sh: $PY cannot import torch/tokenizers: run ./setup.sh first (or set PYTHON=/path/to/python)"; exit 2
 fi
 T0=$(date +%s)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # small ops: one thread is fastest on small CPUs
 echo "==> 1/3 prepare data/demo (procedural stories, BPE trained on the fly)"
 "$PY" prepare_data.py --source=demo
 echo "==> 2/3 train the small-cpu baseline into out/demo"

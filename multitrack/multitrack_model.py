@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from multitrack import ops
 from multitrack.errors import UserError
-from multitrack.mamba import init_lm_weights
+from multitrack.mamba import MambaCache, init_lm_weights
 from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
@@ -38,22 +38,16 @@ __all__ = ["MultiTrackConfig", "MultiTrackLM", "MultiTrackCache", "PRESETS", "mu
            "count_params", "baseline_params", "parameter_report"]
 
 
-class MultiTrackCache:
+class MultiTrackCache(MambaCache):
     """Recurrent state: per layer conv_states[i] (B, Di, d_conv), ssm_states[i] (B, Di, N) float32, and
     the narrative state (dialogue parity, previous-token flags). Updated in place; `reset()` zeroes it."""
 
     def __init__(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor], narrative: NarrativeState):
-        self.conv_states = conv_states
-        self.ssm_states = ssm_states
+        super().__init__(conv_states, ssm_states)
         self.narrative = narrative
 
-    @property
-    def batch_size(self) -> int:
-        return self.conv_states[0].shape[0]
-
     def reset(self) -> None:
-        for t in self.conv_states + self.ssm_states:
-            t.zero_()
+        super().reset()
         self.narrative.reset()
 
 
