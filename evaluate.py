@@ -92,14 +92,6 @@ STATE_FORMAT = "mamba-narrative-eval-state/1"
 # setup: device, data, checkpoints
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={spec} but CUDA is not available here; use --device=cpu")
-    return torch.device(spec)
-
-
 def autocast(dev: torch.device):
     if dtype == "float32":
         return torch.autocast(dev.type, enabled=False)
@@ -270,13 +262,6 @@ def target_pieces(row: np.ndarray, tokenizer) -> list[str]:
     return pieces
 
 
-def ends_in_word(pieces: list[str], previous: bool) -> bool:
-    for p in reversed(pieces):
-        if p:
-            return not p[-1].isspace()
-    return previous
-
-
 class Progress:
     """Resumable accumulators of a running stage: `saved` (a JSON dict from an interrupted run, or None)
     seeds them; `tick(make)` hands `make()` (the current accumulators, JSON-safe) to `save` at most every
@@ -342,7 +327,7 @@ def eval_loss(model, tokenizer, data, dev, progress: Progress | None = None) -> 
             pieces = target_pieces(row, tokenizer)
             contiguous = prev_index is not None and k == prev_index + 1
             total_words += M.count_words(pieces, continues_word=contiguous and prev_in_word)
-            prev_index, prev_in_word = k, ends_in_word(pieces, contiguous and prev_in_word)
+            prev_index, prev_in_word = k, M.ends_in_word(pieces, contiguous and prev_in_word)
         bar.update(len(batch) * L)
         bar.set_postfix(loss=f"{total_nll / (pos_count[0] * L):.4f}")
         progress.tick(lambda: {"next": b + len(batch), "total_nll": total_nll, "total_bytes": total_bytes,
@@ -536,11 +521,7 @@ def eval_recall(model, tokenizer, meta: dict, dev, win: int) -> dict:
         raise UserError("model has no allocate_cache(); the recall probe carries the recurrent state over windows")
     books, where = recall_books(meta)
     eos, V = tokenizer.eos_id, tokenizer.vocab_size
-    try:
-        edges = sorted(int(e) for e in recall_distance_edges.split(","))
-    except ValueError:
-        raise UserError(f"--recall_distance_edges={recall_distance_edges!r}: "
-                        "expected comma-separated integers") from None
+    edges = distance_edges(recall_distance_edges)
     per_mode = {"carried": [], "reset": []}
     n_tokens = 0
     for book in tqdm(books, desc="recall", unit="book", dynamic_ncols=True):
@@ -557,6 +538,14 @@ def eval_recall(model, tokenizer, meta: dict, dev, win: int) -> dict:
     if not per_mode["carried"]:
         return {"skipped": "the demo stories produced no recall probe"}
     return {"stories": where, "tokens": n_tokens, **M.summarize_recall(per_mode["carried"], per_mode["reset"], edges)}
+
+
+def distance_edges(spec: str) -> list[int]:
+    """The sorted bucket edges of --recall_distance_edges; UserError unless comma-separated integers."""
+    try:
+        return sorted(int(e) for e in spec.split(","))
+    except ValueError:
+        raise UserError(f"--recall_distance_edges={spec!r}: expected comma-separated integers") from None
 
 
 def recall_logprobs(model, x, win: int, vocab_size: int, spans: list[tuple[int, int]], carry_state: bool) -> list:
@@ -592,7 +581,7 @@ def recall_logprobs(model, x, win: int, vocab_size: int, spans: list[tuple[int, 
 
 def fmt(x, digits=4) -> str:
     if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return "–" if x is None or math.isnan(x) else "inf"
+        return "–" if x is None or math.isnan(x) else str(x)          # "inf" / "-inf"
     if isinstance(x, bool):
         return str(x)
     if isinstance(x, int):
@@ -811,7 +800,8 @@ def section_generation(results: dict) -> str:
              f"tokens of {split} books, {gen_tokens} tokens generated with temperature={temperature}, top_k={top_k}, "
              f"top_p={top_p}, min_p={min_p}, repetition_penalty={repetition_penalty}, seed={seed}. distinct-n: "
              "unique/total n-grams of a sample; seq-rep-4: 1 - unique/total 4-grams (Welleck et al. 2019); rep/l: "
-             "share of sampled tokens already among the previous l tokens (prompt included); loop: a block of >= {loop_min_period} tokens repeated {loop_repeats} times back "
+             "share of sampled tokens already among the previous l tokens (prompt included); loop: a block of "
+             f">= {loop_min_period} tokens repeated {loop_repeats} times back "
              "to back; name consistency: share of capitalised-name mentions that reuse names of the prompt; "
              "'real continuation' scores the books' own next tokens the same way.")
     for n in names_:
@@ -877,9 +867,13 @@ def report_sections(results: dict, infos: dict, meta: dict, win: int, L: int, pn
 def main() -> None:
     from multitrack.data import TokenSplit, load_meta
     from multitrack.report import write_markdown
+    from multitrack.trainer import resolve_device
 
     chosen = parse_stages(stages)
-    dev = pick_device(device)
+    dev = resolve_device(device)
+    autocast(dev)                                   # bad --dtype / --recall_distance_edges: an error now,
+    if "recall" in chosen:                          # not a stage skipped for every checkpoint
+        distance_edges(recall_distance_edges)
     pairs = checkpoint_list(ckpts, names)
     meta = load_meta(data_dir)
     if split not in meta.get("splits", {}):

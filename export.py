@@ -44,11 +44,13 @@ def check_destination(dest: Path) -> None:
                         f"or choose another --out")
 
 
-def write_format(fmt: str, folder: Path, name: str) -> list[str]:
+def write_format(fmt: str, folder: Path, name: str, source: tuple) -> list[str]:
+    """Write one layout from `source` = (model, tokenizer, info) of interop.resolve_source."""
     from multitrack.interop import export_hf, export_mamba_ssm
+    model, tok, info = source
     if fmt == "hf":
-        return export_hf(ckpt, folder, tokenizer=tokenizer or None, name=name)
-    return export_mamba_ssm(ckpt, folder, tokenizer=tokenizer or None)
+        return export_hf(model, folder, tokenizer=tok, info=info, name=name)
+    return export_mamba_ssm(model, folder, tokenizer=tok, info=info)
 
 
 def move_into_place(tmp: Path, dest: Path) -> None:
@@ -73,6 +75,8 @@ def main() -> None:
         raise UserError(f"--format={format!r}: choose one of {', '.join(FORMATS)}")
     dest = Path(out)
     check_destination(dest)
+    from multitrack.interop import resolve_source
+    source = resolve_source(ckpt, tokenizer or None)     # loaded once for every format
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,7 +85,7 @@ def main() -> None:
         written = {}
         for fmt in fmts:
             sub, name = (tmp / fmt, f"{dest.name}/{fmt}") if format == "both" else (tmp, dest.name)
-            written[fmt] = write_format(fmt, sub, name)
+            written[fmt] = write_format(fmt, sub, name, source)
         move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -113,6 +113,11 @@ def _decode(raw: bytes) -> tuple[str, str | None]:
         return raw.decode("latin-1"), "not UTF-8: decoded as latin-1"
 
 
+def _title(meta: dict) -> str:
+    """A book's title for report.md: first line only (a table row), at most 60 characters."""
+    return str(meta.get("title") or "").split("\n")[0].strip()[:60]
+
+
 def _record(text, metadata, origin, note=None) -> dict:
     """One book record. Bytes (a binary TEXT column) are decoded; problems become a per-book `note`,
     counted in meta.json's "notes" when the book is kept."""
@@ -305,7 +310,7 @@ def process_book(rec: dict) -> dict:
     """Clean, check and tokenize one book. Returns a result dict with status 'ok' or a skip reason."""
     cfg, tok = _WORKER["cfg"], _WORKER["tok"]
     text, report = gutenberg.clean_book(rec["text"], unwrap=cfg["unwrap"])
-    out = {"id": rec["id"], "title": str(rec["meta"].get("title") or "").split("\n")[0].strip()[:60],
+    out = {"id": rec["id"], "title": _title(rec["meta"]),
            "report": report.as_dict(), "note": rec["note"], "raw_chars": len(rec["text"])}
     if len(text) < cfg["min_chars"]:
         return {**out, "status": "empty" if not text.strip() else "too short"}
@@ -422,9 +427,10 @@ def cleaning_totals(rows) -> dict:
     return tot
 
 
-def write_report(path, name, meta, rows, skipped, moves, elapsed):
-    """report.md: totals, skips and the per-book cleaning table."""
-    sp = meta["splits"]
+def write_report(path, name, meta, rows, elapsed):
+    """report.md: totals, skips and the per-book cleaning table (totals from meta's "cleaning", "skipped",
+    "notes" and "rebalanced")."""
+    sp, cl = meta["splits"], meta["cleaning"]
     lines = [f"# Data preparation report: `{name}`", "",
              f"Source: `{json.dumps(meta['source'])[:300]}`  ",
              f"Tokenizer: `{meta['tokenizer']['name']}` (vocab {meta['tokenizer']['vocab_size']}, "
@@ -433,24 +439,18 @@ def write_report(path, name, meta, rows, skipped, moves, elapsed):
              "| split | books | characters | tokens | sequences |", "| --- | ---: | ---: | ---: | ---: |"]
     for s in SPLITS:
         lines.append(f"| {s} | {sp[s]['books']:,} | {sp[s]['characters']:,} | {sp[s]['tokens']:,} | {sp[s]['sequences']:,} |")
-    tot = Counter()
-    for r in (r for r in rows if r["status"] == "ok"):
-        for k in ("header_chars", "footer_chars", "credit_chars", "illustration_chars", "note_chars"):
-            tot[k] += r["report"][k]
-        tot["head=" + r["report"]["head"]] += 1
-        tot["tail=" + r["report"]["tail"]] += 1
     lines += ["", "## Cleaning totals (kept books)", "",
-              "Removed characters: " + ", ".join(f"{k} {tot[k]:,}" for k in
+              "Removed characters: " + ", ".join(f"{k} {cl[k]:,}" for k in
                                                   ("header_chars", "footer_chars", "credit_chars",
                                                    "illustration_chars", "note_chars")) + ".  ",
               "How the header/footer were found (marker / precleaned / heuristic, see multitrack/gutenberg.py): "
-              + ", ".join(f"{k}: {v}" for k, v in sorted(tot.items()) if k.startswith(("head=", "tail="))) + ".", "",
-              "## Skipped", ""]
-    lines += [f"- {reason}: {n}" for reason, n in sorted(skipped.items())] or ["- none"]
-    if meta.get("notes"):
+              + ", ".join(f"{end}={how}: {n}" for end in ("head", "tail") for how, n in sorted(cl[end].items()) if n)
+              + ".", "", "## Skipped", ""]
+    lines += [f"- {reason}: {n}" for reason, n in sorted(meta["skipped"].items())] or ["- none"]
+    if meta["notes"]:
         lines += ["", "Kept with a note: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["notes"].items())) + "."]
-    if moves:
-        lines += ["", "Tiny corpus: moved " + ", ".join(f"book {b} {a}->{t}" for b, a, t in moves) + "."]
+    if meta["rebalanced"]:
+        lines += ["", "Tiny corpus: moved " + ", ".join(f"book {b} {a}->{t}" for b, a, t in meta["rebalanced"]) + "."]
     lines += ["", "## Per book", "",
               "| id | title | split | status | chars in | chars out | tokens | header | footer | credits | illus. | notes | head | tail | note |",
               "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
@@ -498,8 +498,9 @@ def check_existing(out, request, force) -> bool:
     old = None
     if os.path.isfile(meta_path):
         try:
-            old = json.load(open(meta_path, encoding="utf-8")).get("request")
-        except (OSError, json.JSONDecodeError):
+            with open(meta_path, encoding="utf-8") as f:
+                old = json.load(f).get("request")
+        except (OSError, json.JSONDecodeError, AttributeError):  # AttributeError: meta.json holds no object
             old = None
     if not os.path.isdir(out):
         raise UserError(f"--out_dir={out} is a file, not a folder; choose another --out_dir")
@@ -569,7 +570,7 @@ def _selected(records, cfg, skipped, rows):
                 reason = "not fiction (metadata)"
         if reason:
             skipped[reason] += 1
-            rows.append({"id": rec["id"], "title": str(rec["meta"].get("title") or "")[:60], "status": reason,
+            rows.append({"id": rec["id"], "title": _title(rec["meta"]), "status": reason,
                          "report": gutenberg.CleanReport().as_dict(), "note": rec["note"]})
             continue
         if rec["id"] is None:
@@ -587,33 +588,35 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
     bar = tqdm(total=expected, unit="book", desc="prepare", dynamic_ncols=True, smoothing=0.05)
     raw_bytes = n_tok = kept = 0
     results = _results(_selected(records, cfg, skipped, rows), tok, cfg, workers)
-    for res in results:
-        raw_bytes += res["raw_chars"]
-        bar.update(1)
-        if res["status"] == "ok" and res["sha"] in seen_sha:
-            res["status"] = "duplicate text"
-        if res["status"] != "ok":
-            skipped[res["status"]] += 1
+    try:  # on an error or Ctrl-C too: stop the worker pool and close the .bin files now
+        for res in results:
+            raw_bytes += res["raw_chars"]
+            bar.update(1)
+            if res["status"] == "ok" and res["sha"] in seen_sha:
+                res["status"] = "duplicate text"
+            if res["status"] != "ok":
+                skipped[res["status"]] += 1
+                rows.append(res)
+                continue
+            seen_sha.add(res["sha"])
+            for note in (res["note"] or "").split("; "):
+                if note:
+                    notes[note] += 1
+            split = assign_split(res["id"], cfg["val_permille"], cfg["test_permille"])
+            split_of[res["id"]] = split
+            writer.add(split, res["id"], res["chars"], res.pop("tokens"))
+            res["split"], res["n_tokens"] = split, writer.stats[split]["book_spans"][-1][2]
             rows.append(res)
-            continue
-        seen_sha.add(res["sha"])
-        for note in (res["note"] or "").split("; "):
-            if note:
-                notes[note] += 1
-        split = assign_split(res["id"], cfg["val_permille"], cfg["test_permille"])
-        split_of[res["id"]] = split
-        writer.add(split, res["id"], res["chars"], res.pop("tokens"))
-        res["split"], res["n_tokens"] = split, writer.stats[split]["book_spans"][-1][2]
-        rows.append(res)
-        kept += 1
-        n_tok += res["n_tokens"]
-        dt = max(time.time() - t0, 1e-6)
-        bar.set_postfix_str(f"{raw_bytes / dt / 1e6:.2f} MB/s, {n_tok / dt / 1e3:.0f}k tok/s, kept {kept}")
-        if limit and kept >= limit:
-            break
-    results.close()
-    bar.close()
-    writer.close()
+            kept += 1
+            n_tok += res["n_tokens"]
+            dt = max(time.time() - t0, 1e-6)
+            bar.set_postfix_str(f"{raw_bytes / dt / 1e6:.2f} MB/s, {n_tok / dt / 1e3:.0f}k tok/s, kept {kept}")
+            if limit and kept >= limit:
+                break
+    finally:
+        results.close()
+        bar.close()
+        writer.close()
     if kept == 0:
         raise UserError(f"no usable books in --source={cfg['source']} (skipped: "
                         + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none") + ")")
@@ -653,7 +656,7 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
             f.write(tok.json)
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
         f.write(dump_meta(meta))
-    write_report(os.path.join(tmp, "report.md"), out, meta, rows, skipped, moves, time.time() - t0)
+    write_report(os.path.join(tmp, "report.md"), out, meta, rows, time.time() - t0)
     print(f"kept {kept} books, skipped {sum(skipped.values())}: "
           + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
           + f"; {raw_bytes / 1e6:.1f} MB raw text in {time.time() - t0:.1f} s")

@@ -3,7 +3,8 @@
     python prepare_data.py --source=demo                       # offline demo corpus -> data/demo (~5 s)
     python train_baseline.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo --seq_len=256 \
         --max_steps=60 --eval_interval=20                      # 2.2M params, ~6 min on 2 busy CPU cores, val loss ~1.7
-    python train_baseline.py --resume=True --out_dir=out/demo   # continue exactly where it stopped
+    python train_baseline.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo --seq_len=256 \
+        --max_steps=60 --eval_interval=20 --resume=True         # continue exactly: the same flags plus --resume=True
     torchrun --nproc_per_node=4 train_baseline.py --data_dir=data/gutenberg-neox   # DDP, same global batch
 
 The reference run: preset mamba-130m (126.9M params, NeoX tokenizer), global batch 8 x 1024 tokens,

@@ -101,8 +101,6 @@ def model_from_checkpoint(ckpt_or_path, device="cpu"):
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, dict) else load_checkpoint(ckpt_or_path)
     try:
         model = build_model(ckpt["model_type"], ckpt["model_config"], device="cpu")
-    except UserError:
-        raise
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot rebuild model_type={ckpt.get('model_type')!r} from the checkpoint's model_config ({e})")
     missing, unexpected = _load_strict(model, clean_state_dict(ckpt["model"]))

@@ -205,10 +205,9 @@ def _dialogue(w: _Writer, cast: list[dict], rng: random.Random):
     a, b = rng.sample(cast, 2)
     for _ in range(rng.randint(2, 4)):
         line = rng.choice(LINES)
-        mark = "?" if line.startswith(("Did", "Where")) else ","
-        if mark == "?":
+        if line.startswith(("Did", "Where")):  # the questions among LINES
             w.add([f"\"{line}?\" {rng.choice(['asked', 'whispered'])} {a['first']}."])
-        else:
+        else:  # any verb but "asked"
             w.add([f"\"{line},\" {rng.choice(REPLIES[:1] + REPLIES[2:])} {a['first']}."])
         a, b = b, a
 

@@ -279,9 +279,13 @@ def read_prompts(prompt: str, prompt_file: str = "") -> list[str]:
     prompts = [prompt.replace("\\n", "\n")] if prompt or not prompt_file else []
     if prompt_file:
         try:
-            text = open(prompt_file, encoding="utf-8").read()
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
         except OSError as e:
-            raise UserError(f"cannot read --prompt_file={prompt_file} ({e.strerror})")
+            raise UserError(f"cannot read --prompt_file={prompt_file} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read --prompt_file={prompt_file} (not UTF-8 text: {e.reason} at byte {e.start}); "
+                            "save it as UTF-8") from None
         entries, current = [], []
         for line in text.splitlines():
             if line.strip() == "---":

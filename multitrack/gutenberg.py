@@ -103,8 +103,8 @@ def _next_blank_line(text: str, pos: int) -> int:
 
 
 def _first_end_marker(text: str, lo: int = 0) -> int | None:
-    starts = [m.start() for rx in END_MARKERS for m in rx.finditer(text, lo)]
-    return min(starts) if starts else None
+    """Start of the earliest end-marker line at or after `lo`, or None."""
+    return min((m.start() for rx in END_MARKERS if (m := rx.search(text, lo))), default=None)
 
 
 def find_header_end(text: str) -> tuple[int, str]:
@@ -147,12 +147,11 @@ def find_footer_start(text: str, body_start: int) -> tuple[int, str]:
 
 
 def _strip_credits(body: str) -> tuple[str, int]:
-    """Remove 'Produced by ...' style paragraphs among the first few paragraphs of the body."""
-    removed = 0
-    paras = body.lstrip("\n").split("\n\n")
-    lead = len(body) - len(body.lstrip("\n"))
-    out, scanned = [], 0
-    for i, p in enumerate(paras):
+    """Remove 'Produced by ...' style paragraphs among the first 6 non-empty paragraphs of the body."""
+    stripped = body.lstrip("\n")
+    lead = len(body) - len(stripped)
+    out, removed, scanned = [], 0, 0
+    for p in stripped.split("\n\n"):
         if scanned < 6 and p.strip():
             scanned += 1
             if CREDIT_RE.match(p.strip()):
@@ -217,11 +216,11 @@ def unwrap_paragraphs(text: str, report: CleanReport | None = None) -> str:
             for l in b[1:]:
                 para += ("" if para.endswith("-") else " ") + l.strip()
             out.append(para)
-            if report:
+            if report is not None:
                 report.unwrapped_paragraphs += 1
         else:
             out.append("\n".join(b))
-            if report:
+            if report is not None:
                 report.kept_blocks += 1
     return "\n\n".join(out)
 

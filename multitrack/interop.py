@@ -31,9 +31,10 @@ Public API:
 
     detect_layout(path) -> "hf" | "mamba_ssm" | "repo"
     load_pretrained(path, device="cpu", tokenizer=None) -> (model, tokenizer | None, info)
+    describe_folder(path) -> dict        # vocabulary / tokenizer of a folder, without reading weights
     check_data_tokenizer(info, data_tokenizer: dict, data_dir=None)   # --init_from vs prepared data
-    export_hf(source, folder, tokenizer=None, info=None) -> list[str]
-    export_mamba_ssm(source, folder, tokenizer=None) -> list[str]
+    export_hf(source, folder, tokenizer=None, info=None, name=None) -> list[str]
+    export_mamba_ssm(source, folder, tokenizer=None, info=None) -> list[str]
 
 Only the baseline Mamba (model_type "mamba") has these external formats; a multitrack checkpoint
 loads from a repo `.pt` only.
@@ -426,12 +427,12 @@ def load_pretrained(path, device="cpu", tokenizer=None):
     """
     path = Path(path)
     layout = detect_layout(path)
+    given = resolve_tokenizer(tokenizer)
     if layout == "repo":
         model, tok, info = load_repo_checkpoint(path, device)
     else:
-        model, tok, info = load_folder(path, layout, tokenizer)
+        model, tok, info = load_folder(path, layout, given)
         model = model.to(device)
-    given = resolve_tokenizer(tokenizer)
     if tok is not None and given is not None and given.sha256 != tok.sha256:
         raise UserError(f"{path} comes with tokenizer {tok.name!r} (vocab {tok.vocab_size}) but "
                         f"--tokenizer {given.name!r} (vocab {given.vocab_size}) was given; drop --tokenizer")
@@ -444,22 +445,12 @@ def describe_folder(path) -> dict:
     read from config.json and tokenizer.json only (no weights): {"path", "layout", "vocab_size",
     "padded_vocab_size", "vocab_exact", "tokenizer": summary dict | "missing"}. For checks that
     must fail before any expensive work (evaluate.py checks every checkpoint first)."""
-    from multitrack.mamba import MambaConfig
     path = Path(path)
     layout = detect_layout(path)
     if layout == "repo":
         raise UserError(f"{path} is a repo checkpoint file, not a model folder")
-    config_path = path / "config.json"
-    raw = read_json(config_path)
     tok = folder_tokenizer(path)
-    if layout == "hf":
-        kwargs = config_from_hf(raw, tok.vocab_size if tok is not None else None, str(config_path))
-    else:
-        kwargs = config_from_mamba_ssm(raw, str(config_path))
-    try:
-        config = MambaConfig(**kwargs)
-    except (TypeError, ValueError, UserError) as e:
-        raise UserError(f"{config_path}: cannot build a Mamba config ({first_line(e)})") from None
+    _, config = folder_config(path, layout, tok)
     return {"path": str(path), "layout": layout, "vocab_size": config.vocab_size,
             "padded_vocab_size": config.padded_vocab_size, "vocab_exact": layout == "mamba_ssm" or tok is not None,
             "tokenizer": tokenizer_summary(tok) if tok is not None else "missing"}
@@ -487,15 +478,12 @@ def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):
     return model, tok, info
 
 
-def load_folder(folder: Path, layout: str, tokenizer=None):
-    """(model on CPU, tokenizer, info) from an HF or mamba-ssm folder (strict, shape-checked load)."""
-    from multitrack.mamba import MambaConfig, MambaLMHeadModel
+def folder_config(folder: Path, layout: str, tok):
+    """(config.json dict, our MambaConfig) of an HF or mamba-ssm folder. `tok`: the model's tokenizer
+    or None; HF: it gives the real vocabulary size; mamba-ssm: UserError unless its size is vocab_size."""
+    from multitrack.mamba import MambaConfig
     config_path = folder / "config.json"
     raw = read_json(config_path)
-    tok = folder_tokenizer(folder)
-    source = "folder" if tok is not None else "missing"
-    if tok is None and tokenizer is not None:
-        tok, source = resolve_tokenizer(tokenizer), "given"
     if layout == "hf":
         kwargs = config_from_hf(raw, tok.vocab_size if tok is not None else None, str(config_path))
     else:
@@ -504,14 +492,25 @@ def load_folder(folder: Path, layout: str, tokenizer=None):
             raise UserError(f"{config_path} has vocab_size {kwargs.get('vocab_size', 50277)} but tokenizer "
                             f"{tok.name!r} has {tok.vocab_size} tokens; use the tokenizer this model was trained with")
     try:
-        config = MambaConfig(**kwargs)
+        return raw, MambaConfig(**kwargs)
     except (TypeError, ValueError, UserError) as e:
         raise UserError(f"{config_path}: cannot build a Mamba config ({first_line(e)})") from None
+
+
+def load_folder(folder: Path, layout: str, tokenizer=None):
+    """(model on CPU, tokenizer, info) from an HF or mamba-ssm folder (strict, shape-checked load).
+    `tokenizer`: a TextTokenizer used when the folder has no tokenizer.json."""
+    from multitrack.mamba import MambaLMHeadModel
+    tok = folder_tokenizer(folder)
+    source = "folder" if tok is not None else "missing"
+    if tok is None and tokenizer is not None:
+        tok, source = tokenizer, "given"
+    raw, config = folder_config(folder, layout, tok)
     state, weights_name = load_folder_weights(folder, layout)
     stored_dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "?"
     state = to_repo_state_dict(state, config.tie_embeddings)
     model = MambaLMHeadModel(config)
-    check_state_dict(model, state, config_path, folder / weights_name)
+    check_state_dict(model, state, folder / "config.json", folder / weights_name)
     model.load_state_dict(state, strict=True)
     info = {
         "layout": layout, "path": str(folder), "model_type": "mamba",

@@ -83,11 +83,17 @@ def count_words(pieces: Iterable[str], continues_word: bool = False) -> int:
         if n and prev_ends_in_word and not piece[0].isspace():
             n -= 1  # the first word continues the previous piece's last word
         words += n
-        if piece.strip():
-            prev_ends_in_word = not piece[-1].isspace()
-        elif piece:
-            prev_ends_in_word = False
+        prev_ends_in_word = not piece[-1].isspace()
     return words
+
+
+def ends_in_word(pieces: Sequence[str], continues_word: bool = False) -> bool:
+    """Whether the text before and including `pieces` ends inside a word (the `continues_word` to pass
+    to `count_words` for the pieces that follow); `continues_word` when every piece is empty."""
+    for piece in reversed(pieces):
+        if piece:
+            return not piece[-1].isspace()
+    return continues_word
 
 
 def token_byte_lengths(tokenizer, skip_ids: Iterable[int] = ()) -> np.ndarray:
@@ -241,10 +247,7 @@ def first_loop_position(tokens: Sequence, min_period: int = 4, repeats: int = 3,
     best = n
     for p in range(min_period, min(max_period, n // repeats) + 1):
         need = (repeats - 1) * p                          # consecutive matches x[j] == x[j+p]
-        eq = (x[:-p] == x[p:]).astype(np.int64)           # (n - p,)
-        if len(eq) < need:
-            continue
-        # run[j] = number of consecutive True in eq starting at j (suffix run lengths)
+        eq = (x[:-p] == x[p:]).astype(np.int64)           # (n - p,); n - p >= need as p <= n // repeats
         csum = np.concatenate([[0], np.cumsum(eq)])
         window_sum = csum[need:] - csum[:-need]           # matches in eq[j : j + need]
         hits = np.nonzero(window_sum == need)[0]

@@ -48,21 +48,25 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: printable stand-in character -> byte value."""
-    return {c: b for b, c in bytes_to_unicode().items()}
+def _byte_encoder() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode, cached: byte value -> printable stand-in character."""
+    return bytes_to_unicode()
 
 
 @lru_cache(maxsize=1)
-def _byte_encoder() -> dict[int, str]:
-    """GPT-2's bytes_to_unicode: byte value -> printable stand-in character."""
-    return {b: c for c, b in _byte_decoder().items()}
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: printable stand-in character -> byte value."""
+    return {c: b for b, c in _byte_encoder().items()}
+
+
+def _canonical_sha256_of(spec: dict) -> str:
+    canon = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
 def canonical_sha256(json_text: str) -> str:
     """sha256 of a tokenizer.json's canonical form (sorted keys, compact separators)."""
-    canon = json.dumps(json.loads(json_text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+    return _canonical_sha256_of(json.loads(json_text))
 
 
 class TextTokenizer:
@@ -86,9 +90,10 @@ class TextTokenizer:
         if eos is None:
             raise UserError(f"tokenizer {name!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
         self.eos_id = eos
-        self.sha256 = sha256 or canonical_sha256(json_text)
+        spec = json.loads(json_text)  # parsed once for the hash and the decoder check (NeoX: ~2 MB)
+        self.sha256 = sha256 or _canonical_sha256_of(spec)
         self._special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        self._byte_level = "ByteLevel" in json.dumps(json.loads(json_text).get("decoder") or {})
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
 
     # -- pickling: ship the JSON text, rebuild the Rust object lazily in the worker -------------------
     def __getstate__(self):

@@ -15,8 +15,14 @@ the gradient equals the single-process one (up to float summation order) for any
 
 Outputs in `out_dir` (rank 0 only): ckpt_latest.pt (each eval, epoch end, SIGINT/SIGTERM, end),
 ckpt_best.pt (best val loss on the fixed eval subset), metrics.jsonl, log.txt, epochs.md,
-epochs.csv, loss.png, tb/. A resumed run (`resume=True`) continues from ckpt_latest.pt exactly:
-same weights, optimizer moments, LR position, data position, RNG states -> the same losses.
+epochs.csv, loss.png, tb/. Hooks may add their own `*.jsonl` step logs (rows with "step", e.g.
+router_stats.jsonl); they are handled like metrics.jsonl: deleted by a fresh run (`overwrite=True`),
+cut back to the checkpoint's step on resume.
+
+A resumed run (`resume=True`) continues from ckpt_latest.pt exactly: same weights, optimizer moments,
+LR position, data position, RNG states -> the same losses. It must repeat the original run's
+--data_dir, --seq_len and model flags (e.g. --preset): the data dir is read again, and the model
+those flags build is compared with the checkpoint's (a mismatch is refused, naming the flags).
 
 Config keys (the script's `config`; missing keys take `DEFAULTS` below): see `DEFAULTS`.
 """
@@ -264,16 +270,18 @@ class RunLog:
                 warnings.warn("tensorboard is not installed; no tb/ logs (pip install tensorboard)")
 
     def restore(self, upto_step: int) -> None:
-        """On resume: drop metrics rows after the checkpoint's step (they will be redone), reload the curve."""
-        path = self.out_dir / "metrics.jsonl"
-        if not (self.enabled and path.exists()):
+        """On resume: drop the rows after the checkpoint's step (they will be redone) from metrics.jsonl
+        and from every other *.jsonl step log in out_dir (a hook's, e.g. router_stats.jsonl); reload the curve."""
+        if not self.enabled:
             return
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= upto_step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
-        self.curve = [r for r in kept if r.get("kind") in ("train", "eval")]
+        for path in sorted(self.out_dir.glob("*.jsonl")):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= upto_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+            if path.name == "metrics.jsonl":
+                self.curve = [r for r in kept if r.get("kind") in ("train", "eval")]
 
     def metrics(self, row: dict) -> None:
         if not self.enabled:
@@ -355,8 +363,10 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
     """Train `build_model()` on config["data_dir"]; returns the final metrics dict.
 
     config: the script's config snapshot (saved into checkpoints); keys missing from it take
-    `DEFAULTS`. build_model: called for a fresh run (`init_from="scratch"`); a resumed run rebuilds
-    the model from the checkpoint (and checks that `build_model()` would give the same config).
+    `DEFAULTS`. build_model: builds the trained model for a fresh run (`init_from="scratch"`). A
+    resumed run takes its weights from the checkpoint, but still calls `build_model()` (on the meta
+    device when it can) and refuses to go on unless it gives the checkpoint's model_type and
+    model_config, so a resume must repeat the original --data_dir and model flags (e.g. --preset).
     on_eval(model, step, out_dir) -> extra scalars, called at each eval before the val loss is
     computed (all ranks; rank 0's are logged); then `model.reset_stats()` runs if the model has it, so
     router statistics cover the training steps since the previous eval. on_end(model, out_dir,
@@ -396,7 +406,13 @@ class _Run:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.meta = load_meta(self.data_dir)
+        resume = cfg["resume"] or cfg["init_from"] == "resume"
+        try:
+            self.meta = load_meta(self.data_dir)
+        except UserError as e:
+            if not resume:
+                raise
+            raise UserError(f"{e} (resuming: repeat the original run's --data_dir and model flags)") from None
         seq_len = cfg["seq_len"] or None
         self.train_split = TokenSplit(self.data_dir, "train", seq_len)
         self.val_split = TokenSplit(self.data_dir, "val", seq_len)
@@ -427,7 +443,6 @@ class _Run:
         self.elapsed_before = 0.0        # seconds of training in earlier sessions of this run
         self.init_from = cfg["init_from"]
 
-        resume = cfg["resume"] or cfg["init_from"] == "resume"
         ckpt = self._prepare_out_dir(resume)
         torch.manual_seed(cfg["seed"])
         np.random.seed(cfg["seed"] % 2**32)
@@ -467,14 +482,15 @@ class _Run:
             return load_checkpoint(latest)
         existing = [p for p in (latest, best) if p.exists()]
         if existing and not self.cfg["overwrite"]:
-            raise UserError(f"{self.out_dir} already holds {existing[0].name}; continue it with --resume=True, "
-                            f"or start over with --overwrite=True (its checkpoints and logs are replaced), "
-                            f"or pick another --out_dir")
+            raise UserError(f"{self.out_dir} already holds {existing[0].name}; continue it with its original flags "
+                            "plus --resume=True, or start over with --overwrite=True (its checkpoints and logs are "
+                            "replaced), or pick another --out_dir")
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("ckpt_latest.pt", "ckpt_best.pt", "metrics.jsonl", "log.txt", "epochs.md", "epochs.csv",
-                         "loss.png"):
+            for name in ("ckpt_latest.pt", "ckpt_best.pt", "log.txt", "epochs.md", "epochs.csv", "loss.png"):
                 (self.out_dir / name).unlink(missing_ok=True)
+            for path in self.out_dir.glob("*.jsonl"):  # metrics.jsonl and the hooks' step logs
+                path.unlink()
             shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
         self.dist.barrier()
         return None
@@ -490,13 +506,17 @@ class _Run:
             fp_ckpt, fp_data = ckpt.get("data", {}).get("fingerprint"), self.meta.get("fingerprint")
             if fp_ckpt and fp_data and fp_ckpt != fp_data:
                 raise UserError(f"{self.out_dir} was trained on data with fingerprint {fp_ckpt[:12]}, but "
-                                f"{self.data_dir} has {fp_data[:12]}; resume with the original --data_dir")
+                                f"{self.data_dir} has {fp_data[:12]}; resume with the original "
+                                f"--data_dir={ckpt['data'].get('dir', '?')}")
             model, _ = model_from_checkpoint(ckpt)
             self._check_same_model(ckpt, build_model)
             self.init_from = ckpt.get("init_from", "scratch")
             return model
         if self.cfg["init_from"] in ("scratch", ""):
             return build_model()
+        if not Path(self.cfg["init_from"]).exists():
+            raise UserError(f"--init_from={self.cfg['init_from']}: no such file or folder; use scratch, resume, "
+                            "or the path of a repo .pt checkpoint or an HF / mamba-ssm folder")
         model, tokenizer, info = load_any_model(self.cfg["init_from"])
         want_type = self._script_model_type(build_model)
         if model.model_type != want_type:
@@ -539,7 +559,16 @@ class _Run:
             shown = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs now {want.get(k)!r}" for k in diff[:4])
             raise UserError(f"{self.out_dir}/ckpt_latest.pt holds a different model "
                             f"({ckpt['model_type']} vs {want_type}{'; ' + shown if shown else ''}); "
-                            "resume with the checkpoint's settings or use another --out_dir")
+                            f"resume with the original run's model flags{self._original_flags(ckpt)} "
+                            "or use another --out_dir")
+
+    def _original_flags(self, ckpt) -> str:
+        """' (--preset=tiny --d_model=64)': the script's own (model) flags, --data_dir and --init_from whose
+        values in the checkpoint's train_config differ from this run's; '' when none differ (or none are known)."""
+        original = ckpt.get("train_config") or {}
+        flags = [f"--{k}={v}" for k, v in original.items()
+                 if (k not in DEFAULTS or k in ("data_dir", "init_from")) and k in self.config and self.config[k] != v]
+        return f" ({' '.join(flags)})" if flags else ""
 
     def _check_vocab(self):
         model_vocab = getattr(getattr(self.raw, "config", None), "vocab_size", None)
@@ -571,6 +600,10 @@ class _Run:
         if ckpt.get("global_batch", self.global_batch) != self.global_batch:
             raise UserError(f"the checkpoint used batch_size*grad_accum = {ckpt['global_batch']} sequences per step, "
                             f"this run {self.global_batch}; resume with the same global batch")
+        if ckpt.get("data", {}).get("seq_len", self.seq_len) != self.seq_len:
+            raise UserError(f"the checkpoint trained on sequences of {ckpt['data']['seq_len']} tokens, this run "
+                            f"{self.seq_len} (its data position counts sequences); resume with the original "
+                            f"--seq_len={ckpt['data']['seq_len']}")
         if ckpt["train_config"].get("seed", self.cfg["seed"]) != self.cfg["seed"]:
             raise UserError(f"the checkpoint used --seed={ckpt['train_config']['seed']} (it fixes the data order); "
                             "resume with the same seed")
@@ -622,14 +655,15 @@ class _Run:
                 self._end_epoch()  # moves the counters to the next epoch
                 order = epoch_order(self.train_split.num_sequences, self.epoch, cfg["seed"])
                 t_log, tokens_log = time.time(), self.tokens_seen  # throughput excludes eval time
-            elif cfg["eval_interval"] and self.step % cfg["eval_interval"] == 0:
+            elif cfg["eval_interval"] and self.step % cfg["eval_interval"] == 0 and self.step < self.total_steps:
+                # (the last step's eval is the one of the partial epoch end after the loop, not done twice)
                 self._eval_and_save()
                 t_log, tokens_log = time.time(), self.tokens_seen
             if self.dist.any(_stop.is_set()) and self.step < self.total_steps:
                 interrupted = True
                 self._save("ckpt_latest.pt")
                 self.log.line(f"stopped by signal at step {self.step}; saved {self.out_dir / 'ckpt_latest.pt'} "
-                              f"(continue with --resume=True)")
+                              f"(continue with the same flags plus --resume=True)")
                 break
         bar.close()
         if not interrupted and self.step_in_epoch > 0 and (not self.history or self.history[-1]["step"] != self.step):

@@ -84,6 +84,14 @@ def test_report_has_sections_tables_and_pngs(report):
     assert "Traceback" not in r.stderr
 
 
+def test_generation_note_states_the_loop_settings(report):
+    """The generation section's definition of a loop shows the values used (loop_min_period=4,
+    loop_repeats=3), not the unformatted placeholders."""
+    text = report[0].read_text()
+    assert "a block of >= 4 tokens repeated 3 times back to back" in text
+    assert "{loop_min_period}" not in text and "{loop_repeats}" not in text
+
+
 def test_loss_numbers_are_consistent_with_the_data(report, setup):
     """Token/byte/word counts in the JSON equal those computed directly from the test split, and
     bits per byte and word perplexity follow from the same total NLL."""
@@ -172,12 +180,17 @@ def test_tokenizer_mismatch_is_a_one_line_error(setup, tmp_path):
 
 
 def test_bad_arguments_are_one_line_errors(setup, tmp_path):
-    """An unknown stage and a missing checkpoint are one-line errors (exit 2)."""
+    """An unknown stage, a missing checkpoint, an unsupported dtype and non-integer recall edges are
+    one-line errors (exit 2) before any work, not stages skipped in a report."""
     root, data, a, _ = setup
     for args, needle in (([f"--ckpts={a}", "--stages=loss,bogus"], "unknown"),
-                         ([f"--ckpts={a},nope.pt", "--names=x,y"], "nope.pt not found")):
-        r = run_eval([*args, f"--data_dir={data}", "--device=cpu"], cwd=tmp_path)
+                         ([f"--ckpts={a},nope.pt", "--names=x,y"], "nope.pt not found"),
+                         ([f"--ckpts={a}", "--stages=loss", "--dtype=float16"], "float32 or bfloat16"),
+                         ([f"--ckpts={a}", "--stages=recall", "--recall_distance_edges=0,1k"],
+                          "comma-separated integers")):
+        r = run_eval([*args, f"--data_dir={data}", "--device=cpu", f"--out={tmp_path / 'x.md'}"], cwd=tmp_path)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "x.md").exists()
 
 
 def test_hf_and_mamba_ssm_folders_evaluate_like_the_checkpoint(setup, tmp_path):

@@ -132,6 +132,17 @@ def test_read_prompts(tmp_path):
     assert read_prompts("", "") == [""]
 
 
+def test_read_prompts_bad_file_is_user_error(tmp_path):
+    """A missing or non-UTF-8 --prompt_file gives a one-line UserError, not a traceback."""
+    from multitrack.errors import UserError
+    with pytest.raises(UserError, match="cannot read --prompt_file=.*missing.txt"):
+        read_prompts("", str(tmp_path / "missing.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text.*save it as UTF-8"):
+        read_prompts("", str(bad))
+
+
 def test_generate_text_cli(tmp_path, tiny_model, demo_data_dir):
     """generate_text.py rebuilds the model from a checkpoint alone, writes markdown, and appends on a second run."""
     from multitrack.checkpoint import save_checkpoint

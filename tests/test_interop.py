@@ -144,6 +144,24 @@ def test_mamba_ssm_folder_loads_with_equal_logits(tmp_path):
         load_pretrained(folder, tokenizer="byte")
 
 
+def test_describe_folder_refuses_what_load_pretrained_refuses(tmp_path, bpe):
+    """describe_folder (evaluate.py's check before any work) reports a folder's vocabulary like
+    load_pretrained, and refuses a mamba-ssm folder whose tokenizer.json does not fit its vocab_size
+    with load_pretrained's message, without reading the (here absent) weights."""
+    from multitrack.interop import describe_folder
+    folder = tmp_path / "ssm"
+    export_mamba_ssm(our_tiny(bpe.vocab_size, seed=5), folder, tokenizer=bpe)
+    info = describe_folder(folder)
+    _, _, loaded = load_pretrained(folder)
+    assert {k: info[k] for k in ("vocab_size", "padded_vocab_size", "vocab_exact", "tokenizer")} == \
+        {k: loaded[k] for k in ("vocab_size", "padded_vocab_size", "vocab_exact", "tokenizer")}
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": bpe.vocab_size + 1}))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match=f"vocab_size {bpe.vocab_size + 1} but tokenizer"):
+        describe_folder(folder)
+
+
 def test_tokenizerless_folder_exports_with_given_tokenizer(tmp_path):
     """A state-spaces style folder (no tokenizer) re-exports to the HF layout with --tokenizer: the
     tokenizer is bundled, the logits are unchanged, and the HF config pads the vocab as mamba-ssm does."""

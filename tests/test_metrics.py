@@ -64,6 +64,25 @@ def test_count_words_over_arbitrary_pieces():
     assert M.count_words([" and"], continues_word=True) == 1
 
 
+def test_count_words_chained_over_groups_with_ends_in_word():
+    """Counting a text group by group (as evaluate.py counts consecutive sequences), passing
+    ends_in_word of the groups so far as continues_word, gives len(text.split()); empty and
+    whitespace-only pieces leave / end a word correctly."""
+    rng = random.Random(1)
+    text = "Call me Ishmael. Some years ago -- never mind\n\nhow long precisely --  having little money "
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), 9))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        groups = [pieces[:3], [], pieces[3:4] + [""], pieces[4:]]
+        words, inside = 0, False
+        for g in groups:
+            words += M.count_words(g, continues_word=inside)
+            inside = M.ends_in_word(g, inside)
+        assert words == len(text.split())
+    assert M.ends_in_word(["", "ab", ""], False) and not M.ends_in_word(["ab", "  "], True)
+    assert M.ends_in_word([], True) and not M.ends_in_word([""], False)
+
+
 def test_position_buckets_and_means():
     """log2 buckets of 1024 positions are 0,1,2-3,...,512-1023, and bucket means are token-weighted."""
     buckets = M.log2_buckets(1024)

@@ -377,3 +377,28 @@ def test_check_tokenizer_match():
     check_tokenizer_match(t, dict(t))
     with pytest.raises(UserError, match="mismatch"):
         check_tokenizer_match(t, {**t, "sha256": "y"})
+
+
+def test_unreadable_meta_json_is_user_error(tmp_path, capsys):
+    """An out_dir whose meta.json is valid JSON but not an object is reported as an incomplete data dir
+    (exit 2, one line), not a traceback; --force=True rebuilds it."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "meta.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, src)
+    assert e.value.code == 2 and "incomplete data dir" in capsys.readouterr().err
+    assert load_meta(run(tmp_path, src, "--force=True"))["splits"]["train"]["books"] > 0
+
+
+def test_report_rows_stay_one_line_for_multiline_titles(tmp_path):
+    """A skipped book whose title spans lines gets its first line in report.md, so the table is not broken."""
+    rows = pg_rows(4)
+    rows.append({"TEXT": FRENCH, "SOURCE": "PG",
+                 "METADATA": json.dumps({"text_id": 9, "language": "fr", "title": "Premier\nSecond"})})
+    write_parquet(tmp_path / "a.parquet", rows)
+    out = run(tmp_path, f"--source={tmp_path / 'a.parquet'}")
+    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "| 9 | Premier |  | non-English (metadata) |" in report
+    assert not any(line.startswith("Second") for line in report.splitlines())

@@ -138,6 +138,49 @@ def test_train_outputs_and_resume_is_exact(demo_data_dir, tmp_path, train_config
     assert [r["step"] for r in extended["history"]] == [8]  # the earlier partial row of epoch 1 was replaced
 
 
+def test_resume_errors_name_the_original_flags(demo_data_dir, tmp_path, train_config):
+    """A resume that forgets the original --data_dir, model flags or --seq_len is refused, naming them;
+    a missing --init_from path is named as such (not as a missing --ckpt)."""
+    cfg = train_config(demo_data_dir, tmp_path / "r", max_steps=1, eval_interval=0, preset="orig", seq_len=64)
+    trainer.train(cfg, builder(), script="test")
+    with pytest.raises(UserError, match="different model.*original run's model flags \\(--preset=orig\\)"):
+        trainer.train({**cfg, "resume": True, "preset": "other"}, builder(d_model=48), script="test")
+    with pytest.raises(UserError, match="no prepared data.*resuming: repeat the original run's --data_dir"):
+        trainer.train({**cfg, "resume": True, "data_dir": str(tmp_path / "elsewhere")}, builder(), script="test")
+    with pytest.raises(UserError, match="sequences of 64 tokens, this run 32.*--seq_len=64"):
+        trainer.train({**cfg, "resume": True, "seq_len": 32}, builder(), script="test")
+    with pytest.raises(UserError, match="--init_from=.*nowhere.pt: no such file or folder"):
+        trainer.train({**cfg, "out_dir": str(tmp_path / "ft"), "init_from": str(tmp_path / "nowhere.pt")},
+                      builder(), script="test")
+
+
+def test_hook_step_logs_follow_resume_and_overwrite(demo_data_dir, tmp_path, train_config):
+    """A hook's own *.jsonl step log (like router_stats.jsonl) is cut back to the checkpoint's step on
+    resume (no duplicated or stale rows) and deleted by a fresh --overwrite run, like metrics.jsonl; a last
+    step that is also an eval_interval step is evaluated once, not twice."""
+    log = tmp_path / "h" / "hook.jsonl"
+
+    def on_eval(model, step, out_dir):
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step}) + "\n")
+        if step == 2 and not stale:
+            trainer.request_stop()
+        return {}
+
+    stale = False
+    cfg = train_config(demo_data_dir, tmp_path / "h", max_steps=4, eval_interval=2)
+    assert trainer.train(cfg, builder(), script="test", on_eval=on_eval)["step"] == 2
+    with open(log, "a") as f:  # a row written after the checkpoint, e.g. by a session that then crashed
+        f.write(json.dumps({"step": 3}) + "\n")
+    stale = True
+    trainer.train({**cfg, "resume": True}, builder(), script="test", on_eval=on_eval)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [2, 4]  # step 3 dropped; step 4 evaluated once (interval and run end coincide)
+    trainer.train({**cfg, "overwrite": True, "max_steps": 2, "eval_interval": 0}, builder(), script="test",
+                  on_eval=on_eval)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2]
+
+
 def test_refusals(demo_data_dir, tmp_path, train_config):
     """Existing checkpoint without resume/overwrite, different model on resume, tokenizer mismatch: clear errors."""
     cfg = train_config(demo_data_dir, tmp_path / "r", max_steps=2, eval_interval=0)
