@@ -40,6 +40,7 @@ from tqdm import tqdm
 from multitrack.configurator import apply_overrides
 from multitrack.errors import UserError, user_errors
 from multitrack import metrics as M
+from multitrack.report import as_paragraphs, blockquote, pyplot, save_figure, write_markdown
 
 # -----------------------------------------------------------------------------
 ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders
@@ -605,19 +606,9 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
     return "\n".join(lines)
 
 
-def _plt():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
 def plot_position_loss(results: dict, path: Path) -> Path | None:
     """Mean loss at each context position (log x), one line per checkpoint."""
-    plt = _plt()
+    plt = pyplot()
     series = {n: r["loss"]["position_loss"] for n, r in results.items() if "position_loss" in r.get("loss", {})}
     if plt is None or not series:
         return None
@@ -634,12 +625,12 @@ def plot_position_loss(results: dict, path: Path) -> Path | None:
     ax.set_title(f"loss by position ({split} split; faint: each position, dots: log2-bucket means)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_book_loss(results: dict, path: Path) -> Path | None:
     """Loss by window index into the book, carried (solid) vs reset (dashed), one colour per checkpoint."""
-    plt = _plt()
+    plt = pyplot()
     series = {n: r["books"]["rows"] for n, r in results.items() if r.get("books", {}).get("rows")}
     if plt is None or not series:
         return None
@@ -660,16 +651,7 @@ def plot_book_loss(results: dict, path: Path) -> Path | None:
     for a in (ax, gap):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def with_stage(results: dict, stage: str, key: str) -> list[str]:
@@ -786,7 +768,6 @@ GEN_COUNTS = ("first_loop", "names_new_names")
 
 
 def section_generation(results: dict) -> str:
-    from multitrack.report import as_paragraphs, blockquote
 
     names_ = with_stage(results, "generation", "model")
     def cells(r: dict) -> list:        # counts (means over prompts) with one decimal, rates with four
@@ -866,7 +847,6 @@ def report_sections(results: dict, infos: dict, meta: dict, win: int, L: int, pn
 
 def main() -> None:
     from multitrack.data import TokenSplit, load_meta
-    from multitrack.report import write_markdown
     from multitrack.trainer import resolve_device
 
     chosen = parse_stages(stages)

@@ -98,17 +98,38 @@ def write_epoch_tables(rows: list[dict], md_path, csv_path) -> None:
     os.replace(tmp, csv_path)
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out `fig`, write it to `path` atomically (tmp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_losses(history: list[dict], path, title: str | None = None) -> Path | None:
     """PNG of the loss curves: train loss per logged step, val loss per eval, x = optimizer step.
 
     `history`: metrics rows (dicts with "step" and "train_loss" and/or "val_loss"). Returns the
     path, or None when matplotlib is missing (the run goes on without the picture).
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
@@ -124,10 +145,4 @@ def plot_losses(history: list[dict], path, title: str | None = None) -> Path | N
         ax.set_title(title, fontsize=10)
     if train or val:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -74,9 +74,11 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     rows = [by_step[s] for s in sorted(by_step)]
     if not rows:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from multitrack.report import pyplot, save_figure
+
+    plt = pyplot()
+    if plt is None:
+        return None
     from matplotlib.ticker import MaxNLocator
 
     last = rows[-1]
@@ -84,7 +86,7 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     uniform = 1 / n
     types = [t for t in token_types if f"router/{t}/{track_names[0]}" in last]
     colors = [f"C{g}" for g in range(n)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110, gridspec_kw={"width_ratios": [1.6, 1, 1]})
     width = 0.8 / n
     for g, track in enumerate(track_names):
         axes[0].bar([i + (g - (n - 1) / 2) * width for i in range(len(types))],
@@ -120,7 +122,4 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     axes[2].set_ylabel("mean router weight")
     axes[2].set_title(f"track usage by layer, step {last['step']}", fontsize=10)
     axes[2].legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, path))
