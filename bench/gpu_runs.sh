@@ -5,7 +5,7 @@
 #
 #   bench/gpu_runs.sh all              every stage below in order, as a queue that survives short leases:
 #                                      runs until BUDGET_S seconds (default 570) have passed, marks finished
-#                                      stages in $RESULTS/done.txt, stops a training run with a checkpoint at
+#                                      stages in out/gpu_queue_done.txt, stops a training run with a checkpoint at
 #                                      the budget; re-run the same command until it prints "all stages done"
 #   bench/gpu_runs.sh setup            build mamba-ssm for this GPU (setup.sh --mamba-only)      ~3.5 min
 #   bench/gpu_runs.sh verify           test_mamba.py, test_mamba_130m.py, GPU pytest selection     ~1 min
@@ -16,7 +16,8 @@
 #   bench/gpu_runs.sh train NAME [ARGS]  one <=PIECE_S piece of a run (resumes if out/NAME has a checkpoint);
 #                                      NAME baseline-*: train_baseline.py, multitrack-*: train_multitrack.py;
 #                                      a name ending in -sN trains with --seed=N; exit 0 when the run is complete
-#   bench/gpu_runs.sh eval CKPT,...    evaluate.py on the test split, checkpoints side by side            ~3 min
+#   bench/gpu_runs.sh eval CKPT,...    evaluate.py on the test split, checkpoints side by side, and their
+#                                      training curves (bench/compare_runs.py)                          ~2 min
 #   bench/gpu_runs.sh samples CKPT,... generate_text.py on held-out book openings, same prompts and settings
 #
 # Stages chain in one shell command, e.g. `bench/gpu_runs.sh setup && bench/gpu_runs.sh verify`.
@@ -72,7 +73,9 @@ case "$stage" in
     code=$(sed 's/exit //' "$RESULTS/.train-exit"); exit "${code:-1}" ;;
   eval)
     ckpts=${1:?usage: gpu_runs.sh eval CKPT[,CKPT...]}
-    { header eval; $PY evaluate.py --ckpts="$ckpts" --data_dir="$DATA" --dtype=bfloat16 --resume=True --out="$RESULTS/eval.md" ${EVAL_ARGS:-}; } 2>&1 | log eval ;;
+    { header eval; $PY evaluate.py --ckpts="$ckpts" --data_dir="$DATA" --dtype=bfloat16 --resume=True --out="$RESULTS/eval.md" ${EVAL_ARGS:-} &&
+      $PY bench/compare_runs.py --runs="$(for c in ${ckpts//,/ }; do printf '%s,' "$(dirname "$c")"; done)" \
+          --out="$RESULTS/compare_runs.png"; } 2>&1 | log eval ;;
   samples)
     ckpts=${1:?usage: gpu_runs.sh samples CKPT[,CKPT...]}
     prompts="$RESULTS/prompts_test_openings.txt"
@@ -83,7 +86,9 @@ case "$stage" in
       done; } 2>&1 | log samples ;;
   all)
     t_end=$(( $(date +%s) + ${BUDGET_S:-570} ))
-    done_file="$RESULTS/done.txt"; touch "$done_file"
+    # the queue's state lives under out/ (ignored by git): a lent machine that re-copies the working tree
+    # before each call (tracked folders like bench/results replaced) keeps it, with the checkpoints
+    done_file=${QUEUE_STATE:-out/gpu_queue_done.txt}; mkdir -p "$(dirname "$done_file")"; touch "$done_file"
     is_done() { grep -qx "$1" "$done_file"; }
     left() { echo $(( t_end - $(date +%s) )); }
     pack() {
@@ -101,7 +106,7 @@ case "$stage" in
       data_pid=$!
     fi
     # stage name:seconds it needs at least (not started with less left: nothing is cut off halfway)
-    declare -A need_s=([setup]=300 [verify]=150 [throughput]=180 [eval]=240 [samples]=150 [decode]=150 [mtspeed]=150)
+    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120)
     plan=()
     for st in $STAGES; do
       if [ "$st" = train ]; then for r in $RUNS; do plan+=("train:$r:60"); done; else plan+=("$st:${need_s[$st]:-120}"); fi

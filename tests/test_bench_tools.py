@@ -1,0 +1,163 @@
+"""The GPU-lease tooling that runs on CPU: held-out prompts (bench/book_openings.py), the run comparison
+(bench/compare_runs.py) and the resumable queue of bench/gpu_runs.sh (with a stub in place of python)."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_script(script, *args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# book_openings.py
+
+
+@pytest.fixture()
+def book_openings(monkeypatch):
+    """The script as a module (its flags are parsed from sys.argv at import: give it none)."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["book_openings.py"])
+    sys.modules.pop("book_openings", None)
+    return importlib.import_module("book_openings")
+
+
+def test_opening_cuts_at_paragraph_or_sentence_end_not_after_mr(book_openings):
+    """The prompt starts after the first paragraph break and ends at a paragraph or sentence end;
+    'Mr.' is no sentence end."""
+    text = "tail of a title\n\nIt was a dark night. The wind rose, and Mr. Hale went out to"
+    assert book_openings.opening(text) == "It was a dark night."
+    text = "x\n\nFirst paragraph here, long enough to count as one.\n\nSecond one that is cut off mid"
+    assert book_openings.opening(text) == "First paragraph here, long enough to count as one."
+
+
+def test_is_prose_rejects_tables_of_contents(book_openings):
+    """Upper-case heading lists (title pages, contents) are not prompts; ordinary sentences are."""
+
+    assert not book_openings.is_prose("CHAPTER I. THE RIVER\n\nCHAPTER II. THE TOWN\n\nCHAPTER III. THE SEA AND THE END")
+    assert book_openings.is_prose("The river ran low that summer, and the boys walked along its dry bed down to the old mill.")
+    assert not book_openings.is_prose("Too short.")
+
+
+def test_openings_file_holds_test_book_prose_that_generate_text_reads(demo_data_dir, tmp_path):
+    """The prompt file has one prompt per held-out book, each a piece of that split's text, and
+    generate_text's read_prompts gives them back unchanged."""
+    from multitrack.data import TokenSplit
+    from multitrack.generation import read_prompts
+    from multitrack.tokenizer import load_tokenizer
+
+    out = tmp_path / "prompts.txt"
+    r = run_script("book_openings.py", f"--data_dir={demo_data_dir}", "--split=test", "--num_books=3",
+                   "--skip_tokens=100", "--prompt_tokens=400", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    prompts = read_prompts("", str(out))
+    data = TokenSplit(demo_data_dir, "test")
+    assert len(prompts) == len(data.book_spans()) == 1
+    book_text = load_tokenizer("byte").decode(data.tokens.tolist())
+    assert prompts[0] in book_text and len(prompts[0]) >= 80
+    assert prompts[0].rstrip()[-1] in ".!?\"'”’)"
+
+
+def test_openings_too_short_books_are_a_one_line_error(demo_data_dir, tmp_path):
+    """Books shorter than skip + prompt tokens: a one-line error naming the flags to lower, no file."""
+    out = tmp_path / "p.txt"
+    r = run_script("book_openings.py", f"--data_dir={demo_data_dir}", "--skip_tokens=100000", f"--out={out}")
+    assert r.returncode != 0
+    assert "lower --skip_tokens" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# compare_runs.py
+
+
+def write_metrics(path: Path, losses, tok_s, val, full_val, resumed_step=None):
+    rows = [{"kind": "config", "step": 0, "num_params": 1234}]
+    for i, (loss, speed) in enumerate(zip(losses, tok_s), 1):
+        rows.append({"kind": "train", "step": 10 * i, "tokens": 1000 * i, "train_loss": loss, "tok_per_s": speed})
+    if resumed_step:  # a resumed run logs a step again: the later row must win
+        rows.insert(2, {"kind": "train", "step": resumed_step, "tokens": 1000, "train_loss": 99.0, "tok_per_s": 1.0})
+    rows.append({"kind": "eval", "step": 10 * len(losses), "tokens": 1000 * len(losses), "val_loss": val, "minutes": 1.5})
+    rows.append({"kind": "epoch", "step": 10 * len(losses), "val_loss": full_val, "minutes": 2.0})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_compare_runs_table_and_plot(tmp_path):
+    """Final train loss = mean of the last `tail` logs, tokens/s = median after `skip`, full val loss
+    from the epoch row; a repeated (resumed) step counts once; the PNG is written."""
+    a, b = tmp_path / "base-metrics.jsonl", tmp_path / "mt-metrics.jsonl"
+    write_metrics(a, [5.0, 4.0, 3.0, 2.0], [1, 100, 200, 300], val=2.5, full_val=2.6, resumed_step=10)
+    write_metrics(b, [6.0, 5.0, 4.0, 3.0], [1, 50, 60, 70], val=3.5, full_val=3.6)
+    png = tmp_path / "cmp.png"
+    r = run_script("compare_runs.py", f"--runs={a},{b}", f"--out={png}", "--tail=2", "--skip=1")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| base") or line.startswith("| mt")]
+    assert lines[0].split("|")[1:-1] == [" base ", " 1,234 ", " 4,000 ", " 40 ", " 2.5000 ", " 2.5000 ",
+                                         " 2.6000 ", " 2.0 ", " 200 "]
+    assert lines[1].split("|")[5].strip() == "3.5000" and lines[1].split("|")[9].strip() == "60"
+    assert png.stat().st_size > 1000
+
+
+def test_compare_runs_missing_file_is_a_one_line_error(tmp_path):
+    """A path that is neither an out_dir with metrics.jsonl nor a metrics file: one-line error."""
+    r = run_script("compare_runs.py", f"--runs={tmp_path / 'nope'}")
+    assert r.returncode != 0 and "no metrics file" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_runs.sh all: the queue logic, with a stub in place of python
+
+
+@pytest.fixture()
+def queue(tmp_path):
+    stub = tmp_path / "stub-python"
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$STUB_LOG"\n'
+                    'case "$1" in train_*) exit "${STUB_TRAIN_EXIT:-0}" ;; esac\nexit 0\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PY=str(stub), STUB_LOG=str(tmp_path / "calls.log"), RESULTS=str(tmp_path / "results"),
+               QUEUE_STATE=str(tmp_path / "state" / "done.txt"), DATA=str(tmp_path / "data"), DATA_SRC="src",
+               DATA_TOK="tok.json", RUNS="baseline-s7 multitrack-s7", STAGES="train eval")
+
+    def run(budget=300, train_exit=0):
+        r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_runs.sh"), "all"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120, env=dict(env, BUDGET_S=str(budget), STUB_TRAIN_EXIT=str(train_exit)))
+        calls = (tmp_path / "calls.log").read_text().splitlines() if (tmp_path / "calls.log").exists() else []
+        done = (tmp_path / "state" / "done.txt").read_text().split()
+        return r, calls, done
+    return run
+
+
+def test_queue_resumes_a_stopped_run_and_skips_finished_stages(queue):
+    """A run stopped at the budget (exit 143) leaves the queue at exit 3 with the run not done; the next
+    call resumes it, then runs eval; a third call runs nothing again. The run's name sets its seed."""
+    r, calls, done = queue(train_exit=143)
+    assert r.returncode == 3 and "resumes next call" in r.stdout
+    assert done == ["data"] and sum(c.startswith("train_") for c in calls) == 1
+    assert calls[-1].startswith("train_baseline.py") and "--seed=7" in calls[-1] and "--resume=False" in calls[-1]
+
+    r, calls, done = queue()
+    assert r.returncode == 0 and "all stages done" in r.stdout
+    assert done == ["data", "train:baseline-s7", "train:multitrack-s7", "eval"]
+    assert [c.split()[0] for c in calls if c.startswith("train_")] == ["train_baseline.py"] * 2 + ["train_multitrack.py"]
+
+    n = len(calls)
+    r, calls, done = queue()
+    assert r.returncode == 0 and len(calls) == n
+
+
+def test_queue_starts_no_stage_without_the_time_it_needs(queue):
+    """With less budget than a stage needs, the queue stops before it (exit 3) and says so."""
+    r, calls, done = queue(budget=30)
+    assert r.returncode == 3 and "stopping here" in r.stdout
+    assert not any(c.startswith("train_") for c in calls)
