@@ -156,16 +156,11 @@ with user_errors():
 
     # 7. our model vs mamba-ssm's MambaLMHeadModel with the same weights
     try:
-        from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
+        from multitrack.interop import mamba_ssm_model
+        ssm = mamba_ssm_model(cfg, device=dev).train()
     except Exception as e:  # noqa: BLE001 - mamba_ssm missing or broken on this machine
         print(f"skip  vs mamba_ssm.MambaLMHeadModel: not importable ({type(e).__name__})")
     else:
-        ssm = SsmModel(SsmConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size,
-                                 ssm_cfg={"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand},
-                                 rms_norm=True, residual_in_fp32=True, fused_add_norm=dev == "cuda",
-                                 pad_vocab_size_multiple=cfg.pad_vocab_size_multiple, tie_embeddings=True),
-                       device=dev).train()
         ssm.load_state_dict(model.state_dict(), strict=True)
         logits_s, grads_s = grads_of(ssm, ids)
         logits_o, grads_o = grads_of(model, ids)

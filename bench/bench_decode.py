@@ -96,14 +96,9 @@ def decode_ours(net, batch, n_tokens, dev, checkpoints=()):
 @torch.inference_mode()
 def decode_mamba_ssm(ours, batch, n_tokens, dev, torch_dtype):
     """mamba-ssm's generate(cg=True) with our weights; raises ImportError if mamba_ssm is missing."""
-    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
+    from multitrack.interop import mamba_ssm_model
     c = ours.config
-    net = SsmModel(SsmConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
-                             ssm_cfg={"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand},
-                             rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                             pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=True),
-                   device=dev, dtype=torch_dtype).eval()
+    net = mamba_ssm_model(c, device=dev, dtype=torch_dtype, fused_add_norm=True).eval()
     net.load_state_dict(ours.state_dict(), strict=True)
     prompt = torch.randint(0, c.vocab_size, (batch, prompt_len), device=dev)
     kwargs = dict(max_length=prompt_len + n_tokens, cg=True, top_k=1, return_dict_in_generate=False,

@@ -50,15 +50,9 @@ def build_ours(dev):
 
 
 def build_mamba_ssm(dev):
-    """mamba-ssm's MambaLMHeadModel with the same config (raises if mamba_ssm is not importable)."""
-    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
-    c = mamba_config(preset, vocab_size=vocab_size)
-    return SsmModel(SsmConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size,
-                              ssm_cfg={"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand},
-                              rms_norm=True, residual_in_fp32=True, fused_add_norm=dev == "cuda",
-                              pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=True),
-                    device=dev)
+    """mamba-ssm's MambaLMHeadModel with the same config (raises ImportError if mamba_ssm is missing)."""
+    from multitrack.interop import mamba_ssm_model
+    return mamba_ssm_model(mamba_config(preset, vocab_size=vocab_size), device=dev)
 
 
 def build_multitrack(dev):

@@ -11,6 +11,7 @@
 #   bench/gpu_runs.sh verify           test_mamba.py, test_mamba_130m.py, GPU pytest selection     ~1 min
 #   bench/gpu_runs.sh throughput       ours vs mamba-ssm's MambaLMHeadModel, batch 8 and 64; multitrack  ~2 min
 #   bench/gpu_runs.sh decode           decode tok/s vs mamba-ssm generate(cg=True); memory at 1k/16k tokens  ~2 min
+#   bench/gpu_runs.sh profile          torch.profiler: where a training step's time goes, ours / mamba-ssm / multitrack  ~1.5 min
 #   bench/gpu_runs.sh mtspeed          multitrack vs baseline: training, decode, kernels per decode step  ~1.5 min
 #   bench/gpu_runs.sh data SRC [TOK]   prepare_data.py on parquet/jsonl/txt books SRC (tokenizer.json TOK)   ~1 min
 #   bench/gpu_runs.sh train NAME [ARGS]  one <=PIECE_S piece of a run (resumes if out/NAME has a checkpoint);
@@ -25,7 +26,7 @@
 # TOKENS (token budget of each run, default 100M), PIECE_S (seconds per training piece, default 540),
 # SDISTS (folder with the mamba-ssm sdist, default .sdist), RUNS (the `all` queue's training runs,
 # default "baseline-s1337 multitrack-s1337 baseline-s2"), STAGES (the `all` queue, default "setup verify
-# throughput train eval samples decode mtspeed"; train = the RUNS in order), DATA_SRC / DATA_TOK (the `all` queue's data
+# throughput train eval samples decode mtspeed profile"; train = the RUNS in order), DATA_SRC / DATA_TOK (the `all` queue's data
 # stage arguments), TRAIN_ARGS / EVAL_ARGS (extra flags for every training run / evaluate.py), OUT (if set, `all` leaves $OUT/gpu-results.tgz: the results, run logs and samples).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ PY=${PY:-python3}
 DATA=${DATA:-data/gutenberg-neox}
 TOKENS=${TOKENS:-100000000}
 RUNS=${RUNS:-baseline-s1337 multitrack-s1337 baseline-s2}
-STAGES=${STAGES:-setup verify throughput train eval samples decode mtspeed}
+STAGES=${STAGES:-setup verify throughput train eval samples decode mtspeed profile}
 PIECE_S=${PIECE_S:-540}
 SDISTS=${SDISTS:-.sdist}
 RESULTS=${RESULTS:-bench/results/gpu-$(date -u +%Y%m%d)}
@@ -51,6 +52,8 @@ case "$stage" in
     { header verify; $PY test_mamba.py; $PY test_mamba_130m.py; $PY -m pytest tests/test_gpu.py -q -s; } 2>&1 | log verify ;;
   throughput)
     { header throughput; $PY bench/bench_throughput.py --batch_sizes=8,64 --model=multitrack; } 2>&1 | log throughput ;;
+  profile)
+    { header profile; $PY bench/profile_step.py; } 2>&1 | grep -v "^USDT:" | log profile ;;
   mtspeed)
     { header mtspeed; $PY bench/bench_multitrack_speed.py --train_steps=5; } 2>&1 | log mtspeed ;;
   decode)
@@ -106,7 +109,7 @@ case "$stage" in
       data_pid=$!
     fi
     # stage name:seconds it needs at least (not started with less left: nothing is cut off halfway)
-    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120)
+    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120 [profile]=120)
     plan=()
     for st in $STAGES; do
       if [ "$st" = train ]; then for r in $RUNS; do plan+=("train:$r:60"); done; else plan+=("$st:${need_s[$st]:-120}"); fi

@@ -308,6 +308,22 @@ def mamba_ssm_config_dict(config) -> dict:
     }
 
 
+def mamba_ssm_model(config, device=None, dtype=None, fused_add_norm: bool | None = None):
+    """mamba-ssm's own `MambaLMHeadModel` with our MambaConfig's shape (random weights; our state_dict
+    loads into it unchanged: the names match). The reference for equivalence tests and benchmarks.
+
+    fused_add_norm: mamba-ssm's Triton residual-add + RMSNorm (default: on CUDA only). Raises
+    ImportError when mamba_ssm is not installed.
+    """
+    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
+
+    fields = mamba_ssm_config_dict(config)
+    if fused_add_norm is None:
+        fused_add_norm = str(device or "cpu").startswith("cuda")
+    return SsmModel(SsmConfig(**{**fields, "fused_add_norm": fused_add_norm}), device=device, dtype=dtype)
+
+
 # -----------------------------------------------------------------------------
 # tokenizers
 

@@ -464,14 +464,20 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     state: (b, d, n); x, dt, z: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,)
     returns y: (b, d) in x's dtype
+
+    With grouped B/C, channel c reads group c // (d / g) (the layout of the grouped scan). On CUDA
+    both forms go to mamba-ssm's Triton kernel in one launch; the grouped one as its multi-head form,
+    g heads of d / g channels each, head h reading group h (`_ssu_triton_grouped`).
     """
-    if B.dim() == 2 and _use(_ssu_triton, state, x):
+    if _use(_ssu_triton, state, x) and (B.dim() == 2 or state.is_contiguous()):
         # mamba_ssm 2.3.2's wrapper unpacks D.stride() and dt_bias.stride() unconditionally (a None
         # crashes it): pass zeros instead, which change nothing
         zeros = None if D is not None and dt_bias is not None else torch.zeros(
             x.shape[1], device=x.device, dtype=torch.float32)
-        return _ssu_triton(state, x, dt, A, B, C, D=zeros if D is None else D, z=z,
-                           dt_bias=zeros if dt_bias is None else dt_bias, dt_softplus=dt_softplus)
+        D, dt_bias = (zeros if D is None else D), (zeros if dt_bias is None else dt_bias)
+        if B.dim() == 3:
+            return _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return _ssu_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     b, d = x.shape
     dt = dt.float()
     if dt_bias is not None:
@@ -494,6 +500,23 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)
+
+
+def _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """Grouped B/C (b, g, n) through the Triton kernel's multi-head form (nheads = ngroups = g).
+
+    The (b, d, n) state is viewed, not copied, as (b, g, d/g, n), so the kernel updates the caller's
+    state in place; x, dt, z (b, d) -> (b, g, d/g); A (d, n) -> (g, d/g, n); D, dt_bias (d,) -> (g, d/g).
+    """
+    b, d = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if d % g != 0:
+        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={g}")
+    p = d // g
+    y = _ssu_triton(state.view(b, g, p, n), x.reshape(b, g, p), dt.reshape(b, g, p), A.reshape(g, p, n), B, C,
+                    D=D.reshape(g, p), z=None if z is None else z.reshape(b, g, p), dt_bias=dt_bias.reshape(g, p),
+                    dt_softplus=dt_softplus)
+    return y.reshape(b, d)
 
 
 # ----------------------------------------------------------------------------------------------

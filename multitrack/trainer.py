@@ -383,6 +383,7 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
     try:
         with _stop_on_signals():
             result = _Run(cfg, config, build_model, script, on_eval, on_end, dist).run()
+        dist.barrier()  # every rank past its last collective (rank 0 saves last) before the group goes
     finally:
         dist.close()
     if result["interrupted"] and _stop_signal:

@@ -179,18 +179,9 @@ class TripleTrackMixer(nn.Module):
         delta, dt_bias, softplus = self._delta(dt, channel_dim=1)
         A = -torch.exp(self.A_log.float())
         state = cache.ssm_states[self.layer_idx]                                 # (B, Di, N)
-        if self.groups and state.is_cuda and ops.KERNELS["selective_state_update"] != "pytorch":
-            # one (B, N) update per track: ops sends only ungrouped B/C to mamba-ssm's Triton kernel
-            ys = []
-            for g in range(self.groups):
-                s = slice(g * self.d_track, (g + 1) * self.d_track)
-                ys.append(ops.selective_state_update(
-                    state[:, s], x[:, s], delta[:, s], A[s], B[:, g], C[:, g], self.D[s].float(), z=z[:, s],
-                    dt_bias=None if dt_bias is None else dt_bias[s], dt_softplus=softplus))
-            y = torch.cat(ys, dim=-1)
-        else:
-            y = ops.selective_state_update(state, x, delta, A, B, C, self.D.float(), z=z, dt_bias=dt_bias,
-                                           dt_softplus=softplus)
+        # grouped B/C (B, G, N): one update for all tracks (on CUDA one Triton launch, G heads)
+        y = ops.selective_state_update(state, x, delta, A, B, C, self.D.float(), z=z, dt_bias=dt_bias,
+                                       dt_softplus=softplus)
         y, weights = self._mix_tracks(y, u, None, signal_logits, one_token=True)
         return self.out_proj(y), weights
 

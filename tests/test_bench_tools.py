@@ -161,3 +161,26 @@ def test_queue_starts_no_stage_without_the_time_it_needs(queue):
     r, calls, done = queue(budget=30)
     assert r.returncode == 3 and "stopping here" in r.stdout
     assert not any(c.startswith("train_") for c in calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile_step.py
+
+
+def test_profile_step_reports_time_by_family_for_each_model():
+    """On CPU (tiny preset) the profile of a training step lists wall and busy time, families whose times
+    add up to the busy time, and the top ops, for our model and the multi-track model; mamba-ssm, not
+    installed here, is reported as such instead of failing the run."""
+    import re
+
+    r = run_script("profile_step.py", "--preset=tiny", "--seq_len=32", "--batch_sizes=2", "--device=cpu",
+                   "--steps=1", "--warmup=1", "--top=4")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "### mamba_ssm, batch 2: not installed" in out
+    for impl in ("ours", "multitrack"):
+        section = out.split(f"### {impl}, batch 2 x 32:")[1].split("###")[0]
+        busy = float(re.search(r"([\d.]+) ms busy", section).group(1))
+        fams = [float(m) for m in re.findall(r"^\| [a-z /-]+ \| ([\d.]+) \| [\d.]+% \|$", section, re.MULTILINE)]
+        assert fams and abs(sum(fams) - busy) < 0.05 * busy + 0.05
+        assert "`aten::mm`" in section or "`aten::addmm`" in section

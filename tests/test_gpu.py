@@ -109,17 +109,12 @@ def test_step_matches_forward_on_cuda(model_type):
 
 def test_same_logits_as_mamba_ssm_model():
     """Our MambaLMHeadModel == mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel with the same weights."""
-    mixer_seq_simple = pytest.importorskip("mamba_ssm.models.mixer_seq_simple")
-    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    pytest.importorskip("mamba_ssm.models.mixer_seq_simple")
+    from multitrack.interop import mamba_ssm_model
     torch.manual_seed(0)
     config = mamba_config("tiny", vocab_size=VOCAB)
     ours = build_model("mamba", config, device="cuda").eval()
-    theirs = mixer_seq_simple.MambaLMHeadModel(
-        SsmConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
-                  ssm_cfg={"d_state": config.d_state, "d_conv": config.d_conv, "expand": config.expand},
-                  rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                  pad_vocab_size_multiple=config.pad_vocab_size_multiple, tie_embeddings=True),
-        device="cuda").eval()
+    theirs = mamba_ssm_model(config, device="cuda", fused_add_norm=True).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
     with torch.no_grad():

@@ -471,3 +471,20 @@ def test_half_precision_folders_load_as_float32(tmp_path):
     assert info["stored_dtype"] == "float16" and next(model.parameters()).dtype == torch.float32
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key].half().float()), key
+
+
+@pytest.mark.skipif(not MAMBA_SSM_SDIST.is_file(), reason="needs the mamba-ssm sdist in .sdist/ (setup.sh)")
+def test_mamba_ssm_model_takes_our_weights_unchanged(tmp_path, monkeypatch):
+    """interop.mamba_ssm_model (the reference model of test_mamba.py, tests/test_gpu.py and the benches)
+    builds mamba-ssm's own MambaLMHeadModel with our shapes: our state_dict loads strictly, every tensor
+    the same shape, the embedding tied to the head; fused_add_norm follows the device unless given."""
+    from multitrack.interop import mamba_ssm_model
+
+    import_mamba_ssm_from_sdist(tmp_path, monkeypatch)
+    ours = our_tiny(61, seed=5)
+    theirs = mamba_ssm_model(ours.config)
+    assert theirs.config.fused_add_norm is False
+    assert mamba_ssm_model(ours.config, fused_add_norm=True).config.fused_add_norm is True
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert theirs.lm_head.weight.data_ptr() == theirs.backbone.embedding.weight.data_ptr()

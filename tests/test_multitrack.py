@@ -315,3 +315,29 @@ def test_cross_track_step_equals_forward():
     step = cross.step(y)
     print(f"max |step - forward| = {(step - full).abs().max().item():.2e}")
     assert torch.allclose(step, full, atol=1e-6) and not torch.allclose(step, y, atol=1e-3)
+
+
+def test_step_on_the_grouped_triton_update_matches_forward(monkeypatch, byte_table, story_ids):
+    """Guards the CUDA decode path: with the Triton selective_state_update (its multi-head form, stood in
+    for by tests/test_ops.py's heads_form_update) the 3-track step() still equals forward(), and each
+    layer's step makes one kernel call for all tracks."""
+    from multitrack import ops
+    from test_ops import heads_form_update
+
+    calls = []
+
+    def kernel(state, *args, **kwargs):
+        calls.append(tuple(state.shape))
+        return heads_form_update(state, *args, **kwargs)
+
+    model = make_model(tiny(), byte_table).eval()
+    with torch.no_grad():
+        full = model(story_ids)
+        monkeypatch.setattr(ops, "_ssu_triton", kernel)
+        monkeypatch.setattr(ops, "_use", lambda k, *tensors: k is kernel)
+        cache = model.allocate_cache(2)
+        steps = torch.stack([model.step(story_ids[:, t], cache) for t in range(story_ids.shape[1])], dim=1)
+    assert (steps - full).abs().max().item() < 1e-4
+    c = model.config
+    assert len(calls) == c.n_layer * story_ids.shape[1]
+    assert set(calls) == {(2, c.tracks, c.d_inner // c.tracks, c.d_state)}

@@ -1,5 +1,7 @@
 """Tests of multitrack/ops.py: every fast path against its slow, obviously correct twin."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,3 +307,88 @@ def test_cpu_scan_states_are_time_major_contiguous(groups):
     dA, hs = ops._forward_states(u, dt, A, Bt, torch.randn(b, d, n), 64, "loop")
     assert dA.shape == hs.shape == (l, b, d, n)
     assert dA.is_contiguous() and hs.is_contiguous()
+
+
+def heads_form_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Stand-in for mamba-ssm's Triton selective_state_update in its multi-head form, written from its
+    docstring: state (b, h, p, n) updated in place; x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n), head
+    i reading group i // (h / g); D, dt_bias (h, p). Returns y (b, h, p)."""
+    batch, h, p, n = state.shape                       # the shape checks of mamba-ssm 2.3.2's wrapper
+    g = B.shape[1]
+    assert x.shape == (batch, h, p) and dt.shape == x.shape and A.shape == (h, p, n)
+    assert h % g == 0 and B.shape == (batch, g, n) and C.shape == B.shape
+    assert D.shape == (h, p) and dt_bias.shape == (h, p)   # never None: the wrapper reads their strides
+    assert z is None or z.shape == x.shape
+    dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
+    dt = F.softplus(dt) if dt_softplus else dt
+    Bh, Ch = (t.float().repeat_interleave(h // g, dim=1).unsqueeze(2) for t in (B, C))   # (b, h, 1, n)
+    new = torch.exp(dt.unsqueeze(-1) * A.float()) * state.float() + (dt * x.float()).unsqueeze(-1) * Bh
+    state.copy_(new)
+    y = (new * Ch).sum(-1) + (0 if D is None else x.float() * D.float())
+    return (y if z is None else y * F.silu(z.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("with_z,with_d_bias,softplus", [(True, True, True), (False, False, False)])
+def test_grouped_state_update_is_one_multi_head_kernel_call(monkeypatch, with_z, with_d_bias, softplus):
+    """Grouped B/C (the multi-track mixer's decode step) goes to the Triton kernel once, as g heads of d/g
+    channels viewing the caller's state: output and in-place state equal the PyTorch path (3 groups of 5
+    channels, z / D / Δ bias present or absent)."""
+    calls = []
+
+    def kernel(state, *args, **kwargs):
+        calls.append(tuple(state.shape))
+        return heads_form_update(state, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_ssu_triton", kernel)
+    monkeypatch.setattr(ops, "_use", lambda k, *tensors: k is kernel)
+    g = torch.Generator().manual_seed(3)
+    b, d, n, groups = 2, 15, 4, 3
+    r = lambda *s: torch.randn(*s, generator=g)
+    state, x, dt, z = r(b, d, n), r(b, d), r(b, d), r(b, 2 * d)[:, ::2]          # z strided, as a chunk
+    A, B, C = -torch.rand(d, n, generator=g) - 0.5, r(b, groups, n), r(b, groups, n)
+    D, bias = (r(d), r(d)) if with_d_bias else (None, None)
+    kw = dict(D=D, z=z if with_z else None, dt_bias=bias, dt_softplus=softplus)
+    state_ref = state.clone()
+    y = ops.selective_state_update(state, x, dt, A, B, C, **kw)
+    assert calls == [(b, groups, d // groups, n)]
+    y_ref = _ssu_pytorch(state_ref, x, dt, A, B, C, kw["D"], kw["z"], kw["dt_bias"], kw["dt_softplus"])
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(state, state_ref)
+
+
+def _mamba_ssm_state_update_ref():
+    """mamba-ssm's own selective_state_update_ref, read from the sdist (its module imports triton, so the
+    function's source is executed alone, with torch, F and einops)."""
+    import ast
+    import tarfile
+
+    import einops
+
+    sdist = Path(__file__).resolve().parents[1] / ".sdist" / "mamba_ssm-2.3.2.post1.tar.gz"
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("ops/triton/selective_state_update.py"))
+        source = tar.extractfile(member).read().decode()
+    fn = next(node for node in ast.parse(source).body
+              if isinstance(node, ast.FunctionDef) and node.name == "selective_state_update_ref")
+    namespace = {"torch": torch, "F": F, "rearrange": einops.rearrange, "repeat": einops.repeat}
+    exec(compile(ast.Module([fn], []), "selective_state_update_ref", "exec"), namespace)
+    return namespace["selective_state_update_ref"]
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".sdist" / "mamba_ssm-2.3.2.post1.tar.gz").is_file(),
+                    reason="needs the mamba-ssm sdist in .sdist/ (setup.sh)")
+def test_heads_form_stand_in_matches_mamba_ssm_reference():
+    """The stand-in above computes what mamba-ssm's selective_state_update_ref computes for the same
+    multi-head call (so the test of the grouped dispatch holds for the real kernel's contract)."""
+    ref = _mamba_ssm_state_update_ref()
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g)
+    b, h, p, n = 2, 3, 5, 4
+    state = r(b, h, p, n)
+    args = (r(b, h, p), r(b, h, p), -torch.rand(h, p, n, generator=g), r(b, h, n), r(b, h, n))
+    kw = dict(D=r(h, p), z=r(b, h, p), dt_bias=r(h, p), dt_softplus=True)
+    s1, s2 = state.clone(), state.clone()
+    y_ref = ref(s1, *args, **kw)
+    y = heads_form_update(s2, *args, **kw)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(s2, s1)
