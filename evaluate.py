@@ -173,7 +173,7 @@ def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
 
     for _name, path in pairs:
         if Path(path).is_file():
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=True)        # the metadata, without reading the weights
             check_model_tokenizer(path, ckpt.get("tokenizer") or {}, {}, meta)
             del ckpt
         else:

@@ -8,6 +8,8 @@
 #                                      stages in out/gpu_queue_done.txt, stops a training run with a checkpoint at
 #                                      the budget; re-run the same command until it prints "all stages done"
 #   bench/gpu_runs.sh setup            build mamba-ssm for this GPU (setup.sh --mamba-only)      ~3.5 min
+#   bench/gpu_runs.sh setup-conv       also causal-conv1d (~6 min more on an H200): the fused mamba_inner_fn
+#                                      configuration, for both models and mamba-ssm's; re-run throughput after it
 #   bench/gpu_runs.sh verify           test_mamba.py, test_mamba_130m.py, GPU pytest selection     ~1 min
 #   bench/gpu_runs.sh throughput       ours vs mamba-ssm's MambaLMHeadModel, batch 8 and 64; multitrack  ~2 min
 #   bench/gpu_runs.sh decode           decode tok/s vs mamba-ssm generate(cg=True); memory at 1k/16k tokens  ~2 min
@@ -26,7 +28,8 @@
 # TOKENS (token budget of each run, default 100M), PIECE_S (seconds per training piece, default 540),
 # SDISTS (folder with the mamba-ssm sdist, default .sdist), RUNS (the `all` queue's training runs,
 # default "baseline-s1337 multitrack-s1337 baseline-s2"), STAGES (the `all` queue, default "setup verify
-# throughput train eval samples decode mtspeed profile"; train = the RUNS in order), DATA_SRC / DATA_TOK (the `all` queue's data
+# throughput train eval samples decode mtspeed profile"; train = the RUNS in order; NAME@TAG runs a stage
+# again, e.g. "setup verify throughput setup-conv throughput@conv"), DATA_SRC / DATA_TOK (the `all` queue's data
 # stage arguments), TRAIN_ARGS / EVAL_ARGS (extra flags for every training run / evaluate.py), OUT (if set, `all` leaves $OUT/gpu-results.tgz: the results, run logs and samples).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +50,9 @@ header() { echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv
 case "$stage" in
   setup)
     { header "setup.sh --use-system-torch --mamba-only"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS" --mamba-only; } 2>&1 \
+      | grep -v "ptxas\|bytes stack frame\|registers, " | log setup ;;
+  setup-conv)
+    { header "setup.sh --use-system-torch (mamba-ssm + causal-conv1d)"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS"; } 2>&1 \
       | grep -v "ptxas\|bytes stack frame\|registers, " | log setup ;;
   verify)
     { header verify; $PY test_mamba.py; $PY test_mamba_130m.py; $PY -m pytest tests/test_gpu.py -q -s; } 2>&1 | log verify ;;
@@ -101,19 +107,20 @@ case "$stage" in
     }
     ckpt_list() { local c=(); for r in $RUNS; do [ -f "out/$r/ckpt_latest.pt" ] && c+=("out/$r/ckpt_latest.pt"); done
                   (IFS=,; echo "${c[*]}"); }
+    # stage name:seconds it needs at least (not started with less left: nothing is cut off halfway);
+    # NAME@TAG runs stage NAME again under another label (e.g. throughput@conv after setup-conv)
+    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120 [profile]=120 [setup-conv]=480)
+    plan=()
+    for st in $STAGES; do
+      if [ "$st" = train ]; then for r in $RUNS; do plan+=("train:$r:60"); done; else plan+=("$st:${need_s[${st%@*}]:-120}"); fi
+    done
     # data preparation runs on the CPUs beside the kernel build; training waits for it
     data_pid=""
-    if ! is_done data; then
+    if [[ " ${plan[*]}" == *" train:"* ]] && ! is_done data; then
       ( nice -n 10 "$0" data "${DATA_SRC:?set DATA_SRC (and DATA_TOK) for the data stage}" "${DATA_TOK:-EleutherAI/gpt-neox-20b}" \
           >/dev/null 2>&1 && echo data >> "$done_file" ) &
       data_pid=$!
     fi
-    # stage name:seconds it needs at least (not started with less left: nothing is cut off halfway)
-    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120 [profile]=120)
-    plan=()
-    for st in $STAGES; do
-      if [ "$st" = train ]; then for r in $RUNS; do plan+=("train:$r:60"); done; else plan+=("$st:${need_s[$st]:-120}"); fi
-    done
     for item in "${plan[@]}"; do
       need=${item##*:}; stage=${item%:*}
       is_done "$stage" && continue
@@ -128,15 +135,16 @@ case "$stage" in
           elif [ $code -eq 143 ]; then echo "budget: $stage stopped with a checkpoint, resumes next call"; pack; exit 3
           else echo "$stage failed (exit $code)"; pack; exit 1; fi ;;
         *)
-          args=(); [ "$stage" = eval ] || [ "$stage" = samples ] && args=("$(ckpt_list)")
-          timeout "$(( $(left) ))" "$0" "$stage" "${args[@]}"; code=$?
+          name=${stage%@*}
+          args=(); [ "$name" = eval ] || [ "$name" = samples ] && args=("$(ckpt_list)")
+          timeout "$(( $(left) ))" "$0" "$name" "${args[@]}"; code=$?
           echo "$stage" >> "$done_file"      # a failed check is recorded in its log and does not block the queue
-          [ $code -ne 0 ] && echo "$stage: exit $code (see $RESULTS/$stage.log)"
-          [ "$stage" = setup ] && [ $code -ne 0 ] && { pack; exit 1; } ;;
+          [ $code -ne 0 ] && echo "$stage: exit $code (see $RESULTS/$name.log)"
+          [[ "$name" == setup* ]] && [ $code -ne 0 ] && { pack; exit 1; } ;;
       esac
     done
     [ -n "$data_pid" ] && wait "$data_pid"
     echo "all stages done"; pack ;;
   *)
-    sed -n '2,30p' "$0"; exit 2 ;;
+    sed -n '2,/^set -uo/p' "$0" | grep '^#'; exit 2 ;;
 esac

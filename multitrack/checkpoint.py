@@ -64,13 +64,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a repo checkpoint safely (weights_only=True). UserError if missing, corrupt or foreign."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a repo checkpoint safely (weights_only=True). UserError if missing, corrupt or foreign.
+
+    mmap=True maps the file instead of reading it: tensors are read only when touched, so a caller
+    that wants the metadata (config, tokenizer, step) of a large checkpoint reads little of it.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; train one with train_baseline.py or pass --ckpt=<path to a .pt>")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, pickle with foreign objects, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a mamba-narrative checkpoint")

@@ -129,9 +129,10 @@ def queue(tmp_path):
                QUEUE_STATE=str(tmp_path / "state" / "done.txt"), DATA=str(tmp_path / "data"), DATA_SRC="src",
                DATA_TOK="tok.json", RUNS="baseline-s7 multitrack-s7", STAGES="train eval")
 
-    def run(budget=300, train_exit=0):
+    def run(budget=300, train_exit=0, **extra):
         r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_runs.sh"), "all"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=120, env=dict(env, BUDGET_S=str(budget), STUB_TRAIN_EXIT=str(train_exit)))
+                           text=True, timeout=120, env=dict(env, BUDGET_S=str(budget), STUB_TRAIN_EXIT=str(train_exit),
+                                                            **extra))
         calls = (tmp_path / "calls.log").read_text().splitlines() if (tmp_path / "calls.log").exists() else []
         done = (tmp_path / "state" / "done.txt").read_text().split()
         return r, calls, done
@@ -184,3 +185,11 @@ def test_profile_step_reports_time_by_family_for_each_model():
         fams = [float(m) for m in re.findall(r"^\| [a-z /-]+ \| ([\d.]+) \| [\d.]+% \|$", section, re.MULTILINE)]
         assert fams and abs(sum(fams) - busy) < 0.05 * busy + 0.05
         assert "`aten::mm`" in section or "`aten::addmm`" in section
+
+
+def test_queue_runs_a_tagged_stage_again_and_prepares_no_data_without_training(queue):
+    """NAME@TAG runs stage NAME a second time under its own label; a plan without training runs no
+    data preparation."""
+    r, calls, done = queue(STAGES="decode decode@again")
+    assert r.returncode == 0 and done == ["decode", "decode@again"]
+    assert [c.split()[0] for c in calls] == ["bench/bench_decode.py"] * 2

@@ -53,6 +53,20 @@ def test_weights_only_load_and_strict_rebuild(tmp_path, tiny_model):
     assert tok.kind == "byte" and info["num_params"] == model.num_params() and info["step"] == 1
 
 
+def test_mmap_load_gives_the_same_checkpoint(tmp_path, tiny_model):
+    """load_checkpoint(mmap=True) (evaluate.py's tokenizer precheck) returns the same metadata and weights
+    as a full read, and a corrupt file is the same one-line UserError."""
+    model = tiny_model()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, make_ckpt(model))
+    full, mapped = load_checkpoint(path), load_checkpoint(path, mmap=True)
+    assert mapped["tokenizer"] == full["tokenizer"] and mapped["model_config"] == full["model_config"]
+    assert all(torch.equal(mapped["model"][k], v) for k, v in full["model"].items())
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(tmp_path / "junk.pt", mmap=True)
+
+
 def test_load_errors_are_user_errors(tmp_path, tiny_model):
     """Missing, corrupt, foreign-format and mismatched-weights checkpoints give a clear UserError."""
     with pytest.raises(UserError, match="not found"):
