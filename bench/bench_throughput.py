@@ -2,9 +2,11 @@
 
     python bench/bench_throughput.py                                   # GPU: mamba-130m, batch 8 and 64 x 1024
     python bench/bench_throughput.py --model=multitrack                # also the multi-track model
+    python bench/bench_throughput.py --model=multitrack --compile=True # the same under torch.compile
     python bench/bench_throughput.py --preset=tiny --seq_len=256 --batch_sizes=8 --steps=3 --warmup=1   # CPU
 
-One timed step = forward + cross-entropy + backward + AdamW step (bf16 autocast on CUDA, fp32 on CPU),
+With --compile=True the first warmup steps include the compilation; a model that does not compile runs
+eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step (bf16 autocast on CUDA, fp32 on CPU),
 timed with torch.cuda.synchronize() after `warmup` untimed steps. Peak memory is
 torch.cuda.max_memory_allocated() per run on GPU, the process's peak RSS on CPU (monotone over the
 whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
@@ -40,6 +42,7 @@ model = "mamba"          # "mamba": ours vs mamba-ssm; "multitrack": additionall
 vocab_size = 50277       # vocabulary (GPT-NeoX)
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 lr = 3e-4                # AdamW learning rate (speed does not depend on it)
+compile = False          # torch.compile each model first (trainer.try_compile: eager if compiling fails)
 seed = 1337              # torch seed
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
@@ -97,6 +100,9 @@ def bench_one(name, build, batch, dev) -> dict:
         torch.manual_seed(seed)
         net = build(dev).train()
         row["params"] = sum(p.numel() for p in net.parameters())
+        if compile:
+            from multitrack.trainer import try_compile
+            net = try_compile(net, torch.device(dev), seq_len)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=dev == "cuda")
         ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=dev)
         for _ in range(warmup):
