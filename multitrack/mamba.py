@@ -165,33 +165,33 @@ class Mamba(nn.Module):
         b, _, l = x.shape
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(b * l, -1))              # (B L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).view(b, l, -1).transpose(1, 2)      # (B, d_inner, L), bias later
+        dt = ops.linear_channels_first(dt.view(b, l, -1), self.dt_proj.weight)   # (B, d_inner, L), bias later
         B = B.view(b, l, -1).transpose(1, 2).contiguous()                        # (B, N, L)
         C = C.view(b, l, -1).transpose(1, 2).contiguous()
-        return dt.contiguous(), B, C
+        return dt, B, C
 
     def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden_states: (B, L, D) -> (B, L, D); with a cache, start from and update its layer state."""
         A = -torch.exp(self.A_log.float())                                       # (d_inner, N)
-        xz = self.in_proj(hidden_states).transpose(1, 2)                         # (B, 2 d_inner, L)
+        xz = ops.linear_channels_first(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2 d_inner, L)
         if cache is None and ops.fused_mamba_inner_available(xz):
-            return ops.mamba_inner(xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+            return ops.mamba_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                    self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                    self.D.float(), self.dt_proj.bias.float())
         x, z = xz.chunk(2, dim=1)                                                # (B, d_inner, L) each
         conv_weight = self.conv1d.weight.squeeze(1)                              # (d_inner, d_conv)
         if cache is None:
-            x = ops.causal_conv1d(x.contiguous(), conv_weight, self.conv1d.bias, activation="silu")
+            x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation="silu")
         else:
             conv_state = cache.conv_states[self.layer_idx]                       # (B, d_inner, d_conv)
             x_in = x
-            x = ops.causal_conv1d(x.contiguous(), conv_weight, self.conv1d.bias, activation="silu",
+            x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation="silu",
                                   initial_states=conv_state[:, :, 1:])
             history = torch.cat([conv_state, x_in.to(conv_state.dtype)], dim=2)
             conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])   # last d_conv inputs
         dt, B, C = self._ssm_params(x)
         ssm_state = None if cache is None else cache.ssm_states[self.layer_idx]
-        y = ops.selective_scan(x, dt, A, B, C, self.D.float(), z=z.contiguous(),
+        y = ops.selective_scan(x, dt, A, B, C, self.D.float(), z=z,
                                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                                return_last_state=cache is not None, initial_state=ssm_state)
         if cache is not None:

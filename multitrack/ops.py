@@ -520,6 +520,21 @@ def _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 
 # ----------------------------------------------------------------------------------------------
+# layout
+
+def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, L, D_in) -> (B, D_out, L) as W·xᵀ: the projection and the transpose in one matmul.
+
+    mamba-ssm's layout for in_proj and dt_proj: the result is a view with unit stride along L, which
+    the conv and selective-scan kernels take as it is, where x @ Wᵀ followed by a transpose would need
+    a contiguous copy for each of x, z and Δ (and one more in backward).
+    """
+    b, l, _ = x.shape
+    out = (weight @ x.reshape(b * l, -1).t()).view(-1, b, l).transpose(0, 1)
+    return out if bias is None else out + bias.to(out.dtype).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
 # causal depthwise conv1d
 
 def _activate(x, activation):

@@ -136,8 +136,8 @@ class TripleTrackMixer(nn.Module):
         """Causal depthwise conv + SiLU. x: (B, Di, L); conv_state (B, Di, d_conv) is read and updated."""
         weight = self.conv1d.weight.squeeze(1)                                   # (Di, d_conv)
         if conv_state is None:
-            return ops.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, activation="silu")
-        out = ops.causal_conv1d(x.contiguous(), weight, self.conv1d.bias, activation="silu",
+            return ops.causal_conv1d(x, weight, self.conv1d.bias, activation="silu")
+        out = ops.causal_conv1d(x, weight, self.conv1d.bias, activation="silu",
                                 initial_states=conv_state[:, :, 1:])
         history = torch.cat([conv_state, x.to(conv_state.dtype)], dim=2)
         conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])        # last d_conv inputs
@@ -150,16 +150,16 @@ class TripleTrackMixer(nn.Module):
         """
         b, l, _ = u.shape
         A = -torch.exp(self.A_log.float())                                       # (Di, N)
-        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)                   # (B, Di, L) each
+        x, z = ops.linear_channels_first(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=1)  # (B, Di, L)
         x = self._conv(x, None if cache is None else cache.conv_states[self.layer_idx])
         x_dbl = self.x_proj(x.transpose(1, 2))                                   # (B, L, R + 2 G' N)
         dt, B, C = self._split_bc(x_dbl)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2).contiguous()         # (B, Di, L), bias later
+        dt = ops.linear_channels_first(dt, self.dt_proj.weight)                  # (B, Di, L), bias later
         B = B.movedim(1, -1).contiguous()                                        # (B, G, N, L) or (B, N, L)
         C = C.movedim(1, -1).contiguous()
         delta, delta_bias, softplus = self._delta(dt, channel_dim=1)
         ssm_state = None if cache is None else cache.ssm_states[self.layer_idx]
-        y = ops.selective_scan(x, delta, A, B, C, self.D.float(), z=z.contiguous(), delta_bias=delta_bias,
+        y = ops.selective_scan(x, delta, A, B, C, self.D.float(), z=z, delta_bias=delta_bias,
                                delta_softplus=softplus, return_last_state=cache is not None,
                                initial_state=ssm_state)
         if cache is not None:

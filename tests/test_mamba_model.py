@@ -206,3 +206,47 @@ def test_overfits_one_batch():
         losses.append(loss.item())
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.filterwarnings("ignore:MultiTrackLM. the narrative signal table is empty")
+@pytest.mark.parametrize("model_type", ["mamba", "multitrack"])
+def test_kernels_get_mamba_ssm_layout_without_copies(monkeypatch, model_type):
+    """Guards the training path's layout (mamba-ssm's Mamba: in_proj and dt_proj as W·xᵀ): the conv and
+    scan kernels receive x, z and Δ as (B, C, L) views with unit stride along L, not contiguous copies,
+    and the model's logits and gradients equal the PyTorch path's. Stand-in kernels compute with the
+    references and record what they were handed."""
+    from multitrack import ops
+
+    seen = {}
+
+    def scan(u, delta, A, B, C, D, z, delta_bias, softplus, return_last_state):
+        seen["scan"] = {"unit stride": (delta.stride(-1), z.stride(-1)) == (1, 1),
+                        "views": not delta.is_contiguous() and not z.is_contiguous()}
+        return ops.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, return_last_state=return_last_state)
+
+    def conv(x, weight, bias, activation=None):
+        seen["conv"] = {"unit stride": x.stride(-1) == 1, "views": not x.is_contiguous()}
+        return ops.causal_conv1d_ref(x, weight, bias, activation)
+
+    if model_type == "mamba":
+        model = _tiny(seed=3)
+    else:
+        from multitrack.multitrack_config import multitrack_config
+        model = models.build_model("multitrack", multitrack_config("tiny", vocab_size=100))
+    ids = torch.randint(0, 100, (2, 23), generator=torch.Generator().manual_seed(0))
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits[..., :100].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_logits, ref_grads = logits_and_grads()
+    monkeypatch.setattr(ops, "_ss_cuda", scan)
+    monkeypatch.setattr(ops, "_conv_cuda", conv)
+    monkeypatch.setattr(ops, "_use", lambda kernel, *tensors: kernel in (scan, conv))
+    logits, grads = logits_and_grads()
+    assert seen["scan"] == seen["conv"] == {"unit stride": True, "views": True}
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
