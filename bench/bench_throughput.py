@@ -6,10 +6,10 @@
     python bench/bench_throughput.py --preset=tiny --seq_len=256 --batch_sizes=8 --steps=3 --warmup=1   # CPU
 
 With --compile=True the first warmup steps include the compilation; a model that does not compile runs
-eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step (bf16 autocast on CUDA, fp32 on CPU),
-timed with torch.cuda.synchronize() after `warmup` untimed steps. Peak memory is
-torch.cuda.max_memory_allocated() per run on GPU, the process's peak RSS on CPU (monotone over the
-whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
+eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step
+(bench_common.train_step: bf16 autocast on CUDA, fp32 on CPU), timed with torch.cuda.synchronize()
+after `warmup` untimed steps. Peak memory is torch.cuda.max_memory_allocated() per run on GPU, the
+process's peak RSS on CPU (monotone over the whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
 Runs that do not fit (CUDA OOM) or implementations that are not installed are reported, not fatal.
 """
 
@@ -25,12 +25,11 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
+from bench_common import build_impl, train_step
 
-from multitrack import models, ops
+from multitrack import ops
 from multitrack.configurator import apply_overrides
 from multitrack.errors import user_errors
-from multitrack.mamba import MambaLMHeadModel, mamba_config
 
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"    # multitrack.mamba.PRESETS key (the multitrack model uses its matching preset)
@@ -48,24 +47,6 @@ seed = 1337              # torch seed
 config = apply_overrides(globals(), sys.argv[1:])
 
 
-def build_ours(dev):
-    return MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev)
-
-
-def build_mamba_ssm(dev):
-    """mamba-ssm's MambaLMHeadModel with the same config (raises ImportError if mamba_ssm is missing)."""
-    from multitrack.interop import mamba_ssm_model
-    return mamba_ssm_model(mamba_config(preset, vocab_size=vocab_size), device=dev)
-
-
-def build_multitrack(dev):
-    from multitrack.multitrack_config import PRESETS as MT_PRESETS, multitrack_config
-    name = "multitrack-130m" if preset.startswith("mamba-130m") else preset
-    if name not in MT_PRESETS:
-        raise ValueError(f"no multitrack preset matching {preset!r} (have {', '.join(MT_PRESETS)})")
-    return models.build_model("multitrack", multitrack_config(name, vocab_size=vocab_size), device=dev)
-
-
 def sync(dev):
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -77,19 +58,7 @@ def peak_memory_gib(dev) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train_step(net, opt, ids, dev):
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-        logits = net(ids[:, :-1])
-    logits = getattr(logits, "logits", logits)  # mamba_ssm's model returns CausalLMOutput(logits=...)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-    aux = net.aux_loss() if hasattr(net, "aux_loss") else None
-    (loss if aux is None else loss + aux).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-
-
-def bench_one(name, build, batch, dev) -> dict:
+def bench_one(name, impl, batch, dev) -> dict:
     row = {"impl": name, "batch": batch, "seq_len": seq_len}
     gc.collect()
     if dev == "cuda":
@@ -98,7 +67,7 @@ def bench_one(name, build, batch, dev) -> dict:
     net = opt = None
     try:
         torch.manual_seed(seed)
-        net = build(dev).train()
+        net = build_impl(impl, preset, vocab_size, dev).train()
         row["params"] = sum(p.numel() for p in net.parameters())
         if compile:
             from multitrack.trainer import try_compile
@@ -135,17 +104,17 @@ def fmt(row, key, spec):
 with user_errors():
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     sizes = [int(b) for b in str(batch_sizes).split(",") if b.strip()]
-    impls = [("ours (multitrack.mamba)", build_ours), ("mamba_ssm.MambaLMHeadModel", build_mamba_ssm)]
+    impls = [("ours (multitrack.mamba)", "ours"), ("mamba_ssm.MambaLMHeadModel", "mamba_ssm")]
     if model == "multitrack":
-        impls.append(("multitrack (models.build_model)", build_multitrack))
+        impls.append(("multitrack (models.build_model)", "multitrack"))
     gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"device={dev} ({gpu})  torch={torch.__version__}  preset={preset}  seq_len={seq_len}  "
           f"steps={steps} warmup={warmup}")
     ops.log_kernels_once()
     rows = []
     for batch in sizes:
-        for name, build in impls:
-            row = bench_one(name, build, batch, dev)
+        for name, impl in impls:
+            row = bench_one(name, impl, batch, dev)
             rows.append(row)
             print(f"  {name:<32} batch {batch:>3}: {row['status']:<10} {fmt(row, 'tokens_per_s', ',.0f')} tok/s  "
                   f"peak {fmt(row, 'peak_mem_gib', '.2f')} GiB", flush=True)

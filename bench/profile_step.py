@@ -4,11 +4,12 @@ MambaLMHeadModel and the multi-track model (same config, batch and precision).
     python bench/profile_step.py                                   # GPU: 130M presets, batch 8 and 64 x 1024, bf16
     python bench/profile_step.py --preset=tiny --seq_len=64 --batch_sizes=2 --device=cpu --steps=1 --warmup=1
 
-One step = forward + cross-entropy + backward + AdamW, as in bench_throughput.py. Per model and batch size
-it prints the wall time per step, the GPU busy time per step (the kernels' summed durations; on CPU the
-self time of the aten ops), the idle share (1 - busy / wall: launch-bound when large), the busy time by
-kernel family (matmul, selective scan, Triton, element-wise, reductions, conv, copies, optimizer) and the
-`top` kernels by time. The same kernels in two models show where one spends more.
+One step = forward + cross-entropy + backward + AdamW (bench_common.train_step, as in
+bench_throughput.py). Per model and batch size it prints the wall time per step, the GPU busy time per
+step (the kernels' summed durations; on CPU the self time of the aten ops), the idle share
+(1 - busy / wall: launch-bound when large), the busy time by kernel family (matmul, selective scan,
+Triton, element-wise, reductions, conv, copies, optimizer) and the `top` kernels by time. The same
+kernels in two models show where one spends more.
 """
 
 import gc
@@ -21,12 +22,11 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench_common import build_impl, train_step  # noqa: E402
 
-from multitrack import models, ops  # noqa: E402
+from multitrack import ops  # noqa: E402
 from multitrack.configurator import apply_overrides  # noqa: E402
 from multitrack.errors import user_errors  # noqa: E402
-from multitrack.mamba import mamba_config  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"      # multitrack.mamba.PRESETS key (the multi-track model uses multitrack-130m, else the same name)
@@ -61,33 +61,6 @@ def family(name: str) -> str:
     return "other"
 
 
-def build(impl: str, dev: str):
-    cfg = mamba_config(preset, vocab_size=vocab_size)
-    if impl == "ours":
-        return models.build_model("mamba", cfg, device=dev)
-    if impl == "mamba_ssm":
-        from multitrack.interop import mamba_ssm_model
-        return mamba_ssm_model(cfg, device=dev)
-    if impl == "multitrack":
-        from multitrack.multitrack_config import PRESETS, multitrack_config
-        name = "multitrack-130m" if preset.startswith("mamba-130m") else preset
-        if name not in PRESETS:
-            raise ValueError(f"no multitrack preset {name!r}")
-        return models.build_model("multitrack", multitrack_config(name, vocab_size=vocab_size), device=dev)
-    raise ValueError(f"unknown impl {impl!r}: expected ours, mamba_ssm or multitrack")
-
-
-def train_step(net, opt, ids, dev):
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-        logits = net(ids[:, :-1])
-    logits = getattr(logits, "logits", logits)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-    aux = net.aux_loss() if hasattr(net, "aux_loss") else None
-    (loss if aux is None else loss + aux).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def sync(dev):
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -98,7 +71,7 @@ def profile_one(impl: str, batch: int, dev: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    net = build(impl, dev).train()
+    net = build_impl(impl, preset, vocab_size, dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev == "cuda")
     ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=dev)
     for _ in range(warmup):

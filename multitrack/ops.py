@@ -469,6 +469,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     both forms go to mamba-ssm's Triton kernel in one launch; the grouped one as its multi-head form,
     g heads of d / g channels each, head h reading group h (`_ssu_triton_grouped`).
     """
+    b, d = x.shape
+    if B.dim() == 3 and d % B.shape[1] != 0:
+        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={B.shape[1]}")
     if _use(_ssu_triton, state, x) and (B.dim() == 2 or state.is_contiguous()):
         # mamba_ssm 2.3.2's wrapper unpacks D.stride() and dt_bias.stride() unconditionally (a None
         # crashes it): pass zeros instead, which change nothing
@@ -478,7 +481,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         if B.dim() == 3:
             return _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         return _ssu_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    b, d = x.shape
     dt = dt.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()
@@ -487,8 +489,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Bg = (B if B.dim() == 3 else B.unsqueeze(1)).float()                   # (b, g, n)
     Cg = (C if C.dim() == 3 else C.unsqueeze(1)).float()
     g = Bg.shape[1]
-    if d % g != 0:
-        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={g}")
     Bd = Bg.repeat_interleave(d // g, dim=1)                               # (b, d, n)
     Cd = Cg.repeat_interleave(d // g, dim=1)
     dA = torch.exp(dt.unsqueeze(-1) * A.float())                           # (b, d, n)
@@ -509,9 +509,7 @@ def _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     state in place; x, dt, z (b, d) -> (b, g, d/g); A (d, n) -> (g, d/g, n); D, dt_bias (d,) -> (g, d/g).
     """
     b, d = x.shape
-    g, n = B.shape[1], B.shape[2]
-    if d % g != 0:
-        raise ValueError(f"channels d={d} must be divisible by the number of B/C groups g={g}")
+    g, n = B.shape[1], B.shape[2]                      # d % g == 0: checked by selective_state_update
     p = d // g
     y = _ssu_triton(state.view(b, g, p, n), x.reshape(b, g, p), dt.reshape(b, g, p), A.reshape(g, p, n), B, C,
                     D=D.reshape(g, p), z=None if z is None else z.reshape(b, g, p), dt_bias=dt_bias.reshape(g, p),

@@ -1,0 +1,42 @@
+"""What the training-step benchmarks share (bench_throughput.py, profile_step.py): the three models at one
+preset, and one timed training step. Import after the script has put the repository root on sys.path."""
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("ours", "mamba_ssm", "multitrack")
+
+
+def build_impl(impl: str, preset: str, vocab_size: int, dev: str):
+    """ours: multitrack.mamba at `preset`; mamba_ssm: mamba-ssm's own MambaLMHeadModel with that config
+    (ImportError when not installed); multitrack: the parameter-matched multi-track preset
+    (multitrack-130m for the mamba-130m presets, else the preset of the same name)."""
+    from multitrack import models
+    from multitrack.mamba import mamba_config
+
+    cfg = mamba_config(preset, vocab_size=vocab_size)
+    if impl == "ours":
+        return models.build_model("mamba", cfg, device=dev)
+    if impl == "mamba_ssm":
+        from multitrack.interop import mamba_ssm_model
+        return mamba_ssm_model(cfg, device=dev)
+    if impl == "multitrack":
+        from multitrack.multitrack_config import PRESETS, multitrack_config
+        name = "multitrack-130m" if preset.startswith("mamba-130m") else preset
+        if name not in PRESETS:
+            raise ValueError(f"no multitrack preset matching {preset!r} (have {', '.join(PRESETS)})")
+        return models.build_model("multitrack", multitrack_config(name, vocab_size=vocab_size), device=dev)
+    raise ValueError(f"unknown implementation {impl!r}: expected one of {', '.join(IMPLS)}")
+
+
+def train_step(net, opt, ids, dev):
+    """forward (bf16 autocast on CUDA) + cross-entropy (+ the model's aux loss) + backward + optimizer step."""
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+        logits = net(ids[:, :-1])
+    logits = getattr(logits, "logits", logits)  # mamba_ssm's model returns CausalLMOutput(logits=...)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    aux = net.aux_loss() if hasattr(net, "aux_loss") else None
+    (loss if aux is None else loss + aux).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
