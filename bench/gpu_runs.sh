@@ -49,11 +49,9 @@ log() { tee -a "$RESULTS/$1.log"; }
 header() { echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1): $*"; }
 
 case "$stage" in
-  setup)
-    { header "setup.sh --use-system-torch --mamba-only"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS" --mamba-only; } 2>&1 \
-      | grep -v "ptxas\|bytes stack frame\|registers, " | log setup ;;
-  setup-conv)
-    { header "setup.sh --use-system-torch (mamba-ssm + causal-conv1d)"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS"; } 2>&1 \
+  setup|setup-conv)
+    only=(--mamba-only); [ "$stage" = setup-conv ] && only=()     # setup-conv: causal-conv1d too
+    { header "setup.sh --use-system-torch ${only[*]}"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS" "${only[@]}"; } 2>&1 \
       | grep -v "ptxas\|bytes stack frame\|registers, " | log setup ;;
   verify)
     { header verify; $PY test_mamba.py; $PY test_mamba_130m.py; $PY -m pytest tests/test_gpu.py -q -s; } 2>&1 | log verify ;;
@@ -141,7 +139,7 @@ case "$stage" in
         *)
           name=${stage%@*}
           args=(); [ "$name" = eval ] || [ "$name" = samples ] && args=("$(ckpt_list)")
-          timeout "$(( $(left) ))" "$0" "$name" "${args[@]}"; code=$?
+          timeout "$(left)" "$0" "$name" "${args[@]}"; code=$?
           echo "$stage" >> "$done_file"      # a failed check is recorded in its log and does not block the queue
           [ $code -ne 0 ] && echo "$stage: exit $code (see $RESULTS/$name.log)"
           [[ "$name" == setup* ]] && [ $code -ne 0 ] && { pack; exit 1; } ;;
