@@ -12,7 +12,7 @@
 #                                      configuration, for both models and mamba-ssm's; re-run throughput after it
 #   bench/gpu_runs.sh verify           test_mamba.py, test_mamba_130m.py, GPU pytest selection     ~1 min
 #   bench/gpu_runs.sh throughput       ours vs mamba-ssm's MambaLMHeadModel, batch 8 and 64; multitrack  ~2 min
-#   bench/gpu_runs.sh throughput-compile  the same under torch.compile (launch overhead of the small ops)   ~5 min
+#   bench/gpu_runs.sh throughput-compile  batch 8 under torch.compile (launch overhead of the small ops)   ~3 min
 #   bench/gpu_runs.sh decode           decode tok/s vs mamba-ssm generate(cg=True); memory at 1k/16k tokens  ~2 min
 #   bench/gpu_runs.sh profile          torch.profiler: where a training step's time goes, ours / mamba-ssm / multitrack  ~1.5 min
 #   bench/gpu_runs.sh mtspeed          multitrack vs baseline: training, decode, kernels per decode step  ~1.5 min
@@ -58,12 +58,12 @@ case "$stage" in
   throughput)
     { header throughput; $PY bench/bench_throughput.py --batch_sizes=8,64 --model=multitrack; } 2>&1 | log throughput ;;
   throughput-compile)
-    { header throughput-compile; $PY bench/bench_throughput.py --batch_sizes=8,64 --model=multitrack --compile=True; } 2>&1 \
+    { header throughput-compile; $PY bench/bench_throughput.py --batch_sizes=8 --model=multitrack --compile=True; } 2>&1 \
       | log throughput-compile ;;
   profile)
-    { header profile; $PY bench/profile_step.py; } 2>&1 | grep -v "^USDT:" | log profile ;;
+    { header profile; $PY bench/profile_step.py --csv_dir="$RESULTS/profile-csv"; } 2>&1 | grep -v "^USDT:" | log profile ;;
   mtspeed)
-    { header mtspeed; $PY bench/bench_multitrack_speed.py --train_steps=5; } 2>&1 | log mtspeed ;;
+    { header mtspeed; $PY bench/bench_multitrack_speed.py --train_steps=5 --decode_batch=16; } 2>&1 | log mtspeed ;;
   decode)
     { header decode; $PY bench/bench_decode.py --gen_lengths=1024,16384; } 2>&1 | log decode ;;
   data)
@@ -111,7 +111,7 @@ case "$stage" in
                   (IFS=,; echo "${c[*]}"); }
     # stage name:seconds it needs at least (not started with less left: nothing is cut off halfway);
     # NAME@TAG runs stage NAME again under another label (e.g. throughput@conv after setup-conv)
-    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120 [profile]=120 [setup-conv]=480 [throughput-compile]=300)
+    declare -A need_s=([setup]=300 [verify]=120 [throughput]=120 [eval]=150 [samples]=100 [decode]=60 [mtspeed]=120 [profile]=120 [setup-conv]=480 [throughput-compile]=240)
     plan=()
     for st in $STAGES; do
       if [ "$st" = train ]; then for r in $RUNS; do plan+=("train:$r:60"); done; else plan+=("$st:${need_s[${st%@*}]:-120}"); fi

@@ -36,6 +36,7 @@ steps = 3                  # profiled steps (after warmup)
 warmup = 3                 # unprofiled steps first (autotuning, allocator)
 impls = "ours,mamba_ssm,multitrack"  # which models
 top = 12                   # kernels listed per run
+csv_dir = ""               # if set, every kernel of each run into <csv_dir>/profile-<impl>-b<batch>.csv
 vocab_size = 50277         # GPT-NeoX
 device = "auto"            # auto | cuda | cpu
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +120,18 @@ def report(impl: str, batch: int, r: dict, unit: str) -> None:
         print(f"| `{short}` | {calls:.0f} | {ms:.2f} |")
 
 
+def write_csv(impl: str, batch: int, r: dict) -> None:
+    """All kernels of one run (name, calls/step, ms/step, family), for diffs between models."""
+    import csv
+    os.makedirs(csv_dir, exist_ok=True)
+    path = os.path.join(csv_dir, f"profile-{impl}-b{batch}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kernel", "calls_per_step", "ms_per_step", "family"])
+        for name, (calls, ms) in sorted(r["kernels"].items(), key=lambda kv: -kv[1][1]):
+            w.writerow([name, f"{calls:g}", f"{ms:.4f}", family(name)])
+
+
 def main():
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -128,7 +141,10 @@ def main():
     for batch in [int(b) for b in str(batch_sizes).split(",") if b.strip()]:
         for impl in [i.strip() for i in impls.split(",") if i.strip()]:
             try:
-                report(impl, batch, profile_one(impl, batch, dev), "GPU kernels" if dev == "cuda" else "aten ops")
+                r = profile_one(impl, batch, dev)
+                report(impl, batch, r, "GPU kernels" if dev == "cuda" else "aten ops")
+                if csv_dir:
+                    write_csv(impl, batch, r)
             except ImportError as e:
                 print(f"\n### {impl}, batch {batch}: not installed ({e.name or e})")
             except torch.cuda.OutOfMemoryError:

@@ -13,6 +13,13 @@ Per-track projections (block-diagonal over tracks) give each track its own ident
 embedding is needed; the zero-initialised output makes the module the identity at initialisation.
 Parameters: 4 d_inner H dh. The value path goes through H dh << d_track dimensions: tracks exchange
 a summary, they do not copy each other's channels.
+
+Three forms of the same computation (tested equal, outputs and gradients):
+    forward(y)                 y (..., G, d_track), token-major: the reference, obviously the formulas above
+    forward_channels_first(y)  y (B, G, d_track, L), the selective scan's own layout: the training path.
+                               No transposed copies of the (B, L, d_inner) activations, forward or backward,
+                               and the RMS scale is applied to the small q/k/v instead of to y
+    step(y)                    y (B, G, d_track), one position: one fused SDPA call (the decode step)
 """
 
 from __future__ import annotations
@@ -51,6 +58,28 @@ class CrossTrackAttention(nn.Module):
         attn = torch.softmax(scores, dim=-2)                                   # over the key tracks
         read = (attn.unsqueeze(-1) * v.unsqueeze(-4)).sum(-3)                  # (..., G, H, dh)
         return y + torch.einsum("...gf,gfc->...gc", read.flatten(-2), self.out)
+
+    def forward_channels_first(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, G, d_track, L), the scan output viewed per track -> same shape; equals forward (tested).
+
+        The layout of the selective scan (channels first) throughout: the per-track projections are
+        batched matmuls W[g]ᵀ y[b, g] over (d_track, L) blocks, the G x G attention runs on (B, G, H, dh, L)
+        tensors, and the result is added to y in place of layout. RMS-normalising y and then projecting
+        equals projecting y and scaling the 3 H dh outputs by 1 / rms(y_g) (a per-position scalar), so the
+        normalised copy of y is never formed.
+        """
+        b, g, c, l = y.shape
+        h, dh = self.n_heads, self.head_dim
+        acc = torch.promote_types(y.dtype, torch.float32)                          # bf16 y: summed in fp32
+        sumsq = torch.linalg.vector_norm(y, dim=2, keepdim=True, dtype=acc).square()   # (B, G, 1, L)
+        rstd = torch.rsqrt(sumsq / c + self.eps)
+        qkv = torch.matmul(self.qkv.transpose(1, 2).to(y.dtype), y)                 # (B, G, 3 H dh, L)
+        qkv = qkv * rstd.to(qkv.dtype)
+        q, k, v = qkv.reshape(b, g, 3, h, dh, l).unbind(2)                         # (B, G, H, dh, L) each
+        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-2) * self.scale           # (B, G_query, G_key, H, L)
+        attn = torch.softmax(scores, dim=2)                                        # over the key tracks
+        read = (attn.unsqueeze(-2) * v.unsqueeze(1)).sum(2)                        # (B, G, H, dh, L)
+        return y + torch.matmul(self.out.transpose(1, 2).to(y.dtype), read.reshape(b, g, h * dh, l))
 
     def step(self, y: torch.Tensor) -> torch.Tensor:
         """One position per sequence (the decode step): y (B, G, d_track) -> same; equals forward (tested).

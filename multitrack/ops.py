@@ -582,13 +582,16 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
         return _conv_cuda(x, weight, bias.to(weight.dtype) if bias is not None else None, activation=activation)
     b, d, l = x.shape
     w = weight.shape[1]
+    weight, bias = weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None
+    if initial_states is None and not return_final_states:
+        # as mamba-ssm's Mamba without causal-conv1d: pad inside the conv and drop the w-1 trailing
+        # outputs, so that no padded copy of x is made (and kept for backward)
+        return _activate(F.conv1d(x, weight, bias, padding=w - 1, groups=d)[..., :l], activation)
     if initial_states is None:
         xp = F.pad(x, (w - 1, 0))
     else:
         xp = torch.cat([initial_states.to(x.dtype), x], dim=2)             # (b, d, w-1+l)
-    out = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
-                   groups=d)
-    out = _activate(out, activation)
+    out = _activate(F.conv1d(xp, weight, bias, groups=d), activation)
     if not return_final_states:
         return out
     return out, xp[:, :, xp.shape[2] - (w - 1):]

@@ -9,7 +9,8 @@ different timescales. They are one Mamba mixer whose d_inner channels are split 
     Δ = dt_proj(Δ_low) + Δ_bias                        Δ_bias of track g initialised in its own range
     y = selective_scan(x, Δ, A, B, C, D, z)           ONE call, B/C of shape (B, G, N, L): channel c
                                                        of track g = c // d_track uses B_g, C_g
-    y (B, L, G, d_track) --cross-track attention-->    tracks read each other (multitrack/cross_track.py)
+    y (B, G, d_track, L) --cross-track attention-->    tracks read each other (multitrack/cross_track.py),
+                                                       in the scan's layout: no transposed copies
     y_g *= G w_g                                       narrative router weights (multitrack/router.py)
     out = out_proj(y)                                  (B, L, D)
 
@@ -116,21 +117,38 @@ class TripleTrackMixer(nn.Module):
         delta = F.softplus(dt.float() + bias)
         return torch.minimum(torch.maximum(delta, lo), hi).to(dt.dtype), self.dt_zero_bias.float(), False
 
-    def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None,
-                    signal_logits: torch.Tensor | None = None, one_token: bool = False):
-        """y: (..., Di) scan output, u: (..., D) block input, features (..., F) or precomputed
-        signal_logits (B, G) -> (mixed y (..., Di), weights (..., G) | None). one_token: the decode step,
-        y (B, Di), which uses the cross-track attention's fused single-position path."""
+    def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, signal_logits: torch.Tensor | None):
+        """The decode step's mixing: y (B, Di) scan output, u (B, D) block input, signal_logits (B, G) |
+        None -> (mixed y (B, Di), weights (B, G) | None). The cross-track attention's fused one-position path."""
         if self.tracks == 1:
             return y, None
-        y = y.unflatten(-1, (self.tracks, self.d_track))                        # (..., G, d_track)
+        y = y.unflatten(-1, (self.tracks, self.d_track))                        # (B, G, d_track)
         if self.cross is not None:
-            y = self.cross.step(y) if one_token else self.cross(y)
+            y = self.cross.step(y)
         weights = None
         if self.router is not None:
-            weights = self.router(u, features, signal_logits)                    # (..., G) float32
+            weights = self.router(u, None, signal_logits)                        # (B, G) float32
             y = y * (self.tracks * weights).to(y.dtype).unsqueeze(-1)
         return y.flatten(-2), weights
+
+    def _mix_tracks_channels_first(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None):
+        """The parallel forward's mixing, in the scan's layout: y (B, Di, L) scan output, u (B, L, D) block
+        input, features (B, L, F) | None -> (mixed y (B, Di, L), weights (B, L, G) | None).
+
+        Token-major (y as (B, L, G, d_track)) the same math costs strided copies of the (B, L, Di)
+        activations in forward and backward; here y stays (B, G, d_track, L) and the router weights are
+        broadcast along d_track. Equal to the token-major reference (tested)."""
+        if self.tracks == 1:
+            return y, None
+        b, _, l = y.shape
+        y = y.reshape(b, self.tracks, self.d_track, l)                           # (B, G, d_track, L), a view
+        if self.cross is not None:
+            y = self.cross.forward_channels_first(y)
+        weights = None
+        if self.router is not None:
+            weights = self.router(u, features)                                   # (B, L, G) float32
+            y = y * (self.tracks * weights).to(y.dtype).transpose(1, 2).unsqueeze(2)   # (B, G, 1, L)
+        return y.reshape(b, self.d_inner, l), weights
 
     def _conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU. x: (B, Di, L); conv_state (B, Di, d_conv) is read and updated."""
@@ -165,8 +183,8 @@ class TripleTrackMixer(nn.Module):
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        y, weights = self._mix_tracks(y.transpose(1, 2), u, features)           # (B, L, Di)
-        return self.out_proj(y), weights
+        y, weights = self._mix_tracks_channels_first(y, u, features)            # (B, Di, L)
+        return self.out_proj(y.transpose(1, 2)), weights
 
     def step(self, u: torch.Tensor, signal_logits: torch.Tensor | None, cache):
         """One token: u (B, D), signal_logits (B, G) | None (this layer's W_s s + b, computed for all layers
@@ -182,7 +200,7 @@ class TripleTrackMixer(nn.Module):
         # grouped B/C (B, G, N): one update for all tracks (on CUDA one Triton launch, G heads)
         y = ops.selective_state_update(state, x, delta, A, B, C, self.D.float(), z=z, dt_bias=dt_bias,
                                        dt_softplus=softplus)
-        y, weights = self._mix_tracks(y, u, None, signal_logits, one_token=True)
+        y, weights = self._mix_tracks(y, u, signal_logits)
         return self.out_proj(y), weights
 
 

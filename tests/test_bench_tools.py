@@ -168,14 +168,16 @@ def test_queue_starts_no_stage_without_the_time_it_needs(queue):
 # profile_step.py
 
 
-def test_profile_step_reports_time_by_family_for_each_model():
+def test_profile_step_reports_time_by_family_for_each_model(tmp_path):
     """On CPU (tiny preset) the profile of a training step lists wall and busy time, families whose times
     add up to the busy time, and the top ops, for our model and the multi-track model; mamba-ssm, not
-    installed here, is reported as such instead of failing the run."""
+    installed here, is reported as such instead of failing the run. --csv_dir writes every op of each run,
+    whose times add up to the same busy time."""
+    import csv
     import re
 
     r = run_script("profile_step.py", "--preset=tiny", "--seq_len=32", "--batch_sizes=2", "--device=cpu",
-                   "--steps=1", "--warmup=1", "--top=4")
+                   "--steps=1", "--warmup=1", "--top=4", f"--csv_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "### mamba_ssm, batch 2: not installed" in out
@@ -185,6 +187,9 @@ def test_profile_step_reports_time_by_family_for_each_model():
         fams = [float(m) for m in re.findall(r"^\| [a-z /-]+ \| ([\d.]+) \| [\d.]+% \|$", section, re.MULTILINE)]
         assert fams and abs(sum(fams) - busy) < 0.05 * busy + 0.05
         assert "`aten::mm`" in section or "`aten::addmm`" in section
+        rows = list(csv.DictReader(open(tmp_path / f"profile-{impl}-b2.csv")))
+        assert len(rows) > 4 and abs(sum(float(x["ms_per_step"]) for x in rows) - busy) < 0.05 * busy + 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile-multitrack-b2.csv", "profile-ours-b2.csv"]
 
 
 def test_queue_runs_a_tagged_stage_again_and_prepares_no_data_without_training(queue):

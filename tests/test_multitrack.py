@@ -15,7 +15,7 @@ from multitrack.errors import UserError
 from multitrack.mamba import MambaLMHeadModel, mamba_config
 from multitrack.multitrack_model import (MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
                                          multitrack_config)
-from multitrack.narrative import TOKEN_TYPES, build_signal_tables
+from multitrack.narrative import N_FEATURES, TOKEN_TYPES, build_signal_tables
 from multitrack.tokenizer import load_tokenizer
 
 TEXT = ('CHAPTER I\n\nHe said, "Run now." Then he left the house.\n\n"Wait," she called. "Wait for me!"\n\n'
@@ -315,6 +315,52 @@ def test_cross_track_step_equals_forward():
     step = cross.step(y)
     print(f"max |step - forward| = {(step - full).abs().max().item():.2e}")
     assert torch.allclose(step, full, atol=1e-6) and not torch.allclose(step, y, atol=1e-3)
+
+
+@pytest.mark.parametrize("l", [1, 7])
+@pytest.mark.parametrize("name", ["full", "no-cross", "uniform-router"])
+def test_channels_first_mixing_equals_token_major_reference(name, l):
+    """Guards the training path of the track mixing: in the scan's (B, Di, L) layout (cross-track attention
+    on (B, G, d_track, L), RMS scale moved onto q/k/v, router weights broadcast along d_track) it gives the
+    same output and the same gradients (y, u, features, every parameter) as the token-major reference:
+    CrossTrackAttention.forward on (B, L, G, d_track), then y_g * G w_g. Odd and one-token lengths."""
+    torch.manual_seed(0)
+    cfg = tiny(**ABLATIONS[name])
+    mixer = MultiTrackLM(cfg).backbone.layers[0].mixer.double()
+    with torch.no_grad():                          # trained-like: non-zero output projection and router
+        for p_name, p in mixer.named_parameters():
+            if p_name.startswith(("cross.out", "router.")):
+                p.normal_(std=0.3)
+    b, di, g = 2, cfg.d_inner, cfg.tracks
+    y = torch.randn(b, di, l, dtype=torch.float64, requires_grad=True)           # scan output (B, Di, L)
+    u = torch.randn(b, l, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    features = torch.rand(b, l, N_FEATURES, dtype=torch.float64, requires_grad=True)
+
+    def reference():
+        yt = y.transpose(1, 2).unflatten(-1, (g, cfg.d_track))                   # (B, L, G, d_track)
+        if mixer.cross is not None:
+            yt = mixer.cross(yt)
+        w = None if mixer.router is None else mixer.router(u, features)
+        if w is not None:
+            yt = yt * (g * w).unsqueeze(-1)
+        return yt.flatten(-2).transpose(1, 2), w
+
+    params = [p for p_name, p in mixer.named_parameters() if p_name.startswith(("cross.", "router."))]
+    inputs = [y, u, features] + params
+    out_ref, w_ref = reference()
+    out, w = mixer._mix_tracks_channels_first(y, u, features)
+    assert out.shape == (b, di, l) and (w is None) == (w_ref is None) == (mixer.router is None)
+    torch.testing.assert_close(out, out_ref)
+    if w is not None:
+        torch.testing.assert_close(w, w_ref)
+    probe = torch.randn_like(out)
+    g_ref = torch.autograd.grad((out_ref * probe).sum(), inputs, allow_unused=True)
+    g_new = torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
+    for a, c in zip(g_ref, g_new):
+        assert (a is None) == (c is None)
+        if a is not None:
+            torch.testing.assert_close(c, a)
+    assert params and all(a is not None and a.abs().sum() > 0 for a in g_ref[3:])  # every parameter learns
 
 
 def test_step_on_the_grouped_triton_update_matches_forward(monkeypatch, byte_table, story_ids):
