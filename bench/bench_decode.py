@@ -1,7 +1,12 @@
 """Decode speed and memory of recurrent generation: our model.step() vs mamba-ssm's generate(cg=True).
 
     python bench/bench_decode.py                                        # GPU: mamba-130m, bf16
+    python bench/bench_decode.py --model=multitrack                     # the multi-track model (multitrack-130m)
     python bench/bench_decode.py --preset=tiny --gen_lengths=1024,4096,16384 --decode_tokens=128   # CPU
+
+With --model=multitrack the model is the parameter-matched multi-track preset (multitrack-130m for
+mamba-130m, else the preset of the same name) with a sparse random narrative signal table, so the
+router's signal path runs; mamba-ssm has no such model and its column is skipped.
 
 Part 1, speed: greedy decoding of `decode_tokens` tokens at each batch size after a 16-token prompt,
 tokens/s = batch * tokens / seconds (torch.cuda.synchronize() around the timed loop). Ours runs
@@ -23,14 +28,16 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from bench_common import build_impl
 
 from multitrack import ops
 from multitrack.configurator import apply_overrides
-from multitrack.errors import user_errors
+from multitrack.errors import UserError, user_errors
 from multitrack.mamba import MambaLMHeadModel, mamba_config
 
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"    # multitrack.mamba.PRESETS key
+model = "mamba"          # "mamba" (ours, compared with mamba-ssm) or "multitrack" (its matching preset)
 batch_sizes = "1,16"     # comma-separated decode batch sizes
 decode_tokens = 256      # timed tokens per speed run
 prompt_len = 16          # prompt tokens (one parallel forward fills the cache)
@@ -122,13 +129,23 @@ with user_errors():
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}")
     ops.log_kernels_once()
-    net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
+    if model == "mamba":
+        net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
+    elif model == "multitrack":
+        net = build_impl("multitrack", preset, vocab_size, dev).to(torch_dtype).eval()
+        g = torch.Generator().manual_seed(0)                  # sparse random signals: exercise the signal path
+        net.set_signal_table((torch.rand(tuple(net.signal_table.shape), generator=g) < 0.05).to(torch.uint8))
+    else:
+        raise UserError(f"--model={model!r}: expected 'mamba' or 'multitrack'")
 
     speed_rows = []
     for batch in [int(b) for b in str(batch_sizes).split(",") if b.strip()]:
         tps, method, _ = decode_ours(net, batch, decode_tokens, dev)
-        speed_rows.append({"impl": "ours", "method": method, "batch": batch, "tokens_per_s": tps})
-        print(f"  ours       batch {batch:>3}: {tps:>10,.0f} tok/s ({method})", flush=True)
+        label = "ours" if model == "mamba" else model
+        speed_rows.append({"impl": label, "method": method, "batch": batch, "tokens_per_s": tps})
+        print(f"  {label:<10} batch {batch:>3}: {tps:>10,.0f} tok/s ({method})", flush=True)
+        if model != "mamba":
+            continue
         try:
             tps = decode_mamba_ssm(net, batch, decode_tokens, dev, torch_dtype)
             row = {"impl": "mamba_ssm", "method": "generate(cg=True)", "batch": batch, "tokens_per_s": tps}

@@ -2,7 +2,8 @@
 
     ids (B, L) --embedding--> (B, L, D) --n_layer x MultiTrackBlock--> RMSNorm --tied lm_head--> (B, L, V_pad)
                  |
-                 +--signal_table[ids]--> narrative features (B, L, F) --> every block's router
+                 +--signal_table[ids]--> narrative features s (B, L, F) --> W_s s + b of every block's router,
+                                                                           one matmul for all layers
 
 Same model contract as multitrack.mamba.MambaLMHeadModel (CONTRACTS.md): forward(ids, cache=None),
 allocate_cache, step, num_params, plus the router hooks the trainer uses: aux_loss(), reset_stats(),
@@ -31,7 +32,7 @@ from multitrack.mamba import MambaCache, init_lm_weights
 from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
-from multitrack.router import balance_loss
+from multitrack.router import mean_balance_loss
 from multitrack.triple_track import MultiTrackBlock
 
 __all__ = ["MultiTrackConfig", "MultiTrackLM", "MultiTrackCache", "PRESETS", "multitrack_config",
@@ -52,7 +53,7 @@ class MultiTrackCache(MambaCache):
 
 
 class MultiTrackBackbone(nn.Module):
-    """Embedding, n_layer MultiTrackBlocks, final RMSNorm. (B, L) ids + features -> (B, L, D), weights."""
+    """Embedding, n_layer MultiTrackBlocks, final RMSNorm. (B, L) ids + router signal terms -> (B, L, D), weights."""
 
     def __init__(self, config: MultiTrackConfig, device=None, dtype=None):
         super().__init__()
@@ -62,11 +63,14 @@ class MultiTrackBackbone(nn.Module):
                                     for i in range(config.n_layer))
         self.norm_f = ops.RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
 
-    def forward(self, input_ids, features=None, cache=None):
-        """-> (hidden (B, L, D), [router weights (B, L, G) | None per layer])."""
+    def forward(self, input_ids, signal_logits=None, cache=None):
+        """input_ids (B, L), signal_logits (B, L, n_layer, G) | None -> (hidden (B, L, D), [router weights
+        (B, L, G) | None per layer])."""
         hidden_states, residual, all_weights = self.embedding(input_ids), None, []
-        for layer in self.layers:
-            hidden_states, residual, weights = layer(hidden_states, residual, features=features, cache=cache)
+        # unbind, not signal_logits[:, :, i]: its backward is one stack, not a zero-filled copy per layer
+        per_layer = [None] * len(self.layers) if signal_logits is None else signal_logits.unbind(2)
+        for layer, logits_i in zip(self.layers, per_layer):
+            hidden_states, residual, weights = layer(hidden_states, residual, signal_logits=logits_i, cache=cache)
             all_weights.append(weights)
         hidden_states = self.norm_f(hidden_states, residual=residual, prenorm=False,
                                     residual_in_fp32=self.residual_in_fp32)
@@ -102,7 +106,7 @@ class MultiTrackLM(nn.Module):
         # router statistics: "train" = accumulate in training-mode forwards only (so the trainer's val
         # passes do not mix into them), True = every forward, False = never; step() never records
         self.record_stats: bool | str = "train"
-        self._aux_terms: list[torch.Tensor] = []
+        self._aux: torch.Tensor | None = None
         self._warned_no_table = False
         self.reset_stats()
         ops.log_kernels_once()
@@ -129,7 +133,7 @@ class MultiTrackLM(nn.Module):
         """input_ids: (B, L) long -> logits (B, L, V_pad). With a cache: start from its state, leave the final one."""
         features, types, new_state = narrative_features(self._signal_rows(input_ids),
                                                         None if cache is None else cache.narrative)
-        hidden_states, weights = self.backbone(input_ids, features if self.config.use_signals else None, cache)
+        hidden_states, weights = self.backbone(input_ids, self._router_signal_logits(features), cache)
         if cache is not None:
             cache.narrative.copy_(new_state)
         self._after_forward(weights, types)
@@ -150,17 +154,21 @@ class MultiTrackLM(nn.Module):
         """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache.
 
         Same result as forward (tested); written for few ops per token: the narrative features come
-        from the single-token `narrative_step`, and the routers' signal terms W_s s of all layers are one
-        matmul (B, F) x (F, n_layer G) with the routers' biases, so each layer's router is one addmm.
+        from the single-token `narrative_step`, and the routers' signal terms as in forward.
         """
         features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
-        signal_logits = None
-        if self.config.use_signals:                     # W_s s + b of every layer's router: (B, n_layer, G)
-            routers = [layer.mixer.router for layer in self.backbone.layers]
-            w = torch.cat([r.signal_proj.weight for r in routers])                 # (n_layer G, F)
-            b = torch.cat([r.proj.bias for r in routers])                          # (n_layer G,)
-            signal_logits = F.linear(features.to(w.dtype), w, b).unflatten(-1, (self.config.n_layer, -1))
-        return self.lm_head(self.backbone.step(input_ids, signal_logits, cache))
+        return self.lm_head(self.backbone.step(input_ids, self._router_signal_logits(features), cache))
+
+    def _router_signal_logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """W_s s + b of every layer's router in one matmul: features (..., F) -> (..., n_layer, G), or None
+        when the routers read no signals (each router then adds its own bias). Each layer's router is then
+        one addmm (NarrativeRouter.forward), instead of two matmuls, an add and casts per layer."""
+        if not self.config.use_signals:
+            return None
+        routers = [layer.mixer.router for layer in self.backbone.layers]
+        w = torch.cat([r.signal_proj.weight for r in routers])                     # (n_layer G, F)
+        b = torch.cat([r.proj.bias for r in routers])                              # (n_layer G,)
+        return F.linear(features.to(w.dtype), w, b).unflatten(-1, (self.config.n_layer, -1))
 
     def num_params(self) -> int:
         """Number of unique parameters (the tied embedding / LM head counted once; buffers excluded)."""
@@ -170,16 +178,18 @@ class MultiTrackLM(nn.Module):
     # router hooks (CONTRACTS.md, trainer API)
 
     def _after_forward(self, weights: list, types: torch.Tensor) -> None:
-        self._aux_terms = []
-        if not self.config.use_router:
+        self._aux = None
+        aux = self.training and torch.is_grad_enabled() and self.config.router_aux_weight > 0
+        record = self.record_stats is True or (self.record_stats == "train" and self.training)
+        if not self.config.use_router or not (aux or record):
             return
-        if self.training and torch.is_grad_enabled() and self.config.router_aux_weight > 0:
-            self._aux_terms = [balance_loss(w) for w in weights]
-        if self.record_stats is True or (self.record_stats == "train" and self.training):
+        stacked = torch.stack(weights)                                           # (n_layer, B, L, G) float32
+        if aux:
+            self._aux = self.config.router_aux_weight * mean_balance_loss(stacked)
+        if record:
             with torch.no_grad():
                 t = types.float()                                                # (B, L, T)
-                w = torch.stack(weights).float()                                 # (n_layer, B, L, G)
-                sums = torch.einsum("blt,kblg->ktg", t, w).double()
+                sums = torch.einsum("blt,kblg->ktg", t, stacked.detach()).double()
                 if self._stat_sums is None or self._stat_sums.device != sums.device:
                     self._stat_sums = torch.zeros_like(sums)
                     self._stat_counts = torch.zeros(t.shape[-1], dtype=torch.float64, device=sums.device)
@@ -188,9 +198,7 @@ class MultiTrackLM(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """router_aux_weight * mean over layers of the router balance loss of the last training forward."""
-        if not self._aux_terms:
-            return None
-        return self.config.router_aux_weight * torch.stack(self._aux_terms).mean()
+        return self._aux
 
     def reset_stats(self) -> None:
         """Forget the router statistics recorded so far."""

@@ -41,14 +41,15 @@ class NarrativeRouter(nn.Module):
                 signal_logits: torch.Tensor | None = None) -> torch.Tensor:
         """u: (..., D), features: (..., F) or None -> weights (..., G) float32, summing to 1.
 
-        signal_logits (B, G): W_s s + b precomputed by the caller (the decode step does it for all layers
-        in one matmul, `MultiTrackLM.step`); with u (B, D) the logits are then one addmm.
+        signal_logits (..., G): W_s s + b precomputed by the caller (`MultiTrackLM` does it for all
+        layers in one matmul, in forward and in the decode step); the logits are then one addmm.
         """
         if not self.learned:
             return u.new_full((*u.shape[:-1], self.n_tracks), 1.0 / self.n_tracks, dtype=torch.float32)
-        if signal_logits is not None:
-            logits = torch.addmm(signal_logits, u, self.proj.weight.t())
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if signal_logits is not None:                   # one addmm over all positions
+            g = self.n_tracks
+            logits = torch.addmm(signal_logits.reshape(-1, g), u.reshape(-1, u.shape[-1]), self.proj.weight.t())
+            return torch.softmax(logits.view(*u.shape[:-1], g), dim=-1, dtype=torch.float32)
         logits = self.proj(u)
         if self.signal_proj is not None and features is not None:
             logits = logits + self.signal_proj(features.to(self.signal_proj.weight.dtype))
@@ -60,6 +61,16 @@ def balance_loss(weights: torch.Tensor) -> torch.Tensor:
     g = weights.shape[-1]
     mean = weights.reshape(-1, g).mean(0)
     return g * (mean * mean).sum() - 1.0
+
+
+def mean_balance_loss(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of `balance_loss`, in one pass: weights (n_layer, B, L, G) -> scalar.
+
+    Equal to mean_k balance_loss(weights[k]) (tested); a handful of ops for the whole stack instead of
+    five per layer (the training step is launch-bound at small batch)."""
+    n_layer, g = weights.shape[0], weights.shape[-1]
+    mean = weights.reshape(n_layer, -1, g).mean(1)                           # (n_layer, G)
+    return g * mean.square().sum() / n_layer - 1.0
 
 
 def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str | None:

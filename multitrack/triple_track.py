@@ -131,9 +131,10 @@ class TripleTrackMixer(nn.Module):
             y = y * (self.tracks * weights).to(y.dtype).unsqueeze(-1)
         return y.flatten(-2), weights
 
-    def _mix_tracks_channels_first(self, y: torch.Tensor, u: torch.Tensor, features: torch.Tensor | None):
+    def _mix_tracks_channels_first(self, y: torch.Tensor, u: torch.Tensor, signal_logits: torch.Tensor | None):
         """The parallel forward's mixing, in the scan's layout: y (B, Di, L) scan output, u (B, L, D) block
-        input, features (B, L, F) | None -> (mixed y (B, Di, L), weights (B, L, G) | None).
+        input, signal_logits (B, L, G) | None (this layer's W_s s + b, computed for all layers at once by
+        MultiTrackLM.forward) -> (mixed y (B, Di, L), weights (B, L, G) | None).
 
         Token-major (y as (B, L, G, d_track)) the same math costs strided copies of the (B, L, Di)
         activations in forward and backward; here y stays (B, G, d_track, L) and the router weights are
@@ -146,7 +147,7 @@ class TripleTrackMixer(nn.Module):
             y = self.cross.forward_channels_first(y)
         weights = None
         if self.router is not None:
-            weights = self.router(u, features)                                   # (B, L, G) float32
+            weights = self.router(u, None, signal_logits)                        # (B, L, G) float32
             y = y * (self.tracks * weights).to(y.dtype).transpose(1, 2).unsqueeze(2)   # (B, G, 1, L)
         return y.reshape(b, self.d_inner, l), weights
 
@@ -161,8 +162,9 @@ class TripleTrackMixer(nn.Module):
         conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])        # last d_conv inputs
         return out
 
-    def forward(self, u: torch.Tensor, features: torch.Tensor | None = None, cache=None):
-        """u: (B, L, D), features: (B, L, F) | None -> (out (B, L, D), weights (B, L, G) | None).
+    def forward(self, u: torch.Tensor, signal_logits: torch.Tensor | None = None, cache=None):
+        """u: (B, L, D), signal_logits (B, L, G) | None (this layer's router term W_s s + b) -> (out (B, L, D),
+        weights (B, L, G) | None).
 
         With a cache (multitrack_model.MultiTrackCache): start from the layer's state and leave the final one.
         """
@@ -183,7 +185,7 @@ class TripleTrackMixer(nn.Module):
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        y, weights = self._mix_tracks_channels_first(y, u, features)            # (B, Di, L)
+        y, weights = self._mix_tracks_channels_first(y, u, signal_logits)       # (B, Di, L)
         return self.out_proj(y.transpose(1, 2)), weights
 
     def step(self, u: torch.Tensor, signal_logits: torch.Tensor | None, cache):
@@ -213,11 +215,11 @@ class MultiTrackBlock(nn.Module):
         self.norm = ops.RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
         self.mixer = TripleTrackMixer(config, layer_idx, device=device, dtype=dtype)
 
-    def forward(self, hidden_states, residual=None, features=None, cache=None):
+    def forward(self, hidden_states, residual=None, signal_logits=None, cache=None):
         """hidden_states, residual: (B, L, D) -> (mixer output, new residual, router weights | None)."""
         normed, residual = self.norm(hidden_states, residual=residual, prenorm=True,
                                      residual_in_fp32=self.residual_in_fp32)
-        out, weights = self.mixer(normed, features, cache=cache)
+        out, weights = self.mixer(normed, signal_logits, cache=cache)
         return out, residual, weights
 
     def step(self, hidden_states, residual, signal_logits, cache):

@@ -198,3 +198,45 @@ def test_queue_runs_a_tagged_stage_again_and_prepares_no_data_without_training(q
     r, calls, done = queue(STAGES="decode decode@again")
     assert r.returncode == 0 and done == ["decode", "decode@again"]
     assert [c.split()[0] for c in calls] == ["bench/bench_decode.py"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# count_ops.py
+
+
+def test_count_ops_counts_the_training_step_of_both_models():
+    """The CPU proxy for a launch-bound GPU step: per model a positive op count in which the selective scan
+    and the causal conv each count once per layer forward and once backward (as the CUDA kernels they are
+    on a GPU), the multi-track model dispatching more ops than the baseline; the same count twice."""
+    import re
+
+    args = ("--preset=tiny", "--seq_len=16", "--vocab_size=64")
+    r = run_script("count_ops.py", *args)
+    assert r.returncode == 0, r.stderr
+    counts = {m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"^(\w+): ([\d,]+) ops", r.stdout, re.M)}
+    assert set(counts) == {"ours", "multitrack"} and 0 < counts["ours"] < counts["multitrack"]
+    kernels = re.findall(r"^  as one op each: (.*)$", r.stdout, re.M)                 # tiny: 2 layers
+    assert kernels == ["selective_scan 2 + 2 backward, causal_conv1d 2 + 2 backward"] * 2
+    again = run_script("count_ops.py", *args)
+    assert again.stdout.split("multitrack / ours")[1] == r.stdout.split("multitrack / ours")[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_decode.py
+
+
+def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models():
+    """--model=multitrack decodes the matching multi-track preset (its speed row named so, no mamba-ssm
+    row, since mamba-ssm has no such model) and reads memory at each requested length; an unknown
+    --model is a one-line error."""
+    import json
+
+    r = run_script("bench_decode.py", "--model=multitrack", "--preset=tiny", "--vocab_size=64",
+                   "--batch_sizes=1,2", "--decode_tokens=8", "--gen_lengths=16,48")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(row["impl"], row["batch"]) for row in result["speed"]] == [("multitrack", 1), ("multitrack", 2)]
+    assert all(row["tokens_per_s"] > 0 for row in result["speed"])
+    assert sorted(result["memory_gib"]) == ["16", "48"] and result["config"]["model"] == "multitrack"
+    bad = run_script("bench_decode.py", "--model=transformer", "--preset=tiny")
+    assert bad.returncode != 0 and "expected 'mamba' or 'multitrack'" in bad.stderr and "Traceback" not in bad.stderr

@@ -321,9 +321,10 @@ def test_cross_track_step_equals_forward():
 @pytest.mark.parametrize("name", ["full", "no-cross", "uniform-router"])
 def test_channels_first_mixing_equals_token_major_reference(name, l):
     """Guards the training path of the track mixing: in the scan's (B, Di, L) layout (cross-track attention
-    on (B, G, d_track, L), RMS scale moved onto q/k/v, router weights broadcast along d_track) it gives the
-    same output and the same gradients (y, u, features, every parameter) as the token-major reference:
-    CrossTrackAttention.forward on (B, L, G, d_track), then y_g * G w_g. Odd and one-token lengths."""
+    on (B, G, d_track, L), RMS scale moved onto q/k/v, router weights broadcast along d_track, the router's
+    signal term precomputed and added in one addmm) it gives the same output and the same gradients (y, u,
+    features, every parameter) as the token-major reference: CrossTrackAttention.forward on
+    (B, L, G, d_track), the router from u and the features, then y_g * G w_g. Odd and one-token lengths."""
     torch.manual_seed(0)
     cfg = tiny(**ABLATIONS[name])
     mixer = MultiTrackLM(cfg).backbone.layers[0].mixer.double()
@@ -348,7 +349,10 @@ def test_channels_first_mixing_equals_token_major_reference(name, l):
     params = [p for p_name, p in mixer.named_parameters() if p_name.startswith(("cross.", "router."))]
     inputs = [y, u, features] + params
     out_ref, w_ref = reference()
-    out, w = mixer._mix_tracks_channels_first(y, u, features)
+    router = mixer.router
+    signal = (F.linear(features, router.signal_proj.weight, router.proj.bias)     # as MultiTrackLM computes it
+              if router is not None and router.signal_proj is not None else None)
+    out, w = mixer._mix_tracks_channels_first(y, u, signal)
     assert out.shape == (b, di, l) and (w is None) == (w_ref is None) == (mixer.router is None)
     torch.testing.assert_close(out, out_ref)
     if w is not None:
@@ -387,3 +391,23 @@ def test_step_on_the_grouped_triton_update_matches_forward(monkeypatch, byte_tab
     c = model.config
     assert len(calls) == c.n_layer * story_ids.shape[1]
     assert set(calls) == {(2, c.tracks, c.d_inner // c.tracks, c.d_state)}
+
+
+def test_mean_balance_loss_equals_per_layer_mean():
+    """Guards the router's load-balancing loss as the model computes it (one pass over all layers'
+    weights): equal to the mean over layers of balance_loss, in value and gradient; 0 for uniform
+    weights and G - 1 when one track takes everything."""
+    from multitrack.router import balance_loss, mean_balance_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2, 7, 3, dtype=torch.float64, requires_grad=True)   # (n_layer, B, L, G)
+    w = torch.softmax(logits, -1)
+    fused = mean_balance_loss(w)
+    looped = torch.stack([balance_loss(w[k]) for k in range(4)]).mean()
+    torch.testing.assert_close(fused, looped)
+    (g_fused,) = torch.autograd.grad(fused, logits, retain_graph=True)
+    (g_looped,) = torch.autograd.grad(looped, logits)
+    torch.testing.assert_close(g_fused, g_looped)
+    assert g_fused.abs().sum() > 0
+    assert abs(mean_balance_loss(torch.full((2, 1, 5, 3), 1 / 3)).item()) < 1e-6
+    assert mean_balance_loss(F.one_hot(torch.zeros(2, 1, 5, dtype=torch.long), 3).float()).item() == pytest.approx(2.0)
