@@ -1,5 +1,6 @@
-"""What the training-step benchmarks share (bench_throughput.py, profile_step.py): the three models at one
-preset, and one timed training step. Import after the script has put the repository root on sys.path."""
+"""What the benchmarks share (bench_throughput.py, profile_step.py, count_ops.py, bench_decode.py,
+bench_multitrack_speed.py): the three models at one preset, one training step, and a random narrative
+signal table. Import after the script has put the repository root on sys.path."""
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,26 @@ def build_impl(impl: str, preset: str, vocab_size: int, dev: str):
     raise ValueError(f"unknown implementation {impl!r}: expected one of {', '.join(IMPLS)}")
 
 
-def train_step(net, opt, ids, dev):
-    """forward (bf16 autocast on CUDA) + cross-entropy (+ the model's aux loss) + backward + optimizer step."""
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+def train_step(net, opt, ids, dev, amp=None):
+    """forward (bf16 autocast: on CUDA, or as `amp` says) + cross-entropy (+ the model's aux loss) + backward
+    + optimizer step; with opt None the gradients are dropped instead (count_ops.py: the step without AdamW)."""
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda" if amp is None else amp):
         logits = net(ids[:, :-1])
     logits = getattr(logits, "logits", logits)  # mamba_ssm's model returns CausalLMOutput(logits=...)
     loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
     aux = net.aux_loss() if hasattr(net, "aux_loss") else None
     (loss if aux is None else loss + aux).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt is None:
+        net.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss
+
+
+def set_random_signals(model, density: float = 0.05, seed: int = 0) -> None:
+    """Give a multi-track model a sparse random narrative signal table (each flag set with probability
+    `density`), so that speed runs exercise the router's signal path without a tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.rand(model.config.vocab_size, model.signal_table.shape[1], generator=g) < density
+    model.set_signal_table(rows.to(torch.uint8))

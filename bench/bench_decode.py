@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from bench_common import build_impl
+from bench_common import build_impl, set_random_signals
 
 from multitrack import ops
 from multitrack.configurator import apply_overrides
@@ -133,8 +133,7 @@ with user_errors():
         net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
     elif model == "multitrack":
         net = build_impl("multitrack", preset, vocab_size, dev).to(torch_dtype).eval()
-        g = torch.Generator().manual_seed(0)                  # sparse random signals: exercise the signal path
-        net.set_signal_table((torch.rand(tuple(net.signal_table.shape), generator=g) < 0.05).to(torch.uint8))
+        set_random_signals(net)
     else:
         raise UserError(f"--model={model!r}: expected 'mamba' or 'multitrack'")
 

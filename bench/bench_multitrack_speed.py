@@ -19,6 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_common import set_random_signals  # noqa: E402
+
 from multitrack import ops  # noqa: E402
 from multitrack.configurator import apply_overrides  # noqa: E402
 from multitrack.errors import user_errors  # noqa: E402
@@ -108,8 +110,7 @@ def main():
     models = {"baseline": MambaLMHeadModel(mamba_config(baseline)).to(device),
               "multitrack": MultiTrackLM(multitrack_config(multitrack, **overrides)).to(device)}
     mt = models["multitrack"]
-    g = torch.Generator().manual_seed(0)                  # sparse random signals: exercise the signal path
-    mt.set_signal_table((torch.rand(mt.config.vocab_size, mt.signal_table.shape[1], generator=g) < 0.05).to(torch.uint8))
+    set_random_signals(mt)                                # sparse random signals: exercise the signal path
     print(ops.describe_kernels())
     rows = {}
     for name, model in models.items():

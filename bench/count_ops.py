@@ -24,8 +24,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_common import build_impl  # noqa: E402
+from bench_common import build_impl, train_step  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from multitrack import ops  # noqa: E402
@@ -118,19 +117,10 @@ def count(impl: str) -> tuple[int, Counter]:
     torch.manual_seed(0)
     net = build_impl(impl, preset, vocab_size, "cpu").train()
     ids = torch.randint(0, vocab_size, (batch_size, seq_len + 1))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = net(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        aux = net.aux_loss() if hasattr(net, "aux_loss") else None
-        (loss if aux is None else loss + aux).backward()
-        net.zero_grad(set_to_none=True)
-
-    step()                                        # one-off work (warnings, lazy init) is not counted
+    train_step(net, None, ids, "cpu", amp=True)   # one-off work (warnings, lazy init) is not counted
     COUNTER.ops.clear()
     with COUNTER:
-        step()
+        train_step(net, None, ids, "cpu", amp=True)
     return sum(COUNTER.ops.values()), Counter(COUNTER.ops)
 
 
