@@ -15,14 +15,14 @@ Stages (`--stages=`, comma-separated; each one is cached, so `--resume=True` ski
     generation  samples from held-out book openings (fixed sampling settings and seed): distinct-n,
                 seq-rep-n, rep/l, length before the first loop, character-name consistency; the real
                 continuation of each book is scored the same way as a reference row
-    recall      long-range recall probe on procedural demo stories (multitrack.demo_corpus): is a
+    recall      long-range recall probe on procedural demo stories (mamba_lm.demo_corpus): is a
                 character's name/trait stated thousands of tokens earlier predicted at the cue?
 
 Output: `reports/eval_<timestamp>.md` (or `--out=`), PNGs and a `.json` of every number beside it.
 Results go to `state_dir` after each stage (and the running sums of the loss and books stages every
 `save_every` seconds), keyed by checkpoint file + data fingerprint + the stage's settings; a re-run
 with `--resume=True` reuses the finished stages whose key matches and continues an interrupted one.
-Metric definitions: multitrack/metrics.py.
+Metric definitions: mamba_lm/metrics.py.
 """
 
 import hashlib
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import UserError, user_errors
-from multitrack import metrics as M
-from multitrack.report import as_paragraphs, blockquote, pyplot, save_figure, write_markdown
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import UserError, user_errors
+from mamba_lm import metrics as M
+from mamba_lm.report import as_paragraphs, blockquote, pyplot, save_figure, write_markdown
 
 # -----------------------------------------------------------------------------
 ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders
@@ -139,7 +139,7 @@ def file_identity(path: str) -> dict:
 
 def load_model(path: str, dev: torch.device, meta: dict):
     """(model, tokenizer, info) from a repo .pt or an HF / mamba-ssm folder; UserError on a tokenizer mismatch."""
-    from multitrack.checkpoint import load_any_model
+    from mamba_lm.checkpoint import load_any_model
 
     model, tokenizer, info = load_any_model(path, device=dev)
     check_model_tokenizer(path, tokenizer.to_dict() if tokenizer is not None else None, info, meta)
@@ -153,8 +153,8 @@ def load_model(path: str, dev: torch.device, meta: dict):
 def check_model_tokenizer(path: str, model_tokenizer: dict | None, info: dict, meta: dict) -> None:
     """UserError naming `path` when the model's tokenizer (or, for a folder without one, its
     vocabulary size) does not match the data's."""
-    from multitrack.data import check_tokenizer_match
-    from multitrack.interop import check_data_tokenizer
+    from mamba_lm.data import check_tokenizer_match
+    from mamba_lm.interop import check_data_tokenizer
 
     try:
         if model_tokenizer is not None:
@@ -168,8 +168,8 @@ def check_model_tokenizer(path: str, model_tokenizer: dict | None, info: dict, m
 def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
     """Tokenizer check of every checkpoint and folder before the first forward (folders: from their
     config.json and tokenizer.json, without reading the weights)."""
-    from multitrack.checkpoint import load_checkpoint
-    from multitrack.interop import describe_folder
+    from mamba_lm.checkpoint import load_checkpoint
+    from mamba_lm.interop import describe_folder
 
     for _name, path in pairs:
         if Path(path).is_file():
@@ -184,7 +184,7 @@ def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
 
 def data_tokenizer(meta: dict):
     """The data dir's own tokenizer (byte, or its tokenizer.json copy)."""
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.tokenizer import load_tokenizer
 
     if meta["tokenizer"].get("kind") == "byte":
         return load_tokenizer("byte")
@@ -457,7 +457,7 @@ def eval_books(model, tokenizer, data, dev, win: int, progress: Progress | None 
 def eval_generation(model, tokenizer, data, dev) -> dict:
     """Sample continuations of book openings; degeneration and name-consistency metrics, with the
     books' real continuations scored the same way as a reference."""
-    from multitrack.generation import generate
+    from mamba_lm.generation import generate
 
     eos = tokenizer.eos_id
     books = book_arrays(data, eos, prompt_tokens + gen_tokens, prompt_tokens + gen_tokens, num_prompts)
@@ -499,7 +499,7 @@ def eval_generation(model, tokenizer, data, dev) -> dict:
 def recall_books(meta: dict) -> tuple[list[dict], str]:
     """Demo stories for the probe: the held-out split's books when the data is the demo corpus
     (regenerated from meta's source), else `recall_stories` fresh stories (seed `recall_seed`)."""
-    from multitrack import demo_corpus
+    from mamba_lm import demo_corpus
 
     source = meta.get("source") or {}
     if source.get("kind") == "demo":
@@ -516,7 +516,7 @@ def eval_recall(model, tokenizer, meta: dict, dev, win: int) -> dict:
     after the cue, and what is the mean log-prob of the answer tokens? Grouped by the token distance
     between the fact's introduction and the cue; state carried over windows of `win` tokens, and
     (control) reset at every window."""
-    from multitrack import demo_corpus
+    from mamba_lm import demo_corpus
 
     if not hasattr(model, "allocate_cache"):
         raise UserError("model has no allocate_cache(); the recall probe carries the recurrent state over windows")
@@ -846,8 +846,8 @@ def report_sections(results: dict, infos: dict, meta: dict, win: int, L: int, pn
 
 
 def main() -> None:
-    from multitrack.data import TokenSplit, load_meta
-    from multitrack.trainer import resolve_device
+    from mamba_lm.data import TokenSplit, load_meta
+    from mamba_lm.trainer import resolve_device
 
     chosen = parse_stages(stages)
     dev = resolve_device(device)

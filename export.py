@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import UserError, user_errors
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import UserError, user_errors
 
 # -----------------------------------------------------------------------------
 ckpt = "out/baseline/ckpt_best.pt"   # repo checkpoint (.pt) to export (or an HF / mamba-ssm folder)
@@ -46,7 +46,7 @@ def check_destination(dest: Path) -> None:
 
 def write_format(fmt: str, folder: Path, name: str, source: tuple) -> list[str]:
     """Write one layout from `source` = (model, tokenizer, info) of interop.resolve_source."""
-    from multitrack.interop import export_hf, export_mamba_ssm
+    from mamba_lm.interop import export_hf, export_mamba_ssm
     model, tok, info = source
     if fmt == "hf":
         return export_hf(model, folder, tokenizer=tok, info=info, name=name)
@@ -75,7 +75,7 @@ def main() -> None:
         raise UserError(f"--format={format!r}: choose one of {', '.join(FORMATS)}")
     dest = Path(out)
     check_destination(dest)
-    from multitrack.interop import resolve_source
+    from mamba_lm.interop import resolve_source
     source = resolve_source(ckpt, tokenizer or None)     # loaded once for every format
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -100,7 +100,7 @@ def main() -> None:
         else:
             print(f"load: python -c \"from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel; "
                   f"m = MambaLMHeadModel.from_pretrained('{folder}')\"")
-        print(f"      python generate_text.py --ckpt={folder}   (this repo, via multitrack.interop.load_pretrained)")
+        print(f"      python generate_text.py --ckpt={folder}   (this repo, via mamba_lm.interop.load_pretrained)")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import UserError, user_errors
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import UserError, user_errors
 
 # ----------------------------------------------------------------------------------------------
 ckpt = "out/baseline/ckpt_best.pt"   # a repo checkpoint (.pt) or an HF / mamba-ssm Mamba folder
@@ -49,10 +49,10 @@ config = apply_overrides(globals(), sys.argv[1:])
 def main():
     import torch
 
-    from multitrack.checkpoint import load_any_model
-    from multitrack.generation import TextStreamer, check_sampling_options, generate, read_prompts
-    from multitrack.report import as_paragraphs, blockquote, write_markdown
-    from multitrack.trainer import resolve_device, resolve_dtype
+    from mamba_lm.checkpoint import load_any_model
+    from mamba_lm.generation import TextStreamer, check_sampling_options, generate, read_prompts
+    from mamba_lm.report import as_paragraphs, blockquote, write_markdown
+    from mamba_lm.trainer import resolve_device, resolve_dtype
 
     check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,

@@ -7,7 +7,7 @@
 
 Sources (--source=):
   hub      Hugging Face `sedthh/gutenberg_english`, streamed (never fully in memory); needs internet.
-  demo     the procedural demo corpus of multitrack/demo_corpus.py (tokenizer: a BPE trained on it).
+  demo     the procedural demo corpus of mamba_lm/demo_corpus.py (tokenizer: a BPE trained on it).
   PATH     a .parquet or .jsonl file, or a folder of them, with the columns TEXT, SOURCE, METADATA (a JSON
            string: title, authors, text_id, language, subjects, locc, bookshelves); parquet is read row
            group by row group with pyarrow. Or a folder of raw Gutenberg .txt books (id from the header's
@@ -22,7 +22,7 @@ Re-running with the same source, options and tokenizer reuses the result; other 
 An interrupted run (Ctrl-C, SIGTERM, an error) removes its tmp dir and leaves out_dir as it was.
 Bad input: missing TEXT column -> error; empty / too short / non-English / duplicate books -> counted skips
 (meta.json "skipped", report.md); non-UTF-8 bytes -> decoded (latin-1, or U+FFFD inside jsonl) and counted
-(meta.json "notes"); books without header/footer markers are kept by the rule in multitrack/gutenberg.py
+(meta.json "notes"); books without header/footer markers are kept by the rule in mamba_lm/gutenberg.py
 and counted (meta.json "cleaning": head/tail found by marker, precleaned or heuristic).
 
 Expected output on the shared corpus (2-core CPU shared with other jobs, see bench/results/prepare_cpu.md):
@@ -34,7 +34,7 @@ Expected output on the shared corpus (2-core CPU shared with other jobs, see ben
 # override: num_books = 0
 # prepare: 100%|██████████| 1276/1276 [07:28<00:00,  2.85book/s, 1.09 MB/s, 250k tok/s, kept 1275]
 # kept 1275 books, skipped 1: too short 1; 489.7 MB raw text in 448.9 s
-# header/footer found by marker: 1275/1275 books; without markers (kept, see multitrack/gutenberg.py): pre-cleaned 0/0, heuristic 0/0
+# header/footer found by marker: 1275/1275 books; without markers (kept, see mamba_lm/gutenberg.py): pre-cleaned 0/0, heuristic 0/0
 # wrote data/gutenberg-neox: train 1154 books / 101,743,663 tokens / 99,359 seqs, val 59 books / 5,031,238 tokens
 #   / 4,913 seqs, test 62 books / 5,367,234 tokens / 5,241 seqs in 449.1 s
 # (the skipped book is #45265, "The Story of a Fierce Bad Rabbit": 1,219 characters once cleaned)
@@ -55,13 +55,13 @@ from collections import Counter, deque
 import numpy as np
 from tqdm import tqdm
 
-from multitrack import demo_corpus, gutenberg
-from multitrack.configurator import apply_overrides, config_keys
-from multitrack.data import DATA_FORMAT as _DATA_FORMAT
-from multitrack.data import SPLITS, num_sequences
-from multitrack.errors import UserError, user_errors
-from multitrack.tokenizer import NEOX_NAME as _NEOX_NAME
-from multitrack.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
+from mamba_lm import demo_corpus, gutenberg
+from mamba_lm.configurator import apply_overrides, config_keys
+from mamba_lm.data import DATA_FORMAT as _DATA_FORMAT
+from mamba_lm.data import SPLITS, num_sequences
+from mamba_lm.errors import UserError, user_errors
+from mamba_lm.tokenizer import NEOX_NAME as _NEOX_NAME
+from mamba_lm.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
 # -----------------------------------------------------------------------------
 source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books
@@ -87,7 +87,7 @@ force = False                    # overwrite an out_dir prepared with different 
 _OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "english_threshold",
                 "val_permille", "test_permille")
 _DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md"}  # what --force may replace
-_CLEANING_VERSION = 2            # bump when multitrack/gutenberg.py changes its output
+_CLEANING_VERSION = 2            # bump when mamba_lm/gutenberg.py changes its output
 _FICTION_WORDS = ("fiction", "drama", "stories", "story", "tales", "novel", "romance", "fairy", "comedies",
                   "tragedies", "fables", "legends", "folklore", "plays")
 
@@ -232,7 +232,7 @@ def open_source(cfg) -> tuple[dict, object, int | None]:
     src = cfg["source"]
     if src == "demo":
         desc = {"kind": "demo", "num_books": cfg["demo_num_books"], "seed": cfg["demo_seed"],
-                "words_per_book": cfg["demo_words_per_book"], "generator": "multitrack/demo_corpus.py"}
+                "words_per_book": cfg["demo_words_per_book"], "generator": "mamba_lm/demo_corpus.py"}
         books = demo_corpus.generate_books(cfg["demo_num_books"], cfg["demo_seed"], cfg["demo_words_per_book"])
         return desc, (_record(b["TEXT"], b["METADATA"], f"demo:{i}") for i, b in enumerate(books)), len(books)
     if src == "hub":
@@ -443,7 +443,7 @@ def write_report(path, name, meta, rows, elapsed):
               "Removed characters: " + ", ".join(f"{k} {cl[k]:,}" for k in
                                                   ("header_chars", "footer_chars", "credit_chars",
                                                    "illustration_chars", "note_chars")) + ".  ",
-              "How the header/footer were found (marker / precleaned / heuristic, see multitrack/gutenberg.py): "
+              "How the header/footer were found (marker / precleaned / heuristic, see mamba_lm/gutenberg.py): "
               + ", ".join(f"{end}={how}: {n}" for end in ("head", "tail") for how, n in sorted(cl[end].items()) if n)
               + ".", "", "## Skipped", ""]
     lines += [f"- {reason}: {n}" for reason, n in sorted(meta["skipped"].items())] or ["- none"]
@@ -662,7 +662,7 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
           + f"; {raw_bytes / 1e6:.1f} MB raw text in {time.time() - t0:.1f} s")
     cl = meta["cleaning"]
     print(f"header/footer found by marker: {cl['head']['marker']}/{cl['tail']['marker']} books; without markers "
-          f"(kept, see multitrack/gutenberg.py): pre-cleaned {cl['head']['precleaned']}/{cl['tail']['precleaned']}, "
+          f"(kept, see mamba_lm/gutenberg.py): pre-cleaned {cl['head']['precleaned']}/{cl['tail']['precleaned']}, "
           f"heuristic {cl['head']['heuristic']}/{cl['tail']['heuristic']}"
           + ("; notes on kept books: " + ", ".join(f"{k} {v}" for k, v in sorted(notes.items())) if notes else ""))
     return meta

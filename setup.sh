@@ -17,7 +17,7 @@
 #
 # On a CPU-only machine mamba-ssm and causal-conv1d are NOT installed: there `import mamba_ssm` fails on
 # selective_scan_cuda, and transformers binds the CUDA code paths whenever mamba_ssm imports. Everything
-# runs on the pure-PyTorch reference paths of multitrack/ops.py.
+# runs on the pure-PyTorch reference paths of mamba_lm/ops.py.
 set -uo pipefail
 
 TORCH_VERSION="2.13.0"           # the pinned torch (CPU machines take the CPU build lying on disk)
@@ -198,7 +198,7 @@ fi
 
 # ---- 5. check ---------------------------------------------------------------------------------
 step_start "import check"
-"$PY" -c 'import multitrack.ops as ops; print("    " + ops.describe_kernels())' \
+"$PY" -c 'import mamba_lm.ops as ops; print("    " + ops.describe_kernels())' \
   || fail "the repository's modules do not import; see the error above"
 step_done
 if [ "$VENV" = "none" ]; then echo "setup.sh: finished in $(( $(date +%s) - T0 )) s (installed into $PY)"; else echo "setup.sh: finished in $(( $(date +%s) - T0 )) s. Use: source $VENV/bin/activate"; fi

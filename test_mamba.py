@@ -14,14 +14,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from multitrack import ops
-from multitrack.configurator import apply_overrides
-from multitrack.errors import user_errors
-from multitrack.mamba import MambaLMHeadModel, mamba_config
+from mamba_lm import ops
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import user_errors
+from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 
 # ----------------------------------------------------------------------------------------------
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
-preset = "tiny"          # multitrack.mamba.PRESETS key
+preset = "tiny"          # mamba_lm.mamba.PRESETS key
 vocab_size = 1000        # vocabulary of the test model
 batch_size = 2           # sequences per test batch
 seq_len = 67             # tokens per sequence (odd: crosses scan chunk boundaries)
@@ -156,7 +156,7 @@ with user_errors():
 
     # 7. our model vs mamba-ssm's MambaLMHeadModel with the same weights
     try:
-        from multitrack.interop import mamba_ssm_model
+        from mamba_lm.interop import mamba_ssm_model
         ssm = mamba_ssm_model(cfg, device=dev).train()
     except Exception as e:  # noqa: BLE001 - mamba_ssm missing or broken on this machine
         print(f"skip  vs mamba_ssm.MambaLMHeadModel: not importable ({type(e).__name__})")

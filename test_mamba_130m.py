@@ -16,13 +16,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import user_errors
-from multitrack.mamba import MambaLMHeadModel, mamba_config
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import user_errors
+from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 
 # ----------------------------------------------------------------------------------------------
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
-preset = "mamba-130m"    # multitrack.mamba.PRESETS key
+preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key
 expected_params = 126_924_672  # parameter count of mamba-130m (measured with mamba-ssm)
 batch_size = 0           # 0: 8 on GPU, 2 on CPU
 seq_len = 0              # 0: 1024 on GPU, 256 on CPU

@@ -10,7 +10,7 @@
 The reference run: preset mamba-130m (126.9M params, NeoX tokenizer), global batch 8 x 1024 tokens,
 AdamW(0.9, 0.95) lr 6e-4 with 2% warmup and cosine decay to 1e-5, weight decay 0.1, grad clip 1.0,
 3 epochs. Outputs go to out_dir: ckpt_latest.pt / ckpt_best.pt, metrics.jsonl, log.txt, epochs.md,
-epochs.csv, loss.png, tb/ (see multitrack/trainer.py, where the loop lives).
+epochs.csv, loss.png, tb/ (see mamba_lm/trainer.py, where the loop lives).
 
 Ctrl-C (SIGINT) or SIGTERM saves ckpt_latest.pt after the current step and exits with status 130 / 143
 (128 + signal, as shells and schedulers expect); a second Ctrl-C aborts at once without saving. A NaN/inf
@@ -23,12 +23,12 @@ dt_proj.bias. The group sizes are printed at start.
 
 import sys
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import user_errors
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import user_errors
 
 # ----------------------------------------------------------------------------------------------
 # model
-preset = "mamba-130m"         # multitrack.mamba.PRESETS: mamba-130m | mamba-130m-ssm | small-cpu | tiny
+preset = "mamba-130m"         # mamba_lm.mamba.PRESETS: mamba-130m | mamba-130m-ssm | small-cpu | tiny
 d_model = 0                   # override the preset's width (0: keep)
 n_layer = 0                   # override the preset's depth (0: keep)
 # data and output
@@ -70,9 +70,9 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 def build_model():
     """The baseline from its preset, with the data tokenizer's vocabulary."""
-    from multitrack.data import load_meta
-    from multitrack.mamba import mamba_config
-    from multitrack.models import build_model as build
+    from mamba_lm.data import load_meta
+    from mamba_lm.mamba import mamba_config
+    from mamba_lm.models import build_model as build
 
     shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer)) if v}
     vocab_size = load_meta(data_dir)["tokenizer"]["vocab_size"]
@@ -80,7 +80,7 @@ def build_model():
 
 
 if __name__ == "__main__":
-    from multitrack.trainer import train
+    from mamba_lm.trainer import train
 
     with user_errors():
         train(config, build_model, script="train_baseline.py")

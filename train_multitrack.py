@@ -7,7 +7,7 @@
     python train_multitrack.py --router=uniform --out_dir=out/abl-uniform   # ablations: see research_plan.md
 
 Same loop, hyperparameters, checkpoints, resume, evaluation, logs and plots as train_baseline.py
-(multitrack/trainer.py); the shared constants below have the same names and defaults, so a run of each
+(mamba_lm/trainer.py); the shared constants below have the same names and defaults, so a run of each
 script with the same --data_dir/--seed sees the same data in the same order with the same budget.
 This script only builds the model (parameter-matched to the baseline preset of the same size, see
 multitrack/multitrack_config.py) and adds the router hooks:
@@ -26,8 +26,8 @@ import json
 import os
 import sys
 
-from multitrack.configurator import apply_overrides
-from multitrack.errors import UserError, user_errors
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import UserError, user_errors
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -93,11 +93,11 @@ def parse_track_dt(spec: str) -> tuple[tuple, tuple]:
 
 def build_model():
     """The multi-track model from its preset and switches, with the data tokenizer's signal table."""
-    from multitrack.data import load_meta
-    from multitrack.models import build_model as build
+    from mamba_lm.data import load_meta
+    from mamba_lm.models import build_model as build
     from multitrack.multitrack_model import multitrack_config, parameter_report
     from multitrack.narrative import build_signal_tables
-    from multitrack.trainer import data_tokenizer
+    from mamba_lm.trainer import data_tokenizer
 
     meta = load_meta(data_dir)
     dt_min, dt_max = parse_track_dt(track_dt)
@@ -145,7 +145,7 @@ def on_end(model, out: str, history: list) -> None:
 
 
 if __name__ == "__main__":
-    from multitrack.trainer import train
+    from mamba_lm.trainer import train
 
     with user_errors():
         train(config, build_model, script="train_multitrack.py", on_eval=on_eval, on_end=on_end)

@@ -9,17 +9,17 @@ IMPLS = ("ours", "mamba_ssm", "multitrack")
 
 
 def build_impl(impl: str, preset: str, vocab_size: int, dev: str):
-    """ours: multitrack.mamba at `preset`; mamba_ssm: mamba-ssm's own MambaLMHeadModel with that config
+    """ours: mamba_lm.mamba at `preset`; mamba_ssm: mamba-ssm's own MambaLMHeadModel with that config
     (ImportError when not installed); multitrack: the parameter-matched multi-track preset
     (multitrack-130m for the mamba-130m presets, else the preset of the same name)."""
-    from multitrack import models
-    from multitrack.mamba import mamba_config
+    from mamba_lm import models
+    from mamba_lm.mamba import mamba_config
 
     cfg = mamba_config(preset, vocab_size=vocab_size)
     if impl == "ours":
         return models.build_model("mamba", cfg, device=dev)
     if impl == "mamba_ssm":
-        from multitrack.interop import mamba_ssm_model
+        from mamba_lm.interop import mamba_ssm_model
         return mamba_ssm_model(cfg, device=dev)
     if impl == "multitrack":
         from multitrack.multitrack_config import PRESETS, multitrack_config

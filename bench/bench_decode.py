@@ -10,7 +10,7 @@ router's signal path runs; mamba-ssm has no such model and its column is skipped
 
 Part 1, speed: greedy decoding of `decode_tokens` tokens at each batch size after a 16-token prompt,
 tokens/s = batch * tokens / seconds (torch.cuda.synchronize() around the timed loop). Ours runs
-model.step() captured as a CUDA graph (multitrack.generation.CUDAGraphStep) on GPU when available,
+model.step() captured as a CUDA graph (mamba_lm.generation.CUDAGraphStep) on GPU when available,
 else a plain Python loop; mamba-ssm runs its own `generate(..., cg=True)` with the same weights.
 Part 2, memory: one long greedy generation at batch 1 with memory read at each length of
 `gen_lengths`; recurrent state is O(1), so the numbers must stay flat (GPU: max_memory_allocated since
@@ -30,13 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from bench_common import build_impl, set_random_signals
 
-from multitrack import ops
-from multitrack.configurator import apply_overrides
-from multitrack.errors import UserError, user_errors
-from multitrack.mamba import MambaLMHeadModel, mamba_config
+from mamba_lm import ops
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import UserError, user_errors
+from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 
 # ----------------------------------------------------------------------------------------------
-preset = "mamba-130m"    # multitrack.mamba.PRESETS key
+preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key
 model = "mamba"          # "mamba" (ours, compared with mamba-ssm) or "multitrack" (its matching preset)
 batch_sizes = "1,16"     # comma-separated decode batch sizes
 decode_tokens = 256      # timed tokens per speed run
@@ -65,10 +65,10 @@ def memory_gib(dev) -> float:
 
 
 def make_step(net, cache, batch, dev):
-    """(step function ids (B,) -> logits, description). CUDA graph via multitrack.generation if possible."""
+    """(step function ids (B,) -> logits, description). CUDA graph via mamba_lm.generation if possible."""
     if dev == "cuda" and cuda_graph:
         try:
-            from multitrack.generation import CUDAGraphStep
+            from mamba_lm.generation import CUDAGraphStep
             return CUDAGraphStep(net, cache, batch, torch.device(dev)), "step() CUDA graph"
         except Exception as e:  # noqa: BLE001 - fall back to the eager loop, and say so
             print(f"  (CUDA graph unavailable: {type(e).__name__}: {e}; eager loop)")
@@ -103,7 +103,7 @@ def decode_ours(net, batch, n_tokens, dev, checkpoints=()):
 @torch.inference_mode()
 def decode_mamba_ssm(ours, batch, n_tokens, dev, torch_dtype):
     """mamba-ssm's generate(cg=True) with our weights; raises ImportError if mamba_ssm is missing."""
-    from multitrack.interop import mamba_ssm_model
+    from mamba_lm.interop import mamba_ssm_model
     c = ours.config
     net = mamba_ssm_model(c, device=dev, dtype=torch_dtype, fused_add_norm=True).eval()
     net.load_state_dict(ours.state_dict(), strict=True)

@@ -5,7 +5,7 @@
         --dtype=float32 --batch_size=2 --seq_len=256 --train_steps=3 --decode_tokens=32
 
 Training: tokens/s of forward + backward + AdamW step (autocast `dtype`, fp32 params), after warmup.
-Decode: tokens/s of `multitrack.generation.generate` (prompt 128 tokens, CUDA graphs on CUDA) at
+Decode: tokens/s of `mamba_lm.generation.generate` (prompt 128 tokens, CUDA graphs on CUDA) at
 batch 1 and `decode_batch`. Ops per decode step: aten ops dispatched by one eager `model.step` at
 batch 1 (torch.profiler), and on CUDA the GPU kernels it launches: the launch count that bounds
 decode speed at batch 1. Prints one table with the ratio multitrack / baseline; the goal is >= 0.8
@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import set_random_signals  # noqa: E402
 
-from multitrack import ops  # noqa: E402
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import user_errors  # noqa: E402
+from mamba_lm import ops  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-baseline = "mamba-130m"       # multitrack.mamba.PRESETS name
+baseline = "mamba-130m"       # mamba_lm.mamba.PRESETS name
 multitrack = "multitrack-130m"  # multitrack.multitrack_config.PRESETS name
 ablation = ""                 # extra MultiTrackConfig overrides, e.g. "router=uniform,cross_track=False"
 device = "cuda"               # cuda | cpu
@@ -66,7 +66,7 @@ def train_speed(model) -> float:
 
 @torch.no_grad()
 def decode_speed(model, batch: int) -> float:
-    from multitrack.generation import generate
+    from mamba_lm.generation import generate
     prompt = torch.randint(0, model.config.vocab_size, (batch, 128), device=device)
     generate(model, prompt, 8, temperature=1.0)                               # warmup / graph capture
     sync()
@@ -100,7 +100,7 @@ def ops_per_step(model) -> dict:
 
 
 def main():
-    from multitrack.mamba import MambaLMHeadModel, mamba_config
+    from mamba_lm.mamba import MambaLMHeadModel, mamba_config
     from multitrack.multitrack_model import MultiTrackLM, multitrack_config
 
     overrides = {}

@@ -17,9 +17,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_data  # noqa: E402
-from multitrack.configurator import apply_overrides, config_keys  # noqa: E402
-from multitrack.data import load_meta  # noqa: E402
-from multitrack.errors import user_errors  # noqa: E402
+from mamba_lm.configurator import apply_overrides, config_keys  # noqa: E402
+from mamba_lm.data import load_meta  # noqa: E402
+from mamba_lm.errors import user_errors  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = "../shared/data/gutenberg"                                  # corpus to prepare

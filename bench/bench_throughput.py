@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from bench_common import build_impl, train_step
 
-from multitrack import ops
-from multitrack.configurator import apply_overrides
-from multitrack.errors import user_errors
+from mamba_lm import ops
+from mamba_lm.configurator import apply_overrides
+from mamba_lm.errors import user_errors
 
 # ----------------------------------------------------------------------------------------------
-preset = "mamba-130m"    # multitrack.mamba.PRESETS key (the multitrack model uses its matching preset)
+preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key (the multitrack model uses its matching preset)
 batch_sizes = "8,64"     # comma-separated batch sizes
 seq_len = 1024           # tokens per sequence
 steps = 10               # timed training steps per run
@@ -70,7 +70,7 @@ def bench_one(name, impl, batch, dev) -> dict:
         net = build_impl(impl, preset, vocab_size, dev).train()
         row["params"] = sum(p.numel() for p in net.parameters())
         if compile:
-            from multitrack.trainer import try_compile
+            from mamba_lm.trainer import try_compile
             net = try_compile(net, torch.device(dev), seq_len)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=dev == "cuda")
         ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=dev)
@@ -104,7 +104,7 @@ def fmt(row, key, spec):
 with user_errors():
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     sizes = [int(b) for b in str(batch_sizes).split(",") if b.strip()]
-    impls = [("ours (multitrack.mamba)", "ours"), ("mamba_ssm.MambaLMHeadModel", "mamba_ssm")]
+    impls = [("ours (mamba_lm.mamba)", "ours"), ("mamba_ssm.MambaLMHeadModel", "mamba_ssm")]
     if model == "multitrack":
         impls.append(("multitrack (models.build_model)", "multitrack"))
     gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()

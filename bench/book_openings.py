@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import UserError, user_errors  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py
@@ -47,8 +47,8 @@ def is_prose(text: str) -> bool:
 
 
 def main():
-    from multitrack.data import TokenSplit
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.data import TokenSplit
+    from mamba_lm.tokenizer import load_tokenizer
 
     data = TokenSplit(data_dir, split)
     tok_path = os.path.join(data_dir, "tokenizer.json")

@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import UserError, user_errors  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 runs = ""          # comma-separated training out_dirs or metrics.jsonl files
@@ -75,7 +75,7 @@ def cell(x, spec: str) -> str:
 
 
 def plot(curves: dict[str, dict], path: str) -> str | None:
-    from multitrack.report import pyplot, save_figure
+    from mamba_lm.report import pyplot, save_figure
 
     plt = pyplot()
     if plt is None:

@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from bench_common import build_impl, train_step  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from multitrack import ops  # noqa: E402
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import user_errors  # noqa: E402
+from mamba_lm import ops  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-preset = "mamba-130m"          # multitrack.mamba.PRESETS key (the multi-track model: its matching preset)
+preset = "mamba-130m"          # mamba_lm.mamba.PRESETS key (the multi-track model: its matching preset)
 impls = "ours,multitrack"      # models to count (bench_common.IMPLS without mamba_ssm)
 batch_size = 2                 # the count does not depend on it
 seq_len = 64                   # nor on this

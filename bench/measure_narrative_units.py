@@ -8,7 +8,7 @@ slowest state, S4D-real init). research_plan.md argues the per-track ranges from
     tokens between mentions of the same character       -> character track (medium)
     tokens per scene / chapter / book                   -> plot track (slow)
 
-Books are cleaned exactly as prepare_data.py does (multitrack.gutenberg.clean_book: header/footer
+Books are cleaned exactly as prepare_data.py does (mamba_lm.gutenberg.clean_book: header/footer
 removed, paragraphs unwrapped, one blank line between paragraphs) and tokenised with GPT-NeoX-20B.
 
 Usage (from the repository root; ~1 minute on 2 cores for 40 books):
@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import UserError, user_errors  # noqa: E402
-from multitrack.gutenberg import clean_book  # noqa: E402
-from multitrack.tokenizer import load_tokenizer  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import UserError, user_errors  # noqa: E402
+from mamba_lm.gutenberg import clean_book  # noqa: E402
+from mamba_lm.tokenizer import load_tokenizer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data_glob = "../shared/data/gutenberg/train-*.parquet"                      # parquet shards (TEXT column)

@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from bench_common import build_impl, train_step  # noqa: E402
 
-from multitrack import ops  # noqa: E402
-from multitrack.configurator import apply_overrides  # noqa: E402
-from multitrack.errors import user_errors  # noqa: E402
+from mamba_lm import ops  # noqa: E402
+from mamba_lm.configurator import apply_overrides  # noqa: E402
+from mamba_lm.errors import user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-preset = "mamba-130m"      # multitrack.mamba.PRESETS key (the multi-track model uses multitrack-130m, else the same name)
+preset = "mamba-130m"      # mamba_lm.mamba.PRESETS key (the multi-track model uses multitrack-130m, else the same name)
 batch_sizes = "8,64"       # comma-separated batch sizes
 seq_len = 1024             # tokens per sequence
 steps = 3                  # profiled steps (after warmup)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 from multitrack.narrative import N_FEATURES
 
 ROUTER_MODES = ("learned", "uniform")
@@ -166,7 +166,7 @@ def _init_fields() -> set[str]:
     return {f.name for f in fields(MultiTrackConfig) if f.init}
 
 
-# shared dimensions mirror multitrack.mamba.PRESETS of the same size; d_inner is derived to match
+# shared dimensions mirror mamba_lm.mamba.PRESETS of the same size; d_inner is derived to match
 PRESETS: dict[str, dict] = {
     "multitrack-130m": dict(d_model=896, n_layer=16),                       # vs "mamba-130m" (126,924,672)
     "tiny": dict(d_model=64, n_layer=2, cross_heads=2, cross_head_dim=4),    # vs mamba "tiny"

@@ -5,7 +5,7 @@
                  +--signal_table[ids]--> narrative features s (B, L, F) --> W_s s + b of every block's router,
                                                                            one matmul for all layers
 
-Same model contract as multitrack.mamba.MambaLMHeadModel (CONTRACTS.md): forward(ids, cache=None),
+Same model contract as mamba_lm.mamba.MambaLMHeadModel (CONTRACTS.md): forward(ids, cache=None),
 allocate_cache, step, num_params, plus the router hooks the trainer uses: aux_loss(), reset_stats(),
 stats(). State-dict names follow mamba-ssm where the part is the same (backbone.embedding,
 backbone.layers.{i}.norm / .mixer.{in_proj,conv1d,x_proj,dt_proj,A_log,D,out_proj}, backbone.norm_f,
@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multitrack import ops
-from multitrack.errors import UserError
-from multitrack.mamba import MambaCache, init_lm_weights
+from mamba_lm import ops
+from mamba_lm.errors import UserError
+from mamba_lm.mamba import MambaCache, init_lm_weights
 from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step

@@ -110,7 +110,7 @@ def token_signals(token: bytes, is_eos: bool = False) -> list[int]:
 def build_signal_tables(tokenizer) -> torch.Tensor:
     """Signal lookup table of a vocabulary: (vocab_size, len(SIGNAL_COLUMNS)) uint8.
 
-    tokenizer: a `multitrack.tokenizer.TextTokenizer` (byte-level or BPE); uses `token_bytes(i)` and
+    tokenizer: a `mamba_lm.tokenizer.TextTokenizer` (byte-level or BPE); uses `token_bytes(i)` and
     `eos_id`. Values are 0/1 flags except `quote_count` (0..255). About a second for a 50k vocabulary.
     """
     rows = [token_signals(tokenizer.token_bytes(i), is_eos=(i == tokenizer.eos_id))

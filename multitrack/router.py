@@ -85,7 +85,7 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     rows = [by_step[s] for s in sorted(by_step)]
     if not rows:
         return None
-    from multitrack.report import pyplot, save_figure
+    from mamba_lm.report import pyplot, save_figure
 
     plt = pyplot()
     if plt is None:

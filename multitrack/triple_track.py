@@ -17,7 +17,7 @@ different timescales. They are one Mamba mixer whose d_inner channels are split 
 Track g's channels have Δ initialised log-uniform in [dt_min_g, dt_max_g]; the slowest state of a
 channel (A_1 = -1) forgets with time constant 1/Δ tokens, the fastest (A_N = -N) with 1/(N Δ). With
 one track (the ablation) B and C are shared (B, N, L) exactly as in Mamba and the Δ range spans all
-tracks' ranges. Notation as multitrack/mamba.py: D = d_model, Di = d_inner, N = d_state, R = dt_rank,
+tracks' ranges. Notation as mamba_lm/mamba.py: D = d_model, Di = d_inner, N = d_state, R = dt_rank,
 G = tracks. Parameter names follow mamba-ssm's mixer (in_proj, conv1d, x_proj, dt_proj, A_log, D,
 out_proj) plus `router.*` and `cross.*`.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multitrack import ops
+from mamba_lm import ops
 from multitrack.cross_track import CrossTrackAttention
 from multitrack.multitrack_config import MultiTrackConfig
 from multitrack.narrative import N_FEATURES

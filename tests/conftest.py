@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 def make_data_dir(path, seq_len: int = 32, num_books: int = 6, words_per_book: int = 600) -> Path:
     """Write a prepared data dir of demo books with the byte tokenizer (books 0..n-3 train, then val, test)."""
-    from multitrack.demo_corpus import generate_books
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.demo_corpus import generate_books
+    from mamba_lm.tokenizer import load_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -71,8 +71,8 @@ def demo_data_dir(tmp_path_factory) -> Path:
 def tiny_model():
     """Factory for a tiny Mamba LM (d_model 32, 2 layers) with a fixed init seed."""
     def make(vocab_size: int = 257, d_model: int = 32, n_layer: int = 2, seed: int = 0):
-        from multitrack.mamba import mamba_config
-        from multitrack.models import build_model
+        from mamba_lm.mamba import mamba_config
+        from mamba_lm.models import build_model
         torch.manual_seed(seed)
         return build_model("mamba", mamba_config("tiny", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer))
     return make
@@ -82,7 +82,7 @@ def tiny_model():
 def train_config():
     """Factory for a tiny trainer config (see module docstring)."""
     def make(data_dir, out_dir, **overrides):
-        from multitrack.trainer import DEFAULTS
+        from mamba_lm.trainer import DEFAULTS
         cfg = {**DEFAULTS, "data_dir": str(data_dir), "out_dir": str(out_dir), "batch_size": 4, "grad_accum": 1,
                "epochs": 1, "max_steps": 8, "eval_interval": 4, "eval_batches": 2, "log_interval": 1,
                "device": "cpu", "dtype": "float32", "tensorboard": False, "lr": 3e-3, "warmup_steps": 2}

@@ -53,9 +53,9 @@ def test_is_prose_rejects_tables_of_contents(book_openings):
 def test_openings_file_holds_test_book_prose_that_generate_text_reads(demo_data_dir, tmp_path):
     """The prompt file has one prompt per held-out book, each a piece of that split's text, and
     generate_text's read_prompts gives them back unchanged."""
-    from multitrack.data import TokenSplit
-    from multitrack.generation import read_prompts
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.data import TokenSplit
+    from mamba_lm.generation import read_prompts
+    from mamba_lm.tokenizer import load_tokenizer
 
     out = tmp_path / "prompts.txt"
     r = run_script("book_openings.py", f"--data_dir={demo_data_dir}", "--split=test", "--num_books=3",

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from multitrack.checkpoint import (FORMAT, load_any_model, load_checkpoint, model_from_checkpoint, rng_state,
+from mamba_lm.checkpoint import (FORMAT, load_any_model, load_checkpoint, model_from_checkpoint, rng_state,
                                    save_checkpoint, set_rng_state)
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 
 
 def make_ckpt(model, step=1):
-    from multitrack.models import model_config_dict
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.models import model_config_dict
+    from mamba_lm.tokenizer import load_tokenizer
     return {"model_type": "mamba", "model_config": model_config_dict(model), "model": model.state_dict(),
             "optimizer": None, "train_config": {"lr": 1e-3}, "tokenizer": load_tokenizer("byte").to_dict(),
             "data": {"dir": "d", "fingerprint": "f", "seq_len": 32}, "step": step, "epoch": 0, "step_in_epoch": step,

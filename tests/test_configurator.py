@@ -1,8 +1,8 @@
-"""Tests of multitrack.configurator: the --key=value overrides every script uses."""
+"""Tests of mamba_lm.configurator: the --key=value overrides every script uses."""
 
 import pytest
 
-from multitrack.configurator import ConfigError, apply_overrides
+from mamba_lm.configurator import ConfigError, apply_overrides
 
 
 def namespace():

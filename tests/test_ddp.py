@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from multitrack import trainer
-from multitrack.checkpoint import load_checkpoint
+from mamba_lm import trainer
+from mamba_lm.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build():
-    from multitrack.mamba import mamba_config
-    from multitrack.models import build_model
+    from mamba_lm.mamba import mamba_config
+    from mamba_lm.models import build_model
     return build_model("mamba", mamba_config("tiny", vocab_size=257, d_model=32))
 
 

@@ -1,10 +1,10 @@
-"""Tests for multitrack/demo_corpus.py: determinism, structure and the long-range recall probes."""
+"""Tests for mamba_lm/demo_corpus.py: determinism, structure and the long-range recall probes."""
 
 import json
 import re
 
-from multitrack.demo_corpus import books_for_source, generate_book, generate_books, recall_probes
-from multitrack.gutenberg import clean_book
+from mamba_lm.demo_corpus import books_for_source, generate_book, generate_books, recall_probes
+from mamba_lm.gutenberg import clean_book
 
 
 def test_deterministic_in_seed():

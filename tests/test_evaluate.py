@@ -21,9 +21,9 @@ def save_tiny_checkpoint(path, tokenizer, seed: int):
     """A repo checkpoint (CONTRACTS.md format) of a randomly initialised tiny Mamba for `tokenizer`."""
     import torch
 
-    from multitrack.checkpoint import save_checkpoint
-    from multitrack.mamba import mamba_config
-    from multitrack.models import build_model, model_config_dict
+    from mamba_lm.checkpoint import save_checkpoint
+    from mamba_lm.mamba import mamba_config
+    from mamba_lm.models import build_model, model_config_dict
 
     torch.manual_seed(seed)
     model = build_model("mamba", mamba_config("tiny", vocab_size=tokenizer.vocab_size, d_model=16, n_layer=1,
@@ -47,7 +47,7 @@ def run_eval(args, cwd):
 def setup(tmp_path_factory):
     """A demo data dir (byte tokenizer, seq_len 32) and two tiny checkpoints for it."""
     from conftest import make_data_dir
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("evaluate")
     data = make_data_dir(root / "data", seq_len=32, num_books=6, words_per_book=600)
@@ -95,7 +95,7 @@ def test_generation_note_states_the_loop_settings(report):
 def test_loss_numbers_are_consistent_with_the_data(report, setup):
     """Token/byte/word counts in the JSON equal those computed directly from the test split, and
     bits per byte and word perplexity follow from the same total NLL."""
-    from multitrack.data import TokenSplit
+    from mamba_lm.data import TokenSplit
 
     out, _ = report
     _, data, _, _ = setup
@@ -167,7 +167,7 @@ def test_resume_reuses_finished_stages(report, setup):
 
 def test_tokenizer_mismatch_is_a_one_line_error(setup, tmp_path):
     """A checkpoint whose tokenizer differs from the data's fails with one 'tokenizer mismatch' line, exit 2."""
-    from multitrack.tokenizer import train_demo_bpe
+    from mamba_lm.tokenizer import train_demo_bpe
 
     root, data, _, _ = setup
     bpe = train_demo_bpe(["the cat sat on the mat " * 20, "a dog ran far away"], vocab_size=280)
@@ -194,9 +194,9 @@ def test_bad_arguments_are_one_line_errors(setup, tmp_path):
 
 
 def test_hf_and_mamba_ssm_folders_evaluate_like_the_checkpoint(setup, tmp_path):
-    """An exported HF folder and a tokenizer-less mamba-ssm folder (via multitrack.interop) give the same
+    """An exported HF folder and a tokenizer-less mamba-ssm folder (via mamba_lm.interop) give the same
     token loss as the repo checkpoint they came from, side by side in one report."""
-    from multitrack.interop import export_hf, export_mamba_ssm
+    from mamba_lm.interop import export_hf, export_mamba_ssm
 
     root, data, a, _ = setup
     export_hf(str(a), tmp_path / "hf")
@@ -274,9 +274,9 @@ def test_position_loss_matches_a_direct_forward(report, setup):
     position, computed here with one direct forward of the checkpoint."""
     import torch
 
-    from multitrack import metrics as M
-    from multitrack.checkpoint import model_from_checkpoint
-    from multitrack.data import TokenSplit
+    from mamba_lm import metrics as M
+    from mamba_lm.checkpoint import model_from_checkpoint
+    from mamba_lm.data import TokenSplit
 
     out, _ = report
     _, data, a, _ = setup
@@ -295,8 +295,8 @@ def test_folder_tokenizer_mismatch_fails_before_any_work(setup, tmp_path):
     """HF / mamba-ssm folders are checked against the data's tokenizer before the first checkpoint is
     evaluated: a folder with another tokenizer, and a tokenizer-less folder with another vocabulary size,
     each stop the run with one line naming the folder (exit 2), with no stage run and no report written."""
-    from multitrack.interop import export_hf, export_mamba_ssm
-    from multitrack.tokenizer import train_demo_bpe
+    from mamba_lm.interop import export_hf, export_mamba_ssm
+    from mamba_lm.tokenizer import train_demo_bpe
 
     root, data, a, _ = setup
     bpe = train_demo_bpe(["the cat sat on the mat " * 20, "a dog ran far away"], vocab_size=280)

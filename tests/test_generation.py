@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitrack.generation import (apply_repetition_penalty, cache_tensors, generate, min_p_filter, read_prompts,
+from mamba_lm.generation import (apply_repetition_penalty, cache_tensors, generate, min_p_filter, read_prompts,
                                    sample_next, seen_mask, top_k_filter, top_p_filter)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_read_prompts(tmp_path):
 
 def test_read_prompts_bad_file_is_user_error(tmp_path):
     """A missing or non-UTF-8 --prompt_file gives a one-line UserError, not a traceback."""
-    from multitrack.errors import UserError
+    from mamba_lm.errors import UserError
     with pytest.raises(UserError, match="cannot read --prompt_file=.*missing.txt"):
         read_prompts("", str(tmp_path / "missing.txt"))
     bad = tmp_path / "latin1.txt"
@@ -145,9 +145,9 @@ def test_read_prompts_bad_file_is_user_error(tmp_path):
 
 def test_generate_text_cli(tmp_path, tiny_model, demo_data_dir):
     """generate_text.py rebuilds the model from a checkpoint alone, writes markdown, and appends on a second run."""
-    from multitrack.checkpoint import save_checkpoint
-    from multitrack.models import model_config_dict
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.checkpoint import save_checkpoint
+    from mamba_lm.models import model_config_dict
+    from mamba_lm.tokenizer import load_tokenizer
 
     model = tiny_model()
     ckpt = tmp_path / "ckpt.pt"
@@ -186,8 +186,8 @@ def test_generate_text_bad_input(tmp_path):
 
 def test_check_sampling_options_accepts_the_edges():
     """The validator accepts every boundary value the sampler handles (greedy, off switches, min_p=1)."""
-    from multitrack.errors import UserError
-    from multitrack.generation import check_sampling_options
+    from mamba_lm.errors import UserError
+    from mamba_lm.generation import check_sampling_options
 
     check_sampling_options(temperature=0.0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=1.0,
                            max_new_tokens=0, num_samples=1)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitrack import ops
-from multitrack.mamba import mamba_config
-from multitrack.models import build_model
+from mamba_lm import ops
+from mamba_lm.mamba import mamba_config
+from mamba_lm.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_scan_kernel = pytest.mark.skipif(ops.KERNELS["selective_scan"] != "mamba_ssm",
@@ -110,7 +110,7 @@ def test_step_matches_forward_on_cuda(model_type):
 def test_same_logits_as_mamba_ssm_model():
     """Our MambaLMHeadModel == mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel with the same weights."""
     pytest.importorskip("mamba_ssm.models.mixer_seq_simple")
-    from multitrack.interop import mamba_ssm_model
+    from mamba_lm.interop import mamba_ssm_model
     torch.manual_seed(0)
     config = mamba_config("tiny", vocab_size=VOCAB)
     ours = build_model("mamba", config, device="cuda").eval()

@@ -1,7 +1,7 @@
-"""Tests for multitrack/gutenberg.py on crafted texts of each historical PG header/footer variant."""
+"""Tests for mamba_lm/gutenberg.py on crafted texts of each historical PG header/footer variant."""
 
-from multitrack import gutenberg
-from multitrack.gutenberg import clean_book, looks_english, unwrap_paragraphs
+from mamba_lm import gutenberg
+from mamba_lm.gutenberg import clean_book, looks_english, unwrap_paragraphs
 
 LICENSE = ("\n\nEnd of the Project Gutenberg EBook of Test Book, by Anon\n\n"
            "*** END OF THIS PROJECT GUTENBERG EBOOK TEST BOOK ***\n\n"

@@ -1,5 +1,5 @@
 """Interop with the Mamba ecosystem: Hugging Face / mamba-ssm folders load into our model and our
-checkpoints export to folders that transformers loads unchanged (multitrack/interop.py, export.py).
+checkpoints export to folders that transformers loads unchanged (mamba_lm/interop.py, export.py).
 
 Every folder is built inside the test from tiny models (d_model 32, 2 layers) and a BPE trained on a
 few sentences; the reference logits come from transformers' own MambaForCausalLM.
@@ -15,12 +15,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from multitrack.checkpoint import save_checkpoint  # noqa: E402
-from multitrack.errors import UserError  # noqa: E402
-from multitrack.interop import (MAMBA_SSM_CONFIG_KEYS, check_data_tokenizer, detect_layout,  # noqa: E402
+from mamba_lm.checkpoint import save_checkpoint  # noqa: E402
+from mamba_lm.errors import UserError  # noqa: E402
+from mamba_lm.interop import (MAMBA_SSM_CONFIG_KEYS, check_data_tokenizer, detect_layout,  # noqa: E402
                                 export_hf, export_mamba_ssm, load_pretrained)
-from multitrack.mamba import MambaConfig, MambaLMHeadModel  # noqa: E402
-from multitrack.tokenizer import load_tokenizer, train_demo_bpe  # noqa: E402
+from mamba_lm.mamba import MambaConfig, MambaLMHeadModel  # noqa: E402
+from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -148,7 +148,7 @@ def test_describe_folder_refuses_what_load_pretrained_refuses(tmp_path, bpe):
     """describe_folder (evaluate.py's check before any work) reports a folder's vocabulary like
     load_pretrained, and refuses a mamba-ssm folder whose tokenizer.json does not fit its vocab_size
     with load_pretrained's message, without reading the (here absent) weights."""
-    from multitrack.interop import describe_folder
+    from mamba_lm.interop import describe_folder
     folder = tmp_path / "ssm"
     export_mamba_ssm(our_tiny(bpe.vocab_size, seed=5), folder, tokenizer=bpe)
     info = describe_folder(folder)
@@ -322,8 +322,8 @@ def test_init_from_folders_fine_tunes_and_refuses_mismatch(tmp_path, demo_data_d
     the checkpoint) of a tokenizer-less mamba-ssm folder accepted on vocab size; an exported byte
     tokenizer comes back as the byte tokenizer (matches byte-level data); a folder whose tokenizer or
     vocab differs from the data's is refused."""
-    from multitrack.data import check_tokenizer_match, load_meta
-    from multitrack.trainer import train
+    from mamba_lm.data import check_tokenizer_match, load_meta
+    from mamba_lm.trainer import train
 
     pretrained = our_tiny(257, seed=11)
     export_mamba_ssm(pretrained, tmp_path / "ssm")
@@ -360,8 +360,8 @@ def test_init_from_refuses_a_model_of_another_type(tmp_path, demo_data_dir, trai
     """train_multitrack.py --init_from=<a Mamba folder> is refused up front with one line, instead of
     training a plain Mamba and failing in the multitrack hooks at the end."""
     from multitrack.multitrack_config import multitrack_config
-    from multitrack.models import build_model
-    from multitrack.trainer import train
+    from mamba_lm.models import build_model
+    from mamba_lm.trainer import train
 
     export_mamba_ssm(our_tiny(257, seed=3), tmp_path / "ssm")
     build_multitrack = lambda: build_model("multitrack", multitrack_config("tiny", vocab_size=257))  # noqa: E731
@@ -478,7 +478,7 @@ def test_mamba_ssm_model_takes_our_weights_unchanged(tmp_path, monkeypatch):
     """interop.mamba_ssm_model (the reference model of test_mamba.py, tests/test_gpu.py and the benches)
     builds mamba-ssm's own MambaLMHeadModel with our shapes: our state_dict loads strictly, every tensor
     the same shape, the embedding tied to the head; fused_add_norm follows the device unless given."""
-    from multitrack.interop import mamba_ssm_model
+    from mamba_lm.interop import mamba_ssm_model
 
     import_mamba_ssm_from_sdist(tmp_path, monkeypatch)
     ours = our_tiny(61, seed=5)

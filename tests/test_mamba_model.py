@@ -1,4 +1,4 @@
-"""Tests of multitrack/mamba.py and multitrack/models.py on tiny CPU configs."""
+"""Tests of mamba_lm/mamba.py and mamba_lm/models.py on tiny CPU configs."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitrack import models
-from multitrack.errors import UserError
-from multitrack.mamba import PRESETS, MambaConfig, MambaLMHeadModel, mamba_config
+from mamba_lm import models
+from mamba_lm.errors import UserError
+from mamba_lm.mamba import PRESETS, MambaConfig, MambaLMHeadModel, mamba_config
 
 VOCAB = 101  # padded to 104
 
@@ -215,7 +215,7 @@ def test_kernels_get_mamba_ssm_layout_without_copies(monkeypatch, model_type):
     scan kernels receive x, z and Δ as (B, C, L) views with unit stride along L, not contiguous copies,
     and the model's logits and gradients equal the PyTorch path's. Stand-in kernels compute with the
     references and record what they were handed."""
-    from multitrack import ops
+    from mamba_lm import ops
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics (multitrack/metrics.py): hand-checkable numbers, crafted texts, carried state."""
+"""Evaluation metrics (mamba_lm/metrics.py): hand-checkable numbers, crafted texts, carried state."""
 
 import math
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from multitrack import metrics as M
+from mamba_lm import metrics as M
 
 
 class UniformModel(torch.nn.Module):
@@ -42,7 +42,7 @@ def test_bits_per_byte_and_word_perplexity_hand_checked():
 def test_token_byte_lengths_sum_to_utf8_length():
     """Summing token_bytes over the ids of a text gives its exact UTF-8 length (byte and BPE tokenizers,
     multi-byte characters split across ids); eos counts 0 bytes."""
-    from multitrack.tokenizer import load_tokenizer, train_demo_bpe
+    from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe
 
     text = "Café au lait — naïve Zoë said, \u201cno\u201d. The the the café."
     for tok in (load_tokenizer("byte"), train_demo_bpe([text * 3, "plain words here"], vocab_size=300)):
@@ -190,7 +190,7 @@ def test_answer_scores():
 def test_carried_state_equals_one_long_forward():
     """Tiny Mamba: NLL with the cache carried over 3 windows equals one forward over the whole sequence
     (within 1e-5); resetting the state per window equals independent forwards of each window."""
-    from multitrack.mamba import MambaLMHeadModel, mamba_config
+    from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 
     torch.manual_seed(0)
     model = MambaLMHeadModel(mamba_config("tiny", vocab_size=61, d_model=32)).eval()
@@ -213,8 +213,8 @@ def test_carried_state_equals_one_long_forward():
 def test_probe_token_spans_locate_answers_in_the_whole_text_encoding():
     """Demo-story probes: segment-wise encoding equals the whole-text encoding (demo BPE), every span
     decodes to the probe's answer, and distances are positive token counts back to the introduction."""
-    from multitrack.demo_corpus import generate_book, recall_probes
-    from multitrack.tokenizer import load_tokenizer, train_demo_bpe
+    from mamba_lm.demo_corpus import generate_book, recall_probes
+    from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe
 
     book = generate_book(0, seed=3, words_per_book=1500)
     probes = recall_probes(book)
@@ -249,7 +249,7 @@ def test_carried_state_equals_one_long_forward_multitrack():
     from multitrack.multitrack_config import multitrack_config
     from multitrack.multitrack_model import MultiTrackLM
     from multitrack.narrative import build_signal_tables
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.tokenizer import load_tokenizer
 
     tok = load_tokenizer("byte")
     torch.manual_seed(0)

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitrack import models
-from multitrack.errors import UserError
-from multitrack.mamba import MambaLMHeadModel, mamba_config
+from mamba_lm import models
+from mamba_lm.errors import UserError
+from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 from multitrack.multitrack_model import (MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
                                          multitrack_config)
 from multitrack.narrative import N_FEATURES, TOKEN_TYPES, build_signal_tables
-from multitrack.tokenizer import load_tokenizer
+from mamba_lm.tokenizer import load_tokenizer
 
 TEXT = ('CHAPTER I\n\nHe said, "Run now." Then he left the house.\n\n"Wait," she called. "Wait for me!"\n\n'
         "* * *\n\nNight fell over the hills, and the wind rose.\n\n\"Who's there?\n\n\"Only me.\"")
@@ -254,7 +254,7 @@ def test_train_multitrack_script_end_to_end(demo_data_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    from multitrack.checkpoint import model_from_checkpoint
+    from mamba_lm.checkpoint import model_from_checkpoint
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
@@ -371,7 +371,7 @@ def test_step_on_the_grouped_triton_update_matches_forward(monkeypatch, byte_tab
     """Guards the CUDA decode path: with the Triton selective_state_update (its multi-head form, stood in
     for by tests/test_ops.py's heads_form_update) the 3-track step() still equals forward(), and each
     layer's step makes one kernel call for all tracks."""
-    from multitrack import ops
+    from mamba_lm import ops
     from test_ops import heads_form_update
 
     calls = []

@@ -11,7 +11,7 @@ import torch
 from multitrack.narrative import (COL, FEATURE_NAMES, SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState,
                                   build_signal_tables, dialogue_parity, narrative_features, narrative_step,
                                   token_signals)
-from multitrack.tokenizer import load_tokenizer, train_demo_bpe
+from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 

@@ -1,4 +1,4 @@
-"""Tests of multitrack/ops.py: every fast path against its slow, obviously correct twin."""
+"""Tests of mamba_lm/ops.py: every fast path against its slow, obviously correct twin."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitrack import ops
+from mamba_lm import ops
 
 torch.manual_seed(0)
 
@@ -232,7 +232,7 @@ def test_env_var_forces_pytorch_path():
     import subprocess
     import sys
     env = {**os.environ, "MAMBA_NARRATIVE_KERNELS": "pytorch"}
-    code = "from multitrack import ops; print(ops.describe_kernels())"
+    code = "from mamba_lm import ops; print(ops.describe_kernels())"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert "selective_scan=pytorch-chunked" in out.stdout and "forced" in out.stdout

@@ -1,4 +1,4 @@
-"""Tests for prepare_data.py and multitrack/data.py on tiny corpora made in tmp_path."""
+"""Tests for prepare_data.py and mamba_lm/data.py on tiny corpora made in tmp_path."""
 
 import json
 import os
@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import prepare_data
-from multitrack.data import (TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta,
+from mamba_lm.data import (TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta,
                              num_sequences)
-from multitrack.demo_corpus import generate_books
-from multitrack.errors import UserError
-from multitrack.gutenberg import clean_book
-from multitrack.tokenizer import load_tokenizer
+from mamba_lm.demo_corpus import generate_books
+from mamba_lm.errors import UserError
+from mamba_lm.gutenberg import clean_book
+from mamba_lm.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRENCH = "Le forgeron posa son marteau et alla à la porte pour voir qui était là, mais il n'y avait personne. " * 40
@@ -197,7 +197,7 @@ def test_uint16_overflow_refused(tmp_path, monkeypatch):
 
 
 def defaults():
-    from multitrack.configurator import config_keys
+    from mamba_lm.configurator import config_keys
     return {k: getattr(prepare_data, k) for k in config_keys(vars(prepare_data))} | {"num_workers": 1}
 
 
@@ -347,7 +347,7 @@ def test_cli_error_exit_code(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-# ---- multitrack/data.py ------------------------------------------------------------------------------
+# ---- mamba_lm/data.py ------------------------------------------------------------------------------
 def test_load_meta_errors(tmp_path):
     """Missing dir/meta.json or a truncated .bin is a UserError telling how to (re)create the data."""
     with pytest.raises(UserError, match="prepare_data.py"):

@@ -1,13 +1,13 @@
-"""Tests for multitrack/tokenizer.py: byte and BPE tokenizers, (de)serialisation, hub errors."""
+"""Tests for mamba_lm/tokenizer.py: byte and BPE tokenizers, (de)serialisation, hub errors."""
 
 import pickle
 
 import pytest
 
-from multitrack import tokenizer as tkmod
-from multitrack.demo_corpus import generate_books
-from multitrack.errors import UserError
-from multitrack.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_dict, train_demo_bpe
+from mamba_lm import tokenizer as tkmod
+from mamba_lm.demo_corpus import generate_books
+from mamba_lm.errors import UserError
+from mamba_lm.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
 SAMPLE = "Mara said, “Don’t go to Eldham” — café, naïve.\n\nNew paragraph 42."
 

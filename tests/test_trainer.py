@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from multitrack import trainer
-from multitrack.checkpoint import load_checkpoint, save_checkpoint
-from multitrack.errors import UserError
+from mamba_lm import trainer
+from mamba_lm.checkpoint import load_checkpoint, save_checkpoint
+from mamba_lm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def builder(d_model=32, vocab_size=257):
     def build():
-        from multitrack.mamba import mamba_config
-        from multitrack.models import build_model
+        from mamba_lm.mamba import mamba_config
+        from mamba_lm.models import build_model
         return build_model("mamba", mamba_config("tiny", vocab_size=vocab_size, d_model=d_model))
     return build
 
@@ -72,7 +72,7 @@ def test_lm_loss_ignores_padded_logits():
 
 def test_estimate_loss_is_token_mean(demo_data_dir, tiny_model):
     """estimate_loss = mean token CE over the given sequences, independent of the batch size."""
-    from multitrack.data import TokenSplit
+    from mamba_lm.data import TokenSplit
     split = TokenSplit(demo_data_dir, "val")
     model = tiny_model().eval()
     idx = np.array([0, 3, 5, 9, 11])
@@ -85,7 +85,7 @@ def test_estimate_loss_is_token_mean(demo_data_dir, tiny_model):
 
 def test_overfit_one_batch(demo_data_dir, tiny_model):
     """The model + loss + optimizer groups can memorise one batch: loss falls far below its start in 100 steps."""
-    from multitrack.data import TokenSplit
+    from mamba_lm.data import TokenSplit
     torch.manual_seed(0)
     model = tiny_model(d_model=48)
     x, y = TokenSplit(demo_data_dir, "train").get_batch(np.arange(4))
@@ -191,7 +191,7 @@ def test_refusals(demo_data_dir, tmp_path, train_config):
         trainer.train({**cfg, "resume": True, "max_steps": 3}, builder(d_model=48), script="test")
     ckpt_path = tmp_path / "r" / "ckpt_latest.pt"
     ckpt = load_checkpoint(ckpt_path)
-    from multitrack.tokenizer import train_demo_bpe
+    from mamba_lm.tokenizer import train_demo_bpe
     ckpt["tokenizer"] = train_demo_bpe(["a tiny corpus for another tokenizer, not the bytes"] * 20, 300).to_dict()
     save_checkpoint(ckpt_path, ckpt)
     with pytest.raises(UserError, match="tokenizer mismatch"):

@@ -2,7 +2,7 @@
 
 Three on-disk layouts hold the same Mamba-1 language model:
 
-    repo       a `*.pt` checkpoint of this repository (multitrack/checkpoint.py)
+    repo       a `*.pt` checkpoint of this repository (mamba_lm/checkpoint.py)
     mamba_ssm  `config.json` (d_model, n_layer, vocab_size, ssm_cfg, ...) + `pytorch_model.bin`,
                as `mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel.save_pretrained` writes it
                (state-spaces/mamba-130m ... mamba-2.8b). No tokenizer: those models use
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -331,7 +331,7 @@ def resolve_tokenizer(spec):
     """A TextTokenizer from a spec string / TextTokenizer / to_dict() dict / None."""
     if spec is None:
         return None
-    from multitrack.tokenizer import load_tokenizer, tokenizer_from_dict
+    from mamba_lm.tokenizer import load_tokenizer, tokenizer_from_dict
     if isinstance(spec, (str, Path)):
         return load_tokenizer(str(spec))
     if isinstance(spec, dict):
@@ -354,7 +354,7 @@ def folder_tokenizer(folder: Path):
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    from multitrack.tokenizer import canonical_sha256, load_tokenizer
+    from mamba_lm.tokenizer import canonical_sha256, load_tokenizer
     tok = load_tokenizer(str(path))
     if tok.vocab_size == 257 and tok.sha256 == canonical_sha256(hf_tokenizer_json(load_tokenizer("byte"))[0]):
         return load_tokenizer("byte")
@@ -373,7 +373,7 @@ def hf_tokenizer_json(tokenizer) -> tuple[str, str]:
     if d.get("kind") == "byte":
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-        from multitrack.tokenizer import bytes_to_unicode
+        from mamba_lm.tokenizer import bytes_to_unicode
         vocab = {ch: b for b, ch in bytes_to_unicode().items()}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -403,14 +403,14 @@ def check_data_tokenizer(info: dict, data_tokenizer: dict, data_dir=None) -> Non
     """Refuse fine-tuning `info`'s model on data made with another tokenizer (UserError).
 
     data_tokenizer: meta.json's "tokenizer" dict. With a model tokenizer (info["tokenizer"] a dict)
-    name, sha256, vocab size and eos must agree (multitrack.data.check_tokenizer_match). Without one
+    name, sha256, vocab size and eos must agree (mamba_lm.data.check_tokenizer_match). Without one
     (state-spaces/mamba-*), only the vocabulary size can be checked.
     """
     model_tok = info.get("tokenizer")
     where = f" ({data_dir})" if data_dir else ""
     data_desc = f"{data_tokenizer.get('name')!r} (vocab {data_tokenizer.get('vocab_size')})"
     if isinstance(model_tok, dict):
-        from multitrack.data import check_tokenizer_match
+        from mamba_lm.data import check_tokenizer_match
         check_tokenizer_match(data_tokenizer, model_tok)
         return
     data_vocab = int(data_tokenizer["vocab_size"])
@@ -473,9 +473,9 @@ def describe_folder(path) -> dict:
 
 
 def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):
-    """(model, tokenizer, info) from a repo checkpoint via multitrack.checkpoint (`ckpt`: already loaded)."""
-    from multitrack.checkpoint import model_from_checkpoint
-    from multitrack.tokenizer import tokenizer_from_dict
+    """(model, tokenizer, info) from a repo checkpoint via mamba_lm.checkpoint (`ckpt`: already loaded)."""
+    from mamba_lm.checkpoint import model_from_checkpoint
+    from mamba_lm.tokenizer import tokenizer_from_dict
     model, ckpt = model_from_checkpoint(ckpt if ckpt is not None else str(path), device=device)
     tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     cfg = ckpt["model_config"]
@@ -497,7 +497,7 @@ def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):
 def folder_config(folder: Path, layout: str, tok):
     """(config.json dict, our MambaConfig) of an HF or mamba-ssm folder. `tok`: the model's tokenizer
     or None; HF: it gives the real vocabulary size; mamba-ssm: UserError unless its size is vocab_size."""
-    from multitrack.mamba import MambaConfig
+    from mamba_lm.mamba import MambaConfig
     config_path = folder / "config.json"
     raw = read_json(config_path)
     if layout == "hf":
@@ -516,7 +516,7 @@ def folder_config(folder: Path, layout: str, tok):
 def load_folder(folder: Path, layout: str, tokenizer=None):
     """(model on CPU, tokenizer, info) from an HF or mamba-ssm folder (strict, shape-checked load).
     `tokenizer`: a TextTokenizer used when the folder has no tokenizer.json."""
-    from multitrack.mamba import MambaLMHeadModel
+    from mamba_lm.mamba import MambaLMHeadModel
     tok = folder_tokenizer(folder)
     source = "folder" if tok is not None else "missing"
     if tok is None and tokenizer is not None:
@@ -589,15 +589,15 @@ def resolve_source(source, tokenizer=None, info=None):
         if path.is_dir():
             model, tok, loaded = load_pretrained(path, tokenizer=tokenizer)
         else:
-            from multitrack.checkpoint import load_checkpoint
+            from mamba_lm.checkpoint import load_checkpoint
             ckpt = load_checkpoint(str(path))
             refuse_non_baseline(ckpt.get("model_type"), str(path))
             model, tok, loaded = load_repo_checkpoint(path, "cpu", ckpt)
         info = {**loaded, **(info or {})}
     elif isinstance(source, dict):
         refuse_non_baseline(source.get("model_type"), "the checkpoint")
-        from multitrack.checkpoint import model_from_checkpoint
-        from multitrack.tokenizer import tokenizer_from_dict
+        from mamba_lm.checkpoint import model_from_checkpoint
+        from mamba_lm.tokenizer import tokenizer_from_dict
         model, ckpt = model_from_checkpoint(source, device="cpu")
         tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
         info = {**{k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}, **(info or {})}
@@ -741,7 +741,7 @@ def model_card(model, tok, info: dict, name: str) -> str:
         "```", "",
         f"The logits have {c.padded_vocab_size} columns (vocabulary padded to a multiple of "
         f"{c.pad_vocab_size_multiple}); ids >= {c.vocab_size} are padding and never trained.",
-        "", "In mamba-narrative: `from multitrack.interop import load_pretrained; "
+        "", "In mamba-narrative: `from mamba_lm.interop import load_pretrained; "
         f'model, tokenizer, info = load_pretrained("{name}")`.', "",
     ]
     return "\n".join(lines)

@@ -384,7 +384,7 @@ def mean_metrics(rows: Sequence[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# long-range recall probe bookkeeping (probes of multitrack/demo_corpus.py)
+# long-range recall probe bookkeeping (probes of mamba_lm/demo_corpus.py)
 
 
 def word_start(text: str, offset: int) -> int:

@@ -14,8 +14,8 @@ import inspect
 
 import torch.nn as nn
 
-from multitrack.errors import UserError
-from multitrack.mamba import MambaConfig, MambaLMHeadModel
+from mamba_lm.errors import UserError
+from mamba_lm.mamba import MambaConfig, MambaLMHeadModel
 
 MODEL_TYPES: dict[str, tuple[type, type]] = {"mamba": (MambaConfig, MambaLMHeadModel)}
 

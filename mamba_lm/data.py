@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 
 DATA_FORMAT = "mamba-narrative-data/1"
 SPLITS = ("train", "val", "test")

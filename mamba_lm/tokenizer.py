@@ -23,7 +23,7 @@ import json
 import os
 from functools import lru_cache
 
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 
 NEOX_NAME = "EleutherAI/gpt-neox-20b"
 BYTE_SHA256 = "byte-v1"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitrack.errors import UserError
+from mamba_lm.errors import UserError
 
 FORMAT = "mamba-narrative-ckpt/1"
 
@@ -100,7 +100,7 @@ def model_from_checkpoint(ckpt_or_path, device="cpu"):
 
     Returns (model, ckpt); the model is in eval mode on `device`.
     """
-    from multitrack.models import build_model
+    from mamba_lm.models import build_model
 
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, dict) else load_checkpoint(ckpt_or_path)
     try:
@@ -133,14 +133,14 @@ def load_any_model(path, device="cpu", tokenizer=None):
     `info` describes the weights for sample files: {"path", "model_type", "model_config",
     "num_params", "step", "tokens_seen", "metrics", "train_config", "source"}.
     """
-    from multitrack.tokenizer import tokenizer_from_dict
+    from mamba_lm.tokenizer import tokenizer_from_dict
 
     path = Path(path)
     if path.is_dir():
         try:
-            from multitrack.interop import load_pretrained
+            from mamba_lm.interop import load_pretrained
         except ImportError as e:
-            raise UserError(f"{path} is a folder, but loading HF / mamba-ssm folders needs multitrack.interop ({e})")
+            raise UserError(f"{path} is a folder, but loading HF / mamba-ssm folders needs mamba_lm.interop ({e})")
         model, tokenizer, info = load_pretrained(str(path), device="cpu", tokenizer=tokenizer)
         info = {"path": str(path), "source": "pretrained folder", **(info or {})}
         info.setdefault("num_params", _num_params(model))

@@ -46,10 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multitrack.checkpoint import (clean_state_dict, load_any_model, load_checkpoint, model_from_checkpoint,
+from mamba_lm.checkpoint import (clean_state_dict, load_any_model, load_checkpoint, model_from_checkpoint,
                                    rng_state, save_checkpoint, set_rng_state)
-from multitrack.errors import UserError
-from multitrack.report import plot_losses, write_epoch_tables
+from mamba_lm.errors import UserError
+from mamba_lm.report import plot_losses, write_epoch_tables
 
 DEFAULTS = {
     "data_dir": "data/demo",      # prepared data dir (prepare_data.py)
@@ -395,7 +395,7 @@ class _Run:
     """State of one training run; `run()` is the loop. Split into short methods, read top to bottom."""
 
     def __init__(self, cfg, config, build_model, script, on_eval, on_end, dist: Dist):
-        from multitrack.data import TokenSplit, load_meta
+        from mamba_lm.data import TokenSplit, load_meta
 
         self.cfg, self.config, self.script, self.dist = cfg, dict(config), script, dist
         self.on_eval, self.on_end = on_eval, on_end
@@ -497,7 +497,7 @@ class _Run:
         return None
 
     def _make_model(self, ckpt, build_model):
-        from multitrack.data import check_tokenizer_match
+        from mamba_lm.data import check_tokenizer_match
 
         if ckpt is not None:
             if ckpt.get("script") not in (None, self.script):
@@ -526,7 +526,7 @@ class _Run:
         if tokenizer is not None:
             check_tokenizer_match(self.meta["tokenizer"], tokenizer.to_dict())
         else:  # an HF / mamba-ssm folder without a tokenizer: only the vocabulary size can be checked
-            from multitrack.interop import check_data_tokenizer
+            from mamba_lm.interop import check_data_tokenizer
             check_data_tokenizer(info, self.meta["tokenizer"], self.data_dir)
         self.log_init = f"initialised from {self.cfg['init_from']} ({info.get('layout', info.get('source'))})"
         return model.train()
@@ -547,7 +547,7 @@ class _Run:
 
     def _check_same_model(self, ckpt, build_model):
         """Resume refuses a run whose model settings differ from the checkpoint's."""
-        from multitrack.models import model_config_dict
+        from mamba_lm.models import model_config_dict
 
         if self.cfg["init_from"] not in ("scratch", "resume", ""):
             return  # the model came from a pretrained checkpoint: the script's preset does not describe it
@@ -626,7 +626,7 @@ class _Run:
     def run(self) -> dict:
         from tqdm import tqdm
 
-        from multitrack.data import batch_indices, epoch_order
+        from mamba_lm.data import batch_indices, epoch_order
 
         cfg = self.cfg
         self._log_header()
@@ -803,7 +803,7 @@ class _Run:
         optim_state = gather_optimizer_state(self.model, self.optimizer, fsdp)
         if not self.dist.main:
             return
-        from multitrack.models import model_config_dict
+        from mamba_lm.models import model_config_dict
         ckpt = {
             "model_type": self.model_type, "model_config": model_config_dict(self.raw), "model": model_state,
             "optimizer": optim_state, "optimizer_layout": "fqn" if fsdp else "torch",
@@ -822,7 +822,7 @@ class _Run:
     # -- logging --------------------------------------------------------------------------------
 
     def _log_header(self):
-        from multitrack.models import model_config_dict
+        from mamba_lm.models import model_config_dict
         n_params = self.raw.num_params() if hasattr(self.raw, "num_params") else sum(
             p.numel() for p in self.raw.parameters())
         tokens_per_step = self.global_batch * self.seq_len
@@ -873,8 +873,8 @@ def _scalar(v) -> bool:
 
 def data_tokenizer(data_dir, meta: dict):
     """The TextTokenizer a data dir was prepared with (its tokenizer.json, or byte-level)."""
-    from multitrack.data import check_tokenizer_match
-    from multitrack.tokenizer import load_tokenizer
+    from mamba_lm.data import check_tokenizer_match
+    from mamba_lm.tokenizer import load_tokenizer
 
     kind = meta["tokenizer"].get("kind")
     tokenizer = load_tokenizer("byte") if kind == "byte" else load_tokenizer(str(Path(data_dir) / "tokenizer.json"))

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multitrack import ops
-from multitrack.errors import UserError
+from mamba_lm import ops
+from mamba_lm.errors import UserError
 
 
 @dataclass

@@ -111,7 +111,7 @@ def check_sampling_options(*, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, re
                            max_new_tokens=1, num_samples=1) -> None:
     """Raise UserError (one line, says the valid range) for settings that would crash or silently
     misbehave in the sampler (e.g. min_p > 1 or repetition_penalty <= 0 leave no finite probability)."""
-    from multitrack.errors import UserError
+    from mamba_lm.errors import UserError
 
     checks = [
         (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
@@ -274,7 +274,7 @@ def read_prompts(prompt: str, prompt_file: str = "") -> list[str]:
 
     Prompt-file entries are stripped of surrounding blank lines; `\\n` in `prompt` becomes a newline.
     """
-    from multitrack.errors import UserError
+    from mamba_lm.errors import UserError
 
     prompts = [prompt.replace("\\n", "\n")] if prompt or not prompt_file else []
     if prompt_file:
