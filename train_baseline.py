@@ -63,7 +63,7 @@ compile = False               # torch.compile (falls back to eager with a warnin
 fsdp = False                  # under torchrun: FSDP instead of DDP (for larger models)
 resume = False                # continue from out_dir/ckpt_latest.pt
 overwrite = False             # allow starting over in an out_dir that holds a checkpoint
-init_from = "scratch"         # scratch | resume | path to a repo .pt or an HF / mamba-ssm folder (fine-tune)
+init_from = "scratch"         # scratch | resume | a repo .pt or an HF / mamba-ssm folder of this model type (fine-tune)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -7,8 +7,9 @@
     python train_multitrack.py --router=uniform --out_dir=out/abl-uniform   # ablations: see research_plan.md
 
 Same loop, hyperparameters, checkpoints, resume, evaluation, logs and plots as train_baseline.py
-(mamba_lm/trainer.py); the shared constants below have the same names and defaults, so a run of each
-script with the same --data_dir/--seed sees the same data in the same order with the same budget.
+(mamba_lm/trainer.py); the shared constants below have the same names, defaults and comments (a test
+keeps them equal), so a run of each script with the same --data_dir/--seed sees the same data in the same
+order with the same budget.
 This script only builds the model (parameter-matched to the baseline preset of the same size, see
 multitrack/multitrack_config.py) and adds the router hooks:
 
@@ -73,7 +74,7 @@ compile = False               # torch.compile (falls back to eager with a warnin
 fsdp = False                  # under torchrun: FSDP instead of DDP (for larger models)
 resume = False                # continue from out_dir/ckpt_latest.pt
 overwrite = False             # allow starting over in an out_dir that holds a checkpoint
-init_from = "scratch"         # scratch | resume | path to a repo .pt (fine-tune)
+init_from = "scratch"         # scratch | resume | a repo .pt or an HF / mamba-ssm folder of this model type (fine-tune)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

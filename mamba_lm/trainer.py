@@ -3,8 +3,14 @@
     param_groups(model, weight_decay)            AdamW groups: decay only 2-D weights of nn.Linear
     get_lr(step, warmup, total, lr, min_lr)      linear warmup, then cosine decay to min_lr
     lm_loss(logits, targets, vocab_size)         mean token cross-entropy, padded logits cut off
-    estimate_loss(model, split, seq_indices,...) mean token CE over given sequences (also evaluate.py)
+    estimate_loss(model, split, seq_indices,...) mean token CE over given sequences, one process (tests, notebooks;
+                                                 the loop's evals shard `loss_sums` over ranks)
+    check_config(config)                         every TRAIN_KEYS key present, each in the trainer's range
     train(config, build_model, *, script, on_eval=None, on_end=None) -> final metrics
+        setup(cfg, build_model, script, dist)    validate every input, build the model; only then touch out_dir
+        loop(run, state, on_eval, on_end)        the loop: get batch, forward, loss, backward, clip, step, log,
+                                                 eval, checkpoint; `Run` holds what setup fixed, `RunState` the
+                                                 counters a checkpoint saves
 
 One optimizer step consumes a *global batch* of `batch_size * grad_accum` sequences of `seq_len`
 tokens (the reference run: 8 x 1024), taken in the epoch's deterministic order
@@ -24,20 +30,27 @@ LR position, data position, RNG states -> the same losses. It must repeat the or
 --data_dir, --seq_len and model flags (e.g. --preset): the data dir is read again, and the model
 those flags build is compared with the checkpoint's (a mismatch is refused, naming the flags).
 
-Config keys (the script's `config`; missing keys take `DEFAULTS` below): see `DEFAULTS`.
+Config keys: `TRAIN_KEYS`, every one required; their defaults and comments live at the top of each train
+script (equal in both: tests/test_trainer.py::test_train_scripts_share_their_defaults), never a third copy here.
+
+Before the first step, everything is validated and the model is built (`setup`), so a refused run (a bad
+flag, data dir, --init_from, preset, resume mismatch) deletes and writes nothing, even with --overwrite=True.
+A non-finite loss stops the run without saving: the error names the step of the ckpt_latest.pt that is intact.
+Temporary files of checkpoint and log writes cut by a kill are removed by the next run in out_dir
+(`rundir.remove_leftovers`); a log line cut by a kill is dropped on resume (`rundir.trim_step_logs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,43 +58,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from mamba_lm.checkpoint import (clean_state_dict, load_any_model, load_checkpoint, model_from_checkpoint,
-                                   rng_state, save_checkpoint, set_rng_state)
+from mamba_lm.checkpoint import load_any_model, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mamba_lm.data import TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta
+from mamba_lm.distributed import (Dist, gather_model_state, gather_optimizer_state, load_optimizer_state,
+                                  no_sync_unless, wrap_for_ranks)
 from mamba_lm.errors import UserError
+from mamba_lm.interop import check_data_tokenizer
+from mamba_lm.models import model_config_dict
 from mamba_lm.report import plot_losses, write_epoch_tables
+from mamba_lm.rundir import (BEST, LATEST, check_out_dir, check_resume_batches, check_resume_data, check_same_model,
+                             checkpoint_to_resume, clear_outputs, refuse_replacing, remove_leftovers, trim_step_logs)
+from mamba_lm.tokenizer import load_tokenizer
 
-DEFAULTS = {
-    "data_dir": "data/demo",      # prepared data dir (prepare_data.py)
-    "out_dir": "out/run",         # checkpoints, logs, tables, plots
-    "seq_len": 0,                 # 0: the data's seq_len (meta.json)
-    "batch_size": 8,              # sequences per micro-batch (per process)
-    "grad_accum": 1,              # micro-batches per optimizer step; global batch = batch_size * grad_accum
-    "lr": 6e-4,                   # peak learning rate
-    "min_lr": 1e-5,               # cosine decay floor
-    "warmup_steps": 0,            # linear warmup steps; 0: warmup_frac of the run
-    "warmup_frac": 0.02,          # warmup as a fraction of the total steps (when warmup_steps == 0)
-    "epochs": 3,                  # passes over the train split
-    "max_steps": 0,               # stop after this many optimizer steps (0: no limit)
-    "max_tokens": 0,              # stop after this many training tokens (0: no limit)
-    "weight_decay": 0.1,          # AdamW decay, 2-D Linear weights only
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "grad_clip": 1.0,             # max global grad norm (0: off)
-    "eval_interval": 500,         # steps between evals on the fixed val subset (0: epoch ends only)
-    "eval_batches": 20,           # batches in the fixed val subset
-    "eval_max_batches": 0,        # cap on the full-val eval at epoch end (0: whole split)
-    "log_interval": 10,           # steps between log lines
-    "seed": 1337,                 # init, data order
-    "device": "auto",             # auto | cpu | cuda | cuda:N
-    "dtype": "auto",              # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    "compile": False,             # torch.compile the model (falls back to eager on failure)
-    "fsdp": False,                # under torchrun: shard with FSDP instead of DDP
-    "resume": False,              # continue from out_dir/ckpt_latest.pt
-    "overwrite": False,           # allow replacing an out_dir that already holds a checkpoint
-    "init_from": "scratch",       # scratch | resume | path to a repo .pt or an HF / mamba-ssm folder
-    "tensorboard": True,          # write tb/ event files (if tensorboard is installed)
-}
 
 # ----------------------------------------------------------------------------------------------
 # optimizer, schedule, loss
@@ -177,7 +167,6 @@ def loss_sums(model, split, seq_indices, *, batch_size=8, device="cpu", dtype=to
     total, count = 0.0, 0
     chunks = [seq_indices[i:i + batch_size] for i in range(0, len(seq_indices), batch_size)]
     if progress:
-        from tqdm import tqdm
         chunks = tqdm(chunks, desc=progress, unit="batch", leave=False)
     for chunk in chunks:
         x, y = split.get_batch(np.asarray(chunk), device=device)
@@ -198,7 +187,9 @@ def estimate_loss(model, split, seq_indices, *, batch_size=8, device="cpu", dtyp
     """
     total, count = loss_sums(model, split, seq_indices, batch_size=batch_size, device=device, dtype=dtype,
                              vocab_size=vocab_size, progress=progress)
-    return total / max(count, 1)
+    if count == 0:
+        raise UserError("estimate_loss over zero sequences measures nothing; pass at least one sequence index")
+    return total / count
 
 
 def eval_subset(num_sequences: int, n: int, seed: int) -> np.ndarray:
@@ -206,49 +197,6 @@ def eval_subset(num_sequences: int, n: int, seed: int) -> np.ndarray:
     if n >= num_sequences:
         return np.arange(num_sequences)
     return np.sort(np.random.default_rng(seed).permutation(num_sequences)[:n])
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-
-
-class Dist:
-    """Process-group facts for this process (single process: rank 0 of 1)."""
-
-    def __init__(self, device_spec: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.owns_group = False
-        device = resolve_device(device_spec)
-        if self.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-            self.owns_group = True
-        self.main = self.rank == 0
-
-    def all_sum(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def any(self, flag: bool) -> bool:
-        return self.all_sum(1.0 if flag else 0.0) > 0
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self):
-        if self.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,20 +217,6 @@ class RunLog:
             except ImportError:
                 warnings.warn("tensorboard is not installed; no tb/ logs (pip install tensorboard)")
 
-    def restore(self, upto_step: int) -> None:
-        """On resume: drop the rows after the checkpoint's step (they will be redone) from metrics.jsonl
-        and from every other *.jsonl step log in out_dir (a hook's, e.g. router_stats.jsonl); reload the curve."""
-        if not self.enabled:
-            return
-        for path in sorted(self.out_dir.glob("*.jsonl")):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= upto_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
-            if path.name == "metrics.jsonl":
-                self.curve = [r for r in kept if r.get("kind") in ("train", "eval")]
-
     def metrics(self, row: dict) -> None:
         if not self.enabled:
             return
@@ -302,7 +236,6 @@ class RunLog:
         with open(self.out_dir / "log.txt", "a") as f:
             f.write(text + "\n")
         if echo:
-            from tqdm import tqdm
             tqdm.write(text)
 
     def plot(self, title: str) -> None:
@@ -354,7 +287,170 @@ class TrainingDiverged(UserError):
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# the config: every key required, each in range
+
+
+TRAIN_KEYS = ("data_dir", "out_dir", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+              "warmup_frac", "epochs", "max_steps", "max_tokens", "weight_decay", "beta1", "beta2", "grad_clip",
+              "eval_interval", "eval_batches", "eval_max_batches", "log_interval", "tensorboard", "seed", "device",
+              "dtype", "compile", "fsdp", "resume", "overwrite", "init_from")
+
+_INT, _NUM, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+
+
+def _any(value) -> bool:
+    return True
+
+
+# the trainer's own invariants, whoever calls it (a script's CLI or Python): key -> (types, ok(value), what it must be)
+RANGES = {
+    "data_dir": (_STR, bool, "a folder path (not empty)"),
+    "out_dir": (_STR, bool, "a folder path (not empty)"),
+    "seq_len": (_INT, lambda v: v >= 0, ">= 0 (0: the data's seq_len)"),
+    "batch_size": (_INT, lambda v: v >= 1, ">= 1"),
+    "grad_accum": (_INT, lambda v: v >= 1, ">= 1"),
+    "lr": (_NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "min_lr": (_NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "warmup_steps": (_INT, lambda v: v >= 0, ">= 0 (0: warmup_frac of the run)"),
+    "warmup_frac": (_NUM, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "epochs": (_INT, lambda v: v >= 0, ">= 0"),
+    "max_steps": (_INT, lambda v: v >= 0, ">= 0 (0: no limit)"),
+    "max_tokens": (_INT, lambda v: v >= 0, ">= 0 (0: no limit)"),
+    "weight_decay": (_NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "beta1": (_NUM, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (_NUM, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (_NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite (0: off)"),
+    "eval_interval": (_INT, lambda v: v >= 0, ">= 0 (0: evals at epoch ends only)"),
+    "eval_batches": (_INT, lambda v: v >= 1, ">= 1 (an eval over zero sequences measures nothing)"),
+    "eval_max_batches": (_INT, lambda v: v >= 0, ">= 0 (0: the whole val split)"),
+    "log_interval": (_INT, lambda v: v >= 1, ">= 1"),
+    "tensorboard": (_BOOL, _any, "True or False"),
+    "seed": (_INT, lambda v: 0 <= v < 2**63, ">= 0"),
+    "device": (_STR, bool, "auto, cpu, cuda or cuda:N"),
+    "dtype": (_STR, bool, "auto, float32, bfloat16 or float16"),
+    "compile": (_BOOL, _any, "True or False"),
+    "fsdp": (_BOOL, _any, "True or False"),
+    "resume": (_BOOL, _any, "True or False"),
+    "overwrite": (_BOOL, _any, "True or False"),
+    "init_from": (_STR, bool, "scratch, resume, or a path"),
+}
+_BOOL_OK = {k for k, (types, _, _) in RANGES.items() if types is _BOOL}
+
+
+def check_config(config: dict) -> dict:
+    """The config as the trainer uses it, after checking that every TRAIN_KEYS key is there (a missing key is an
+    error, never a silent default: the train scripts define them all at their top) and in the trainer's range."""
+    missing = [k for k in TRAIN_KEYS if k not in config]
+    if missing:
+        raise UserError(f"the training config lacks {', '.join(missing)}; every train script defines these "
+                        "constants at its top (copy them from train_baseline.py)")
+    for key, (types, ok, what) in RANGES.items():
+        value = config[key]
+        right_type = isinstance(value, types) and (key in _BOOL_OK or not isinstance(value, bool))
+        if not right_type or (isinstance(value, float) and math.isnan(value)) or not ok(value):
+            raise UserError(f"--{key}={value!r} is out of range: it must be {what}")
+    if config["min_lr"] > config["lr"]:
+        raise UserError(f"--min_lr={config['min_lr']!r} is above --lr={config['lr']!r}; the cosine decays from lr "
+                        "to min_lr, so lower --min_lr")
+    if config["resume"] and config["overwrite"]:
+        raise UserError("--resume=True and --overwrite=True contradict each other: resume continues the run in "
+                        "out_dir, overwrite starts it over; pass one of them")
+    return dict(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: what setup() fixes, and the counters the loop moves
+
+
+@dataclass
+class RunData:
+    """The prepared data dir as this run reads it."""
+    dir: Path
+    meta: dict
+    train: TokenSplit
+    val: TokenSplit
+    seq_len: int
+    tokenizer: object              # TextTokenizer
+    vocab_size: int
+
+
+@dataclass
+class Budget:
+    """How long the run is: a global batch per optimizer step, total steps (the LR schedule spans them)."""
+    global_batch: int              # sequences per optimizer step, over all ranks and micro-batches
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    def tokens_per_step(self, seq_len: int) -> int:
+        return self.global_batch * seq_len
+
+
+@dataclass
+class Run:
+    """What stays fixed once setup() has validated everything and built the model."""
+    cfg: dict                      # the script's config snapshot (saved in every checkpoint)
+    script: str
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype             # autocast dtype
+    out_dir: Path
+    data: RunData
+    budget: Budget
+    raw: nn.Module                 # the model itself: weights, aux_loss / stats hooks
+    model: nn.Module               # what the forward calls: raw, compiled and/or DDP / FSDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler   # active only for float16
+    groups: list                   # AdamW parameter groups (for the header line)
+    eval_idx: np.ndarray           # the fixed val subset of the periodic evals
+    log: RunLog
+    init_note: str = ""            # "initialised from ..." for the header
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg["fsdp"] and self.dist.enabled
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.raw, "model_type", type(self.raw).__name__)
+
+
+@dataclass
+class RunState:
+    """The counters of a run: saved in every checkpoint next to weights and optimizer, restored by a resume."""
+    step: int = 0                  # optimizer steps done
+    epoch: int = 0                 # current epoch (0-based)
+    step_in_epoch: int = 0         # the data position: batches of this epoch done
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    history: list = field(default_factory=list)       # one row per epoch (epochs.md)
+    metrics: dict = field(default_factory=dict)       # the last eval's numbers
+    epoch_loss: list = field(default_factory=lambda: [0.0, 0])  # sum of step losses, steps, in this epoch
+    elapsed_s: float = 0.0         # training seconds of earlier sessions of this run
+    init_from: str = "scratch"
+    saved_step: int | None = None  # step of the ckpt_latest.pt on disk (None: none yet); not saved
+    t_start: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "RunState":
+        return cls(step=ckpt["step"], epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"],
+                   tokens_seen=ckpt["tokens_seen"], best_val_loss=ckpt["best_val_loss"],
+                   history=list(ckpt.get("history", [])), metrics=dict(ckpt.get("metrics", {})),
+                   epoch_loss=list(ckpt.get("epoch_loss", [0.0, 0])), elapsed_s=float(ckpt.get("elapsed_s", 0.0)),
+                   init_from=ckpt.get("init_from", "scratch"), saved_step=ckpt["step"])
+
+    def to_checkpoint(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss, "metrics": self.metrics,
+                "history": self.history, "epoch_loss": list(self.epoch_loss), "elapsed_s": self.minutes() * 60,
+                "init_from": self.init_from}
+
+    def minutes(self) -> float:
+        return (self.elapsed_s + time.time() - self.t_start) / 60
+
+
+# ----------------------------------------------------------------------------------------------
+# train = setup + loop
 
 
 def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
@@ -362,8 +458,8 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
           on_end: Callable[[nn.Module, str, list], None] | None = None) -> dict:
     """Train `build_model()` on config["data_dir"]; returns the final metrics dict.
 
-    config: the script's config snapshot (saved into checkpoints); keys missing from it take
-    `DEFAULTS`. build_model: builds the trained model for a fresh run (`init_from="scratch"`). A
+    config: the script's config snapshot (saved into checkpoints); it must hold every `TRAIN_KEYS` key
+    (see `check_config`). build_model: builds the trained model for a fresh run (`init_from="scratch"`). A
     resumed run takes its weights from the checkpoint, but still calls `build_model()` (on the meta
     device when it can) and refuses to go on unless it gives the checkpoint's model_type and
     model_config, so a resume must repeat the original --data_dir and model flags (e.g. --preset).
@@ -378,11 +474,12 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
     `SystemExit` is raised). `request_stop()` from inside the process stops the same way but returns
     normally with "interrupted": True.
     """
-    cfg = {**DEFAULTS, **config}
-    dist = Dist(cfg["device"])
+    cfg = check_config(config)
+    dist = Dist(resolve_device(cfg["device"]))
     try:
-        with _stop_on_signals():
-            result = _Run(cfg, config, build_model, script, on_eval, on_end, dist).run()
+        with _stop_on_signals(), _disk_full_is_a_user_error():
+            run, state = setup(cfg, build_model, script, dist)
+            result = loop(run, state, on_eval, on_end)
         dist.barrier()  # every rank past its last collective (rank 0 saves last) before the group goes
     finally:
         dist.close()
@@ -391,472 +488,314 @@ def train(config: dict, build_model: Callable[[], nn.Module], *, script: str,
     return result
 
 
-class _Run:
-    """State of one training run; `run()` is the loop. Split into short methods, read top to bottom."""
-
-    def __init__(self, cfg, config, build_model, script, on_eval, on_end, dist: Dist):
-        from mamba_lm.data import TokenSplit, load_meta
-
-        self.cfg, self.config, self.script, self.dist = cfg, dict(config), script, dist
-        self.on_eval, self.on_end = on_eval, on_end
-        self.device = dist.device
-        self.dtype = resolve_dtype(cfg["dtype"], self.device)
-        self.out_dir = Path(cfg["out_dir"])
-        self.data_dir = Path(cfg["data_dir"])
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        resume = cfg["resume"] or cfg["init_from"] == "resume"
-        try:
-            self.meta = load_meta(self.data_dir)
-        except UserError as e:
-            if not resume:
-                raise
-            raise UserError(f"{e} (resuming: repeat the original run's --data_dir and model flags)") from None
-        seq_len = cfg["seq_len"] or None
-        self.train_split = TokenSplit(self.data_dir, "train", seq_len)
-        self.val_split = TokenSplit(self.data_dir, "val", seq_len)
-        self.seq_len = self.train_split.seq_len
-        self.tokenizer = data_tokenizer(self.data_dir, self.meta)
-        self.vocab_size = self.tokenizer.vocab_size
-
-        self.global_batch = cfg["batch_size"] * cfg["grad_accum"]
-        if self.global_batch % dist.world:
-            raise UserError(f"batch_size*grad_accum = {self.global_batch} sequences must divide evenly over "
-                            f"{dist.world} processes; change --batch_size or --grad_accum")
-        self.steps_per_epoch = self.train_split.num_sequences // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise UserError(f"the train split has {self.train_split.num_sequences} sequences of {self.seq_len} tokens, "
-                            f"fewer than one batch of {self.global_batch}; lower --batch_size or --seq_len")
-        if self.val_split.num_sequences == 0:
-            raise UserError(f"the val split of {self.data_dir} has no full sequence of {self.seq_len} tokens; "
-                            "prepare more validation data or lower --seq_len")
-        self.total_steps = self._budget()
-        self.warmup = cfg["warmup_steps"] or max(1, round(cfg["warmup_frac"] * self.total_steps))
-
-        # counters (a resumed run overwrites them from the checkpoint)
-        self.step = self.epoch = self.step_in_epoch = self.tokens_seen = 0
-        self.best_val_loss = float("inf")
-        self.history: list[dict] = []
-        self.metrics_last: dict = {}
-        self.epoch_loss = [0.0, 0]       # sum of step losses, steps, in the current epoch
-        self.elapsed_before = 0.0        # seconds of training in earlier sessions of this run
-        self.init_from = cfg["init_from"]
-
-        ckpt = self._prepare_out_dir(resume)
-        torch.manual_seed(cfg["seed"])
-        np.random.seed(cfg["seed"] % 2**32)
-        self.raw = self._make_model(ckpt, build_model)
-        self.raw.to(self.device).train()
-        self.model_type = getattr(self.raw, "model_type", type(self.raw).__name__)
-        self._check_vocab()
-        self.model = self._wrap(self.raw)
-        self.groups = param_groups(self.raw, cfg["weight_decay"])
-        self.optimizer = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
-        self.eval_idx = eval_subset(self.val_split.num_sequences, cfg["eval_batches"] * cfg["batch_size"], cfg["seed"])
-        self.log = RunLog(self.out_dir, dist.main, cfg["tensorboard"])
-        if ckpt is not None:
-            self._restore(ckpt)
-
-    # -- setup ----------------------------------------------------------------------------------
-
-    def _budget(self) -> int:
-        """Total optimizer steps: epochs, capped by max_steps and max_tokens (the LR schedule spans this)."""
-        cfg = self.cfg
-        total = cfg["epochs"] * self.steps_per_epoch
-        if cfg["max_steps"] > 0:
-            total = min(total, cfg["max_steps"])
-        if cfg["max_tokens"] > 0:
-            total = min(total, math.ceil(cfg["max_tokens"] / (self.global_batch * self.seq_len)))
-        if total <= 0:
-            raise UserError("the run has no steps: set --epochs, --max_steps or --max_tokens above 0")
-        return total
-
-    def _prepare_out_dir(self, resume: bool):
-        """Resume: load ckpt_latest.pt. Fresh: refuse to replace a checkpoint unless overwrite=True."""
-        latest, best = self.out_dir / "ckpt_latest.pt", self.out_dir / "ckpt_best.pt"
-        if resume:
-            if not latest.exists():
-                raise UserError(f"--resume=True but {latest} does not exist; start a fresh run without --resume")
-            return load_checkpoint(latest)
-        existing = [p for p in (latest, best) if p.exists()]
-        if existing and not self.cfg["overwrite"]:
-            raise UserError(f"{self.out_dir} already holds {existing[0].name}; continue it with its original flags "
-                            "plus --resume=True, or start over with --overwrite=True (its checkpoints and logs are "
-                            "replaced), or pick another --out_dir")
-        if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("ckpt_latest.pt", "ckpt_best.pt", "log.txt", "epochs.md", "epochs.csv", "loss.png"):
-                (self.out_dir / name).unlink(missing_ok=True)
-            for path in self.out_dir.glob("*.jsonl"):  # metrics.jsonl and the hooks' step logs
-                path.unlink()
-            shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
-        self.dist.barrier()
-        return None
-
-    def _make_model(self, ckpt, build_model):
-        from mamba_lm.data import check_tokenizer_match
-
-        if ckpt is not None:
-            if ckpt.get("script") not in (None, self.script):
-                raise UserError(f"{self.out_dir}/ckpt_latest.pt was written by {ckpt['script']}, not {self.script}; "
-                                "resume it with that script or use another --out_dir")
-            check_tokenizer_match(self.meta["tokenizer"], ckpt["tokenizer"])
-            fp_ckpt, fp_data = ckpt.get("data", {}).get("fingerprint"), self.meta.get("fingerprint")
-            if fp_ckpt and fp_data and fp_ckpt != fp_data:
-                raise UserError(f"{self.out_dir} was trained on data with fingerprint {fp_ckpt[:12]}, but "
-                                f"{self.data_dir} has {fp_data[:12]}; resume with the original "
-                                f"--data_dir={ckpt['data'].get('dir', '?')}")
-            model, _ = model_from_checkpoint(ckpt)
-            self._check_same_model(ckpt, build_model)
-            self.init_from = ckpt.get("init_from", "scratch")
-            return model
-        if self.cfg["init_from"] in ("scratch", ""):
-            return build_model()
-        if not Path(self.cfg["init_from"]).exists():
-            raise UserError(f"--init_from={self.cfg['init_from']}: no such file or folder; use scratch, resume, "
-                            "or the path of a repo .pt checkpoint or an HF / mamba-ssm folder")
-        model, tokenizer, info = load_any_model(self.cfg["init_from"])
-        want_type = self._script_model_type(build_model)
-        if model.model_type != want_type:
-            raise UserError(f"--init_from={self.cfg['init_from']} holds a {model.model_type!r} model, but "
-                            f"{self.script} trains {want_type!r} models; use the script for that model type")
-        if tokenizer is not None:
-            check_tokenizer_match(self.meta["tokenizer"], tokenizer.to_dict())
-        else:  # an HF / mamba-ssm folder without a tokenizer: only the vocabulary size can be checked
-            from mamba_lm.interop import check_data_tokenizer
-            check_data_tokenizer(info, self.meta["tokenizer"], self.data_dir)
-        self.log_init = f"initialised from {self.cfg['init_from']} ({info.get('layout', info.get('source'))})"
-        return model.train()
-
-    @staticmethod
-    def _probe_model(build_model):
-        """The model the script would build, on the meta device when it allows (no memory, no init)."""
-        try:
-            with torch.device("meta"):
-                return build_model()
-        except Exception:
-            return build_model()
-
-    @classmethod
-    def _script_model_type(cls, build_model) -> str:
-        probe = cls._probe_model(build_model)
-        return getattr(probe, "model_type", type(probe).__name__)
-
-    def _check_same_model(self, ckpt, build_model):
-        """Resume refuses a run whose model settings differ from the checkpoint's."""
-        from mamba_lm.models import model_config_dict
-
-        if self.cfg["init_from"] not in ("scratch", "resume", ""):
-            return  # the model came from a pretrained checkpoint: the script's preset does not describe it
-        probe = self._probe_model(build_model)
-        want_type = getattr(probe, "model_type", type(probe).__name__)
-        want = json.loads(json.dumps(model_config_dict(probe)))
-        have = json.loads(json.dumps(ckpt["model_config"]))
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        if want_type != ckpt["model_type"] or diff:
-            shown = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs now {want.get(k)!r}" for k in diff[:4])
-            raise UserError(f"{self.out_dir}/ckpt_latest.pt holds a different model "
-                            f"({ckpt['model_type']} vs {want_type}{'; ' + shown if shown else ''}); "
-                            f"resume with the original run's model flags{self._original_flags(ckpt)} "
-                            "or use another --out_dir")
-
-    def _original_flags(self, ckpt) -> str:
-        """' (--preset=tiny --d_model=64)': the script's own (model) flags, --data_dir and --init_from whose
-        values in the checkpoint's train_config differ from this run's; '' when none differ (or none are known)."""
-        original = ckpt.get("train_config") or {}
-        flags = [f"--{k}={v}" for k, v in original.items()
-                 if (k not in DEFAULTS or k in ("data_dir", "init_from")) and k in self.config and self.config[k] != v]
-        return f" ({' '.join(flags)})" if flags else ""
-
-    def _check_vocab(self):
-        model_vocab = getattr(getattr(self.raw, "config", None), "vocab_size", None)
-        if model_vocab is not None and model_vocab < self.vocab_size:
-            raise UserError(f"the model's vocab_size {model_vocab} is smaller than the data tokenizer's "
-                            f"{self.vocab_size}; build the model with vocab_size={self.vocab_size}")
-
-    def _wrap(self, model):
-        """torch.compile (optional, falls back to eager) and DDP / FSDP under torchrun."""
-        if self.cfg["compile"]:
-            model = try_compile(model, self.device, self.seq_len)
-        if not self.dist.enabled:
-            return model
-        if self.cfg["fsdp"]:
-            return shard_fsdp(model)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
-
-    def _make_optimizer(self):
-        cfg = self.cfg
-        groups = self.groups
-        extra = {"fused": True} if self.device.type == "cuda" and not cfg["fsdp"] else {}
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=cfg["lr"],
-                                 betas=(cfg["beta1"], cfg["beta2"]), **extra)
-
-    def _restore(self, ckpt: dict):
-        """Continue exactly where ckpt_latest.pt stopped."""
-        if ckpt.get("global_batch", self.global_batch) != self.global_batch:
-            raise UserError(f"the checkpoint used batch_size*grad_accum = {ckpt['global_batch']} sequences per step, "
-                            f"this run {self.global_batch}; resume with the same global batch")
-        if ckpt.get("data", {}).get("seq_len", self.seq_len) != self.seq_len:
-            raise UserError(f"the checkpoint trained on sequences of {ckpt['data']['seq_len']} tokens, this run "
-                            f"{self.seq_len} (its data position counts sequences); resume with the original "
-                            f"--seq_len={ckpt['data']['seq_len']}")
-        if ckpt["train_config"].get("seed", self.cfg["seed"]) != self.cfg["seed"]:
-            raise UserError(f"the checkpoint used --seed={ckpt['train_config']['seed']} (it fixes the data order); "
-                            "resume with the same seed")
-        load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"], self.cfg["fsdp"] and self.dist.enabled)
-        self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
-        self.tokens_seen, self.best_val_loss = ckpt["tokens_seen"], ckpt["best_val_loss"]
-        self.history, self.metrics_last = list(ckpt.get("history", [])), dict(ckpt.get("metrics", {}))
-        self.epoch_loss = list(ckpt.get("epoch_loss", [0.0, 0]))
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        set_rng_state(ckpt.get("rng"))
-        self.log.restore(self.step)
-        schedule = ckpt.get("schedule", {})
-        if schedule and (schedule.get("total"), schedule.get("warmup")) != (self.total_steps, self.warmup):
-            self.log.line(f"note: LR schedule now spans {self.total_steps} steps (warmup {self.warmup}); "
-                          f"the checkpoint's spanned {schedule.get('total')} (warmup {schedule.get('warmup')})")
-
-    # -- the loop -------------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        from tqdm import tqdm
-
-        from mamba_lm.data import batch_indices, epoch_order
-
-        cfg = self.cfg
-        self._log_header()
-        self.t_start = time.time()
-        order = epoch_order(self.train_split.num_sequences, self.epoch, cfg["seed"])
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.dist.main, desc=self.out_dir.name)
-        interrupted, t_log, tokens_log = False, time.time(), self.tokens_seen
-        while self.step < self.total_steps:
-            lr = get_lr(self.step, self.warmup, self.total_steps, cfg["lr"], cfg["min_lr"])
-            batch = batch_indices(order, self.global_batch, self.step_in_epoch)
-            loss, aux, grad_norm = self._train_step(batch, lr)
-            self.step += 1
-            self.step_in_epoch += 1
-            self.tokens_seen += self.global_batch * self.seq_len
-            self.epoch_loss[0] += loss
-            self.epoch_loss[1] += 1
-            bar.update(1)
-            if self.step % cfg["log_interval"] == 0 or self.step == self.total_steps:
-                dt = time.time() - t_log
-                tok_s = (self.tokens_seen - tokens_log) / max(dt, 1e-9)
-                steps_timed = max(1, (self.tokens_seen - tokens_log) // (self.global_batch * self.seq_len))
-                self._log_train(loss, aux, lr, grad_norm, tok_s, 1000 * dt / steps_timed)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                t_log, tokens_log = time.time(), self.tokens_seen
-            if self.step_in_epoch == self.steps_per_epoch:
-                self._end_epoch()  # moves the counters to the next epoch
-                order = epoch_order(self.train_split.num_sequences, self.epoch, cfg["seed"])
-                t_log, tokens_log = time.time(), self.tokens_seen  # throughput excludes eval time
-            elif cfg["eval_interval"] and self.step % cfg["eval_interval"] == 0 and self.step < self.total_steps:
-                # (the last step's eval is the one of the partial epoch end after the loop, not done twice)
-                self._eval_and_save()
-                t_log, tokens_log = time.time(), self.tokens_seen
-            if self.dist.any(_stop.is_set()) and self.step < self.total_steps:
-                interrupted = True
-                self._save("ckpt_latest.pt")
-                self.log.line(f"stopped by signal at step {self.step}; saved {self.out_dir / 'ckpt_latest.pt'} "
-                              f"(continue with the same flags plus --resume=True)")
-                break
-        bar.close()
-        if not interrupted and self.step_in_epoch > 0 and (not self.history or self.history[-1]["step"] != self.step):
-            self._end_epoch(partial=True)
-        if not interrupted and self.dist.main and self.on_end is not None:
-            self.on_end(self.raw, str(self.out_dir), self.history)
-        self.log.close()
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
-                "interrupted": interrupted, "out_dir": str(self.out_dir), "history": self.history,
-                **self.metrics_last}
-
-    def _train_step(self, batch: np.ndarray, lr: float):
-        """One optimizer step on the global batch (this rank's slice, in micro-batches). Returns
-        (mean LM loss of the global batch, mean aux loss or None, grad norm)."""
-        cfg, dist = self.cfg, self.dist
-        share = self.global_batch // dist.world
-        local = batch[dist.rank * share:(dist.rank + 1) * share]
-        micro = [local[i:i + cfg["batch_size"]] for i in range(0, len(local), cfg["batch_size"])]
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        aux_sum, has_aux = torch.zeros((), device=self.device, dtype=torch.float64), False
-        for j, idx in enumerate(micro):
-            x, y = self.train_split.get_batch(idx, device=self.device)
-            weight = len(idx) / self.global_batch          # this micro-batch's share of the global batch
-            last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with autocast(self.device, self.dtype):
-                    logits = self.model(x)
-                    loss = lm_loss(logits, y, self.vocab_size)
-                    aux = self.raw.aux_loss() if hasattr(self.raw, "aux_loss") else None
+def loop(run: Run, state: RunState, on_eval=None, on_end=None) -> dict:
+    """The training loop, from `state` to the end of the budget (or a stop request). Each step: get this rank's
+    batch, forward, loss, backward (micro-batches), clip, optimizer step; then log, eval, checkpoint."""
+    cfg, budget, dist = run.cfg, run.budget, run.dist
+    log_header(run, state)
+    state.t_start = time.time()
+    order = epoch_order(run.data.train.num_sequences, state.epoch, cfg["seed"])
+    bar = tqdm(total=budget.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=not dist.main, desc=run.out_dir.name)
+    interrupted, timer = False, Throughput(state.tokens_seen)
+    while state.step < budget.total_steps:
+        lr = get_lr(state.step, budget.warmup, budget.total_steps, cfg["lr"], cfg["min_lr"])
+        loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)   # of the global batch
+        aux_sum, has_aux = torch.zeros((), device=run.device, dtype=torch.float64), False
+        micro_batches = get_batch(run, order, state.step_in_epoch)
+        for j, (x, y, weight) in enumerate(micro_batches):
+            with no_sync_unless(run.model, last=j == len(micro_batches) - 1):
+                with autocast(run.device, run.dtype):
+                    logits = run.model(x)                 # forward; a stateful run would pass and carry its state here
+                    loss = lm_loss(logits, y, run.data.vocab_size)
+                    aux = run.raw.aux_loss() if hasattr(run.raw, "aux_loss") else None
                 total = loss if aux is None else loss + aux
                 # DDP averages gradients over ranks: scale by world so the sum matches one process
-                self.scaler.scale(total * weight * dist.world).backward()
+                run.scaler.scale(total * weight * dist.world).backward()
             loss_sum += loss.detach().double() * weight
             if aux is not None:
-                has_aux = True
-                aux_sum += aux.detach().double() * weight
-        if dist.enabled:
-            torch.distributed.all_reduce(loss_sum)
-            torch.distributed.all_reduce(aux_sum)
-        loss_value = float(loss_sum.item())
-        if not math.isfinite(loss_value):
-            self._diverged(f"loss is {loss_value}", lr)
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm) and self.dtype != torch.float16:  # fp16: the scaler skips the step
-            self._diverged(f"gradient norm is {grad_norm}", lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, (float(aux_sum.item()) if has_aux else None), grad_norm
+                has_aux, aux_sum = True, aux_sum + aux.detach().double() * weight
+        loss, aux = all_reduce_mean(dist, loss_sum), (all_reduce_mean(dist, aux_sum) if has_aux else None)
+        if not math.isfinite(loss):
+            diverged(run, state, f"loss is {loss}", lr)
+        grad_norm = clip_gradients(run)
+        if not math.isfinite(grad_norm) and run.dtype != torch.float16:  # fp16: the scaler skips the step
+            diverged(run, state, f"gradient norm is {grad_norm}", lr)
+        optimizer_step(run, lr)
+        state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+        state.tokens_seen += budget.tokens_per_step(run.data.seq_len)
+        state.epoch_loss = [state.epoch_loss[0] + loss, state.epoch_loss[1] + 1]
+        bar.update(1)
 
-    def _diverged(self, what: str, lr: float):
-        latest = self.out_dir / "ckpt_latest.pt"
-        kept = f"the last good checkpoint {latest} is intact" if latest.exists() else "no checkpoint was written yet"
-        self.log.line(f"diverged at step {self.step + 1}: {what} (lr {lr:.3g})")
-        raise TrainingDiverged(f"training diverged at step {self.step + 1}: {what} (lr {lr:.3g}); {kept}; "
-                               f"lower --lr or --grad_clip and resume/restart")
+        if state.step % cfg["log_interval"] == 0 or state.step == budget.total_steps:
+            tok_s, ms_per_step = timer.measure(state.tokens_seen, budget.tokens_per_step(run.data.seq_len))
+            log_train(run, state, loss, aux, lr, grad_norm, tok_s, ms_per_step)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        if state.step_in_epoch == budget.steps_per_epoch:
+            end_epoch(run, state, on_eval)  # full val eval, epoch row, checkpoints; counters move to the next epoch
+            order = epoch_order(run.data.train.num_sequences, state.epoch, cfg["seed"])
+            timer.reset(state.tokens_seen)  # throughput excludes eval time
+        elif cfg["eval_interval"] and state.step % cfg["eval_interval"] == 0 and state.step < budget.total_steps:
+            # (the last step's eval is the one of the partial epoch end after the loop, not done twice)
+            eval_and_save(run, state, on_eval)
+            timer.reset(state.tokens_seen)
+        if dist.any(_stop.is_set()) and state.step < budget.total_steps:
+            interrupted = True
+            save(run, state, LATEST)
+            run.log.line(f"stopped by signal at step {state.step}; saved {run.out_dir / LATEST} "
+                         f"(continue with the same flags plus --resume=True)")
+            break
+    bar.close()
+    if not interrupted and state.step_in_epoch > 0 and (not state.history or state.history[-1]["step"] != state.step):
+        end_epoch(run, state, on_eval, partial=True)
+    if not interrupted and dist.main and on_end is not None:
+        on_end(run.raw, str(run.out_dir), state.history)
+    run.log.close()
+    return {"step": state.step, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
+            "interrupted": interrupted, "out_dir": str(run.out_dir), "history": state.history, **state.metrics}
 
-    # -- evaluation, epoch ends, checkpoints ----------------------------------------------------
 
-    def _val_loss(self, indices: np.ndarray, desc: str | None = None) -> float:
-        """Mean token CE on val sequences `indices`, sharded over ranks and summed."""
-        mine = indices[self.dist.rank::self.dist.world]
-        model = self.model if self.cfg["fsdp"] and self.dist.enabled else self.raw
-        total, count = loss_sums(model, self.val_split, mine, batch_size=self.cfg["batch_size"], device=self.device,
-                                 dtype=self.dtype, vocab_size=self.vocab_size,
-                                 progress=desc if self.dist.main else None)
-        return self.dist.all_sum(total) / max(self.dist.all_sum(count), 1)
+# ----------------------------------------------------------------------------------------------
+# the pieces of a step
 
-    def _subset_eval(self) -> dict:
-        extra = (self.on_eval(self.raw, self.step, str(self.out_dir)) or {}) if self.on_eval else {}
-        val_loss = self._val_loss(self.eval_idx)
-        if hasattr(self.raw, "reset_stats"):
-            self.raw.reset_stats()
-        row = {"kind": "eval", "step": self.step, "epoch": self.epoch, "tokens": self.tokens_seen,
-               "val_loss": val_loss, "val_ppl": _ppl(val_loss), "eval_sequences": len(self.eval_idx),
-               "minutes": self._minutes(), **{k: v for k, v in extra.items() if _scalar(v)}}
-        self.log.metrics(row)
-        self.log.line(f"eval step {self.step} | val loss {val_loss:.4f} | val ppl {_ppl(val_loss):.2f} "
-                      f"| {len(self.eval_idx)} sequences" + "".join(f" | {k} {v:.4g}" for k, v in extra.items()
-                                                                     if _scalar(v)))
-        self.metrics_last = {"val_loss": val_loss, "val_ppl": _ppl(val_loss), "eval": "subset", "step": self.step}
-        return row
 
-    def _eval_and_save(self, extra_metrics: dict | None = None):
-        """Subset eval, ckpt_latest.pt, ckpt_best.pt if the subset val loss improved, loss.png."""
-        row = self._subset_eval()
-        self.metrics_last.update(extra_metrics or {})
-        improved = row["val_loss"] < self.best_val_loss
-        if improved:
-            self.best_val_loss = row["val_loss"]
-        self._save("ckpt_latest.pt")
-        if improved:
-            self._save("ckpt_best.pt")
-        self.log.plot(f"{self.model_type} - {self.out_dir.name}")
+def get_batch(run: Run, order: np.ndarray, step_in_epoch: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """This rank's share of global batch `step_in_epoch` of the epoch's `order`, as micro-batches of at most
+    batch_size sequences: [(x (b, l), y (b, l), weight)], weight = the micro-batch's share of the global batch."""
+    global_batch, dist = run.budget.global_batch, run.dist
+    batch = batch_indices(order, global_batch, step_in_epoch)
+    share = global_batch // dist.world
+    local = batch[dist.rank * share:(dist.rank + 1) * share]
+    size = run.cfg["batch_size"]
+    micro = [local[i:i + size] for i in range(0, len(local), size)]
+    return [(*run.data.train.get_batch(idx, device=run.device), len(idx) / global_batch) for idx in micro]
 
-    def _end_epoch(self, partial: bool = False):
-        """Full val eval (capped by eval_max_batches), epoch table row, then checkpoints.
 
-        After a complete epoch the counters move to the start of the next one before saving, so
-        a resume starts there.
-        """
-        cap = self.cfg["eval_max_batches"] * self.cfg["batch_size"]
-        full = np.arange(self.val_split.num_sequences)
-        if cap > 0 and len(full) > cap:
-            full = eval_subset(len(full), cap, self.cfg["seed"] + 1)
-        val_full = self._val_loss(full, desc=f"val epoch {self.epoch + 1}")
-        row = {"epoch": self.epoch + 1, "epoch_frac": self.step_in_epoch / self.steps_per_epoch, "step": self.step,
-               "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "val_loss": val_full,
-               "val_ppl": _ppl(val_full), "minutes": self._minutes(), "tokens": self.tokens_seen}
-        if self.history and self.history[-1]["epoch"] == row["epoch"] and self.history[-1]["epoch_frac"] < 1:
-            self.history.pop()  # a resumed run finishing an epoch that an earlier session left partial
-        self.history.append(row)
-        self.log.metrics({"kind": "epoch", **row, "val_sequences": len(full)})
-        self.log.line(f"epoch {row['epoch']}{' (partial)' if partial else ''} | step {self.step} | train loss "
-                      f"{row['train_loss']:.4f} | val loss {val_full:.4f} | val ppl {row['val_ppl']:.2f} "
-                      f"| {row['minutes']:.1f} min | {self.tokens_seen:,} tokens")
-        if self.dist.main:
-            write_epoch_tables(self.history, self.out_dir / "epochs.md", self.out_dir / "epochs.csv")
-        if not partial:
-            self.epoch, self.step_in_epoch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
-        self._eval_and_save({"val_loss_full": val_full, "val_ppl_full": _ppl(val_full)})
+def all_reduce_mean(dist: Dist, weighted_sum: torch.Tensor) -> float:
+    """The global batch's mean from each rank's share-weighted sum."""
+    if dist.enabled:
+        torch.distributed.all_reduce(weighted_sum)
+    return float(weighted_sum.item())
 
-    def _minutes(self) -> float:
-        return (self.elapsed_before + time.time() - self.t_start) / 60
 
-    def _save(self, name: str):
-        """Write a checkpoint (all ranks gather state, rank 0 writes)."""
-        fsdp = self.cfg["fsdp"] and self.dist.enabled
-        model_state = gather_model_state(self.model, self.raw, fsdp)
-        optim_state = gather_optimizer_state(self.model, self.optimizer, fsdp)
-        if not self.dist.main:
-            return
-        from mamba_lm.models import model_config_dict
-        ckpt = {
-            "model_type": self.model_type, "model_config": model_config_dict(self.raw), "model": model_state,
-            "optimizer": optim_state, "optimizer_layout": "fqn" if fsdp else "torch",
-            "train_config": self.config, "tokenizer": self.tokenizer.to_dict(),
-            "data": {"dir": str(self.data_dir), "fingerprint": self.meta.get("fingerprint"), "seq_len": self.seq_len},
-            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss, "metrics": self.metrics_last,
-            "rng": rng_state(), "history": self.history, "script": self.script,
-            "schedule": {"warmup": self.warmup, "total": self.total_steps, "lr": self.cfg["lr"],
-                         "min_lr": self.cfg["min_lr"]},
-            "global_batch": self.global_batch, "epoch_loss": list(self.epoch_loss),
-            "elapsed_s": self._minutes() * 60, "init_from": self.init_from, "world_size": self.dist.world,
-        }
-        save_checkpoint(self.out_dir / name, ckpt)
+def clip_gradients(run: Run) -> float:
+    """Unscale (fp16), clip the global gradient norm to grad_clip (0: measure only); returns the norm before."""
+    run.scaler.unscale_(run.optimizer)
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    max_norm = run.cfg["grad_clip"] if run.cfg["grad_clip"] > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    # -- logging --------------------------------------------------------------------------------
 
-    def _log_header(self):
-        from mamba_lm.models import model_config_dict
-        n_params = self.raw.num_params() if hasattr(self.raw, "num_params") else sum(
-            p.numel() for p in self.raw.parameters())
-        tokens_per_step = self.global_batch * self.seq_len
-        lines = [
-            f"run {self.out_dir} | {self.script} | {'resumed at step ' + str(self.step) if self.step else 'fresh'}"
-            f" | device {self.device} x{self.dist.world} {'fsdp' if self.cfg['fsdp'] and self.dist.enabled else ''}"
-            f" | dtype {str(self.dtype).replace('torch.', '')}",
-            f"model {self.model_type} | {n_params:,} params | {json.dumps(model_config_dict(self.raw))}",
-            f"data {self.data_dir} | train {self.train_split.num_sequences:,} x {self.seq_len} tokens | "
-            f"val {self.val_split.num_sequences:,} sequences | tokenizer {self.tokenizer.name} "
-            f"(vocab {self.vocab_size})",
-            f"steps {self.total_steps:,} ({self.steps_per_epoch:,}/epoch, {self.total_steps * tokens_per_step:,} "
-            f"tokens) | global batch {self.global_batch} x {self.seq_len} = {tokens_per_step:,} tokens | "
-            f"warmup {self.warmup} | lr {self.cfg['lr']:g} -> {self.cfg['min_lr']:g} cosine",
-            f"optimizer AdamW betas ({self.cfg['beta1']}, {self.cfg['beta2']}) | {describe_groups(self.groups)}",
-        ]
-        if getattr(self, "log_init", None):
-            lines.append(self.log_init)
-        for line in lines:
-            self.log.line(line)
-        self.log.metrics({"kind": "config", "step": self.step, "config": self.config, "num_params": n_params,
-                          "total_steps": self.total_steps, "warmup": self.warmup})
+def optimizer_step(run: Run, lr: float) -> None:
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
 
-    def _log_train(self, loss, aux, lr, grad_norm, tok_s, ms_per_step):
-        row = {"kind": "train", "step": self.step, "epoch": self.epoch, "tokens": self.tokens_seen,
-               "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_s,
-               "ms_per_step": ms_per_step}
-        if aux is not None:
-            row["aux_loss"] = aux
-        self.log.metrics(row)
-        self.log.line(f"step {self.step}/{self.total_steps} | epoch {self.epoch + 1} | loss {loss:.4f}"
-                      + (f" | aux {aux:.4f}" if aux is not None else "")
-                      + f" | lr {lr:.3e} | grad_norm {grad_norm:.3f} | tok/s {tok_s:,.0f} "
-                        f"| ms/step {row['ms_per_step']:.1f} | tokens {self.tokens_seen:,}", echo=False)
+
+def diverged(run: Run, state: RunState, what: str, lr: float):
+    run.log.line(f"diverged at step {state.step + 1}: {what} (lr {lr:.3g})")
+    raise TrainingDiverged(f"training diverged at step {state.step + 1}: {what} (lr {lr:.3g}); "
+                           f"{intact_checkpoint(run, state)}; lower --lr or --grad_clip and resume/restart")
+
+
+def intact_checkpoint(run: Run, state: RunState) -> str:
+    """Which checkpoint a stopped run leaves good: ckpt_latest.pt of step saved_step, never a later one."""
+    if state.saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint {run.out_dir / LATEST} (step {state.saved_step}) is intact"
+
+
+class Throughput:
+    """tokens/s and ms/step since the last log line (reset after evals, so they time training only)."""
+
+    def __init__(self, tokens: int):
+        self.reset(tokens)
+
+    def reset(self, tokens: int) -> None:
+        self.t, self.tokens = time.time(), tokens
+
+    def measure(self, tokens: int, tokens_per_step: int) -> tuple[float, float]:
+        dt = time.time() - self.t
+        tok_s = (tokens - self.tokens) / max(dt, 1e-9)
+        steps = max(1, (tokens - self.tokens) // tokens_per_step)
+        self.reset(tokens)
+        return tok_s, 1000 * dt / steps
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation, epoch ends, checkpoints
+
+
+def val_loss(run: Run, indices: np.ndarray, desc: str | None = None) -> float:
+    """Mean token CE on val sequences `indices`, sharded over ranks and summed. An eval over zero tokens is an
+    error, never a loss of 0."""
+    dist = run.dist
+    mine = indices[dist.rank::dist.world]
+    model = run.model if run.fsdp else run.raw
+    total, count = loss_sums(model, run.data.val, mine, batch_size=run.cfg["batch_size"], device=run.device,
+                             dtype=run.dtype, vocab_size=run.data.vocab_size, progress=desc if dist.main else None)
+    count = dist.all_sum(count)
+    if count == 0:
+        raise UserError(f"the evaluation covered zero sequences of {run.data.dir}'s val split; "
+                        "raise --eval_batches or prepare more validation data")
+    return dist.all_sum(total) / count
+
+
+def check_finite_eval(run: Run, state: RunState, what: str, loss: float) -> None:
+    """A non-finite val loss stops the run before anything is saved: ckpt_latest.pt / ckpt_best.pt stay as they were."""
+    if math.isfinite(loss):
+        return
+    run.log.line(f"diverged at the eval of step {state.step}: {what} is {loss}; nothing saved")
+    raise TrainingDiverged(f"training diverged: {what} is {loss} at the eval of step {state.step}; nothing was saved, "
+                           f"{intact_checkpoint(run, state)}, and {BEST} is as it was; lower --lr or --grad_clip "
+                           "and resume/restart")
+
+
+def subset_eval(run: Run, state: RunState, on_eval=None) -> float:
+    """The periodic eval on the fixed val subset (after the hook); logged; returns the val loss."""
+    extra = (on_eval(run.raw, state.step, str(run.out_dir)) or {}) if on_eval else {}
+    loss = val_loss(run, run.eval_idx)
+    if hasattr(run.raw, "reset_stats"):
+        run.raw.reset_stats()
+    extra = {k: v for k, v in extra.items() if _scalar(v)}
+    run.log.metrics({"kind": "eval", "step": state.step, "epoch": state.epoch, "tokens": state.tokens_seen,
+                     "val_loss": loss, "val_ppl": _ppl(loss), "eval_sequences": len(run.eval_idx),
+                     "minutes": state.minutes(), **extra})
+    run.log.line(f"eval step {state.step} | val loss {loss:.4f} | val ppl {_ppl(loss):.2f} "
+                 f"| {len(run.eval_idx)} sequences" + "".join(f" | {k} {v:.4g}" for k, v in extra.items()))
+    return loss
+
+
+def eval_and_save(run: Run, state: RunState, on_eval=None, extra_metrics: dict | None = None) -> None:
+    """Subset eval, then ckpt_latest.pt, ckpt_best.pt if the subset val loss improved, loss.png. A non-finite
+    val loss saves nothing (check_finite_eval)."""
+    loss = subset_eval(run, state, on_eval)
+    check_finite_eval(run, state, "the val loss", loss)
+    state.metrics = {"val_loss": loss, "val_ppl": _ppl(loss), "eval": "subset", "step": state.step,
+                     **(extra_metrics or {})}
+    improved = loss < state.best_val_loss
+    if improved:
+        state.best_val_loss = loss
+    save(run, state, LATEST)
+    if improved:
+        save(run, state, BEST)
+    run.log.plot(f"{run.model_type} - {run.out_dir.name}")
+
+
+def end_epoch(run: Run, state: RunState, on_eval=None, partial: bool = False) -> None:
+    """Full val eval (capped by eval_max_batches), epoch table row, then eval_and_save.
+
+    After a complete epoch the counters move to the start of the next one before saving, so
+    a resume starts there.
+    """
+    cap = run.cfg["eval_max_batches"] * run.cfg["batch_size"]
+    full = np.arange(run.data.val.num_sequences)
+    if cap > 0 and len(full) > cap:
+        full = eval_subset(len(full), cap, run.cfg["seed"] + 1)
+    val_full = val_loss(run, full, desc=f"val epoch {state.epoch + 1}")
+    check_finite_eval(run, state, "the full val loss", val_full)
+    row = {"epoch": state.epoch + 1, "epoch_frac": state.step_in_epoch / run.budget.steps_per_epoch,
+           "step": state.step, "train_loss": state.epoch_loss[0] / max(state.epoch_loss[1], 1), "val_loss": val_full,
+           "val_ppl": _ppl(val_full), "minutes": state.minutes(), "tokens": state.tokens_seen}
+    if state.history and state.history[-1]["epoch"] == row["epoch"] and state.history[-1]["epoch_frac"] < 1:
+        state.history.pop()  # a resumed run finishing an epoch that an earlier session left partial
+    state.history.append(row)
+    run.log.metrics({"kind": "epoch", **row, "val_sequences": len(full)})
+    run.log.line(f"epoch {row['epoch']}{' (partial)' if partial else ''} | step {state.step} | train loss "
+                 f"{row['train_loss']:.4f} | val loss {val_full:.4f} | val ppl {row['val_ppl']:.2f} "
+                 f"| {row['minutes']:.1f} min | {state.tokens_seen:,} tokens")
+    if run.dist.main:
+        write_epoch_tables(state.history, run.out_dir / "epochs.md", run.out_dir / "epochs.csv")
+    if not partial:
+        state.epoch, state.step_in_epoch, state.epoch_loss = state.epoch + 1, 0, [0.0, 0]
+    eval_and_save(run, state, on_eval, {"val_loss_full": val_full, "val_ppl_full": _ppl(val_full)})
+
+
+def save(run: Run, state: RunState, name: str) -> None:
+    """Write checkpoint `name` in out_dir (all ranks gather the state, rank 0 writes it atomically)."""
+    model_state = gather_model_state(run.model, run.raw, run.fsdp)
+    optim_state = gather_optimizer_state(run.model, run.optimizer, run.fsdp)
+    if run.dist.main:
+        write_checkpoint(run, state, name, model_state, optim_state)
+    if name == LATEST:
+        state.saved_step = state.step
+
+
+def write_checkpoint(run: Run, state: RunState, name: str, model_state: dict, optim_state: dict) -> None:
+    cfg, data, budget = run.cfg, run.data, run.budget
+    ckpt = {
+        "model_type": run.model_type, "model_config": model_config_dict(run.raw), "model": model_state,
+        "optimizer": optim_state, "optimizer_layout": "fqn" if run.fsdp else "torch",
+        "train_config": cfg, "tokenizer": data.tokenizer.to_dict(),
+        "data": {"dir": str(data.dir), "fingerprint": data.meta.get("fingerprint"), "seq_len": data.seq_len},
+        **state.to_checkpoint(), "rng": rng_state(), "script": run.script,
+        "schedule": {"warmup": budget.warmup, "total": budget.total_steps, "lr": cfg["lr"], "min_lr": cfg["min_lr"]},
+        "global_batch": budget.global_batch, "world_size": run.dist.world,
+    }
+    path = run.out_dir / name
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"no space left on device while writing {path}; it was not replaced "
+                        f"({intact_checkpoint(run, state)}); free some space, then resume with --resume=True") from None
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error():
+    """A full disk (ENOSPC) while writing a checkpoint or a log: one line naming the path, not a traceback.
+    Checkpoints are written atomically, so the previous one is still intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"no space left on device while writing {e.filename or 'the output folder'}; "
+                        "free some space, then resume with --resume=True") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+
+
+def log_header(run: Run, state: RunState) -> None:
+    cfg, data, budget = run.cfg, run.data, run.budget
+    n_params = run.raw.num_params() if hasattr(run.raw, "num_params") else sum(
+        p.numel() for p in run.raw.parameters())
+    tokens_per_step = budget.tokens_per_step(data.seq_len)
+    lines = [
+        f"run {run.out_dir} | {run.script} | {'resumed at step ' + str(state.step) if state.step else 'fresh'}"
+        f" | device {run.device} x{run.dist.world} {'fsdp' if run.fsdp else ''}"
+        f" | dtype {str(run.dtype).replace('torch.', '')}",
+        f"model {run.model_type} | {n_params:,} params | {json.dumps(model_config_dict(run.raw))}",
+        f"data {data.dir} | train {data.train.num_sequences:,} x {data.seq_len} tokens | "
+        f"val {data.val.num_sequences:,} sequences | tokenizer {data.tokenizer.name} (vocab {data.vocab_size})",
+        f"steps {budget.total_steps:,} ({budget.steps_per_epoch:,}/epoch, {budget.total_steps * tokens_per_step:,} "
+        f"tokens) | global batch {budget.global_batch} x {data.seq_len} = {tokens_per_step:,} tokens | "
+        f"warmup {budget.warmup} | lr {cfg['lr']:g} -> {cfg['min_lr']:g} cosine",
+        f"optimizer AdamW betas ({cfg['beta1']}, {cfg['beta2']}) | {describe_groups(run.groups)}",
+    ]
+    if run.init_note:
+        lines.append(run.init_note)
+    for line in lines:
+        run.log.line(line)
+    run.log.metrics({"kind": "config", "step": state.step, "config": cfg, "num_params": n_params,
+                     "total_steps": budget.total_steps, "warmup": budget.warmup})
+
+
+def log_train(run: Run, state: RunState, loss, aux, lr, grad_norm, tok_s, ms_per_step) -> None:
+    row = {"kind": "train", "step": state.step, "epoch": state.epoch, "tokens": state.tokens_seen,
+           "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_s, "ms_per_step": ms_per_step}
+    if aux is not None:
+        row["aux_loss"] = aux
+    run.log.metrics(row)
+    run.log.line(f"step {state.step}/{run.budget.total_steps} | epoch {state.epoch + 1} | loss {loss:.4f}"
+                 + (f" | aux {aux:.4f}" if aux is not None else "")
+                 + f" | lr {lr:.3e} | grad_norm {grad_norm:.3f} | tok/s {tok_s:,.0f} "
+                   f"| ms/step {ms_per_step:.1f} | tokens {state.tokens_seen:,}", echo=False)
 
 
 def _ppl(loss: float) -> float:
@@ -868,14 +807,182 @@ def _scalar(v) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers: tokenizer of a data dir, compile, FSDP state
+# setup: validate every input and build the model before any file is touched
+
+
+def setup(cfg: dict, build_model, script: str, dist: Dist) -> tuple[Run, RunState]:
+    """Everything before the first step. Order matters: data, budget, out_dir and (on resume) the checkpoint
+    are checked and the model is built and wrapped before anything in out_dir is deleted or written; then
+    leftovers of killed writes go, a fresh run clears the old outputs, a resume trims its step logs."""
+    device = dist.device
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out_dir = Path(cfg["out_dir"])
+    check_out_dir(out_dir)
+    resume = cfg["resume"] or cfg["init_from"] == "resume"
+    data = load_run_data(cfg, resume)
+    budget = plan_budget(cfg, data, dist.world)
+    ckpt = checkpoint_to_resume(out_dir) if resume else None
+    if ckpt is None:
+        refuse_replacing(out_dir, cfg["overwrite"])
+    else:
+        check_resume_data(ckpt, script=script, meta=data.meta, data_dir=data.dir, out_dir=out_dir)
+        check_resume_batches(ckpt, global_batch=budget.global_batch, seq_len=data.seq_len, seed=cfg["seed"])
+
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % 2**32)
+    raw, init_note = make_model(cfg, build_model, script, data, ckpt, out_dir)
+    raw.to(device).train()
+    check_vocab(raw, data.vocab_size)
+    model = try_compile(raw, device, data.seq_len) if cfg["compile"] else raw
+    model = wrap_for_ranks(model, dist, cfg["fsdp"])
+    groups = param_groups(raw, cfg["weight_decay"])  # after FSDP sharding: the optimizer holds the shards
+    optimizer = make_optimizer(groups, cfg, device)
+    if ckpt is not None:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"], cfg["fsdp"] and dist.enabled)
+
+    # every input is validated and the model is built: only now is out_dir touched
+    metrics_rows, cut_files, leftovers = [], [], []
+    if dist.main:
+        leftovers = remove_leftovers(out_dir)
+        if ckpt is None:
+            clear_outputs(out_dir)
+        else:
+            metrics_rows, cut_files = trim_step_logs(out_dir, ckpt["step"])
+    dist.barrier()
+    log = RunLog(out_dir, dist.main, cfg["tensorboard"])
+    log.curve = [r for r in metrics_rows if r.get("kind") in ("train", "eval")]
+    run = Run(cfg=cfg, script=script, dist=dist, device=device, dtype=dtype, out_dir=out_dir, data=data,
+              budget=budget, raw=raw, model=model, optimizer=optimizer,
+              scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), groups=groups,
+              eval_idx=eval_subset(data.val.num_sequences, cfg["eval_batches"] * cfg["batch_size"], cfg["seed"]),
+              log=log, init_note=init_note)
+    if leftovers:
+        log.line(f"note: removed {len(leftovers)} temporary file(s) left by a killed write: {', '.join(leftovers)}")
+    if cut_files:
+        log.line(f"note: dropped the half-written last line of {', '.join(cut_files)} (cut by a kill)")
+    if ckpt is None:
+        return run, RunState(init_from=cfg["init_from"])
+    state = RunState.from_checkpoint(ckpt)
+    set_rng_state(ckpt.get("rng"))
+    schedule = ckpt.get("schedule", {})
+    if schedule and (schedule.get("total"), schedule.get("warmup")) != (budget.total_steps, budget.warmup):
+        log.line(f"note: LR schedule now spans {budget.total_steps} steps (warmup {budget.warmup}); "
+                 f"the checkpoint's spanned {schedule.get('total')} (warmup {schedule.get('warmup')})")
+    return run, state
+
+
+def load_run_data(cfg: dict, resume: bool) -> RunData:
+    """The data dir's meta, train/val splits (windowed at --seq_len, or the data's), and tokenizer."""
+    data_dir = Path(cfg["data_dir"])
+    try:
+        meta = load_meta(data_dir)
+    except UserError as e:
+        if not resume:
+            raise
+        raise UserError(f"{e} (resuming: repeat the original run's --data_dir and model flags)") from None
+    train_split = TokenSplit(data_dir, "train", cfg["seq_len"] or None)
+    val_split = TokenSplit(data_dir, "val", cfg["seq_len"] or None)
+    tokenizer = data_tokenizer(data_dir, meta)
+    if val_split.num_sequences == 0:
+        raise UserError(f"the val split of {data_dir} has no full sequence of {val_split.seq_len} tokens; "
+                        "prepare more validation data or lower --seq_len")
+    return RunData(dir=data_dir, meta=meta, train=train_split, val=val_split, seq_len=train_split.seq_len,
+                   tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
+
+
+def plan_budget(cfg: dict, data: RunData, world: int) -> Budget:
+    """Global batch, steps per epoch, total optimizer steps (epochs capped by max_steps and max_tokens), warmup."""
+    global_batch = cfg["batch_size"] * cfg["grad_accum"]
+    if global_batch % world:
+        raise UserError(f"batch_size*grad_accum = {global_batch} sequences must divide evenly over "
+                        f"{world} processes; change --batch_size or --grad_accum")
+    steps_per_epoch = data.train.num_sequences // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"the train split has {data.train.num_sequences} sequences of {data.seq_len} tokens, "
+                        f"fewer than one batch of {global_batch}; lower --batch_size or --seq_len")
+    total = cfg["epochs"] * steps_per_epoch
+    if cfg["max_steps"] > 0:
+        total = min(total, cfg["max_steps"])
+    if cfg["max_tokens"] > 0:
+        total = min(total, math.ceil(cfg["max_tokens"] / (global_batch * data.seq_len)))
+    if total <= 0:
+        raise UserError("the run has no steps: set --epochs, --max_steps or --max_tokens above 0")
+    warmup = cfg["warmup_steps"] or max(1, round(cfg["warmup_frac"] * total))
+    return Budget(global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total, warmup=warmup)
+
+
+def make_model(cfg: dict, build_model, script: str, data: RunData, ckpt: dict | None, out_dir: Path):
+    """The model to train, and a note for the header: the checkpoint's (resume; the flags must build the same
+    model), the script's fresh one (scratch), or pretrained weights (init_from: a repo .pt or an HF / mamba-ssm
+    folder of the script's model type, with the data's tokenizer)."""
+    if ckpt is not None:
+        model, _ = model_from_checkpoint(ckpt)
+        if cfg["init_from"] in ("scratch", "resume", ""):  # else the model came from pretrained weights
+            probe = probe_model(build_model)
+            check_same_model(ckpt, _model_type(probe), model_config_dict(probe), out_dir=out_dir,
+                             flags_hint=original_flags(ckpt, cfg))
+        return model, ""
+    if cfg["init_from"] in ("scratch", ""):
+        return build_model(), ""
+    if not Path(cfg["init_from"]).exists():
+        raise UserError(f"--init_from={cfg['init_from']}: no such file or folder; use scratch, resume, "
+                        "or the path of a repo .pt checkpoint or an HF / mamba-ssm folder")
+    model, tokenizer, info = load_any_model(cfg["init_from"])
+    want_type = _model_type(probe_model(build_model))
+    if model.model_type != want_type:
+        raise UserError(f"--init_from={cfg['init_from']} holds a {model.model_type!r} model, but "
+                        f"{script} trains {want_type!r} models; use the script for that model type")
+    if tokenizer is not None:
+        check_tokenizer_match(data.meta["tokenizer"], tokenizer.to_dict())
+    else:  # an HF / mamba-ssm folder without a tokenizer: only the vocabulary size can be checked
+        check_data_tokenizer(info, data.meta["tokenizer"], data.dir)
+    return model.train(), f"initialised from {cfg['init_from']} ({info.get('layout', info.get('source'))})"
+
+
+def probe_model(build_model):
+    """The model the script would build, on the meta device when it allows (no memory, no init)."""
+    try:
+        with torch.device("meta"):
+            return build_model()
+    except Exception:
+        return build_model()
+
+
+def _model_type(model) -> str:
+    return getattr(model, "model_type", type(model).__name__)
+
+
+def original_flags(ckpt: dict, cfg: dict) -> str:
+    """' (--preset=tiny --d_model=64)': the script's own (model) flags, --data_dir and --init_from whose values
+    in the checkpoint's train_config differ from this run's; '' when none differ (or none are known)."""
+    original = ckpt.get("train_config") or {}
+    flags = [f"--{k}={v}" for k, v in original.items()
+             if (k not in TRAIN_KEYS or k in ("data_dir", "init_from")) and k in cfg and cfg[k] != v]
+    return f" ({' '.join(flags)})" if flags else ""
+
+
+def check_vocab(model, vocab_size: int) -> None:
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if model_vocab is not None and model_vocab < vocab_size:
+        raise UserError(f"the model's vocab_size {model_vocab} is smaller than the data tokenizer's "
+                        f"{vocab_size}; build the model with vocab_size={vocab_size}")
+
+
+def make_optimizer(groups: list[dict], cfg: dict, device: torch.device) -> torch.optim.AdamW:
+    extra = {"fused": True} if device.type == "cuda" and not cfg["fsdp"] else {}
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=cfg["lr"],
+                             betas=(cfg["beta1"], cfg["beta2"]), **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers: tokenizer of a data dir, compile
 
 
 def data_tokenizer(data_dir, meta: dict):
     """The TextTokenizer a data dir was prepared with (its tokenizer.json, or byte-level)."""
-    from mamba_lm.data import check_tokenizer_match
-    from mamba_lm.tokenizer import load_tokenizer
-
     kind = meta["tokenizer"].get("kind")
     tokenizer = load_tokenizer("byte") if kind == "byte" else load_tokenizer(str(Path(data_dir) / "tokenizer.json"))
     check_tokenizer_match(meta["tokenizer"], tokenizer.to_dict())
@@ -894,45 +1001,3 @@ def try_compile(model, device, seq_len):
         return model
 
 
-def shard_fsdp(model):
-    """FSDP2 (`fully_shard`): shard each block of `backbone.layers` (if any), then the root."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as e:
-        raise UserError(f"--fsdp=True needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}")
-    layers = getattr(getattr(model, "backbone", None), "layers", None)
-    for layer in layers or []:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
-def gather_model_state(model, raw, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return clean_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                                     cpu_offload=True)))
-    return {k: v.detach().cpu() for k, v in clean_state_dict(raw.state_dict()).items()}
-
-
-def gather_optimizer_state(model, optimizer, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                    cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(model, optimizer, state: dict | None, fsdp: bool) -> None:
-    if not state:
-        return
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-        return
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"the checkpoint's optimizer state does not fit this model/optimizer ({e}); "
-                        "resume with the settings it was trained with")

@@ -5,8 +5,10 @@
                     (train/val/test.bin uint16 + meta.json). Read-only: copy it if a test must modify it.
     make_data_dir   the function behind it: make_data_dir(path, seq_len=32, num_books=6, words_per_book=600)
     tiny_model      factory: tiny_model(vocab_size=257, d_model=32, n_layer=2, seed=0) -> MambaLMHeadModel
-    train_config    factory: train_config(data_dir, out_dir, **overrides) -> a config dict for trainer.train
-                    (tiny: batch 4, seq_len from the data, fp32 CPU, no tensorboard)
+    train_config    factory: train_config(data_dir, out_dir, **overrides) -> a config dict for trainer.train:
+                    train_baseline.py's constants (read from the script, the one home of the defaults), made
+                    tiny (batch 4, seq_len from the data, fp32 CPU, no tensorboard)
+    script_constants(path) -> {name: (value, comment)}: the constants block at the top of a script (ast)
 
 The data dir is written directly (not via prepare_data.py) so that these fixtures depend only on the
 data *format*; tests of prepare_data itself live in its own test file.
@@ -14,6 +16,7 @@ data *format*; tests of prepare_data itself live in its own test file.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -78,12 +81,34 @@ def tiny_model():
     return make
 
 
+def script_constants(path) -> dict:
+    """{name: (value, trailing comment)} of the module-level constants of a script, in order: the assignments of
+    literals between its `# ----` rulers, read with ast (the script is not run)."""
+    source = Path(path).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    rulers = [i for i, line in enumerate(lines, 1) if line.startswith("# ----")][:2]
+    out = {}
+    for node in ast.parse(source).body:
+        if not (rulers[0] < node.lineno < rulers[1] and isinstance(node, ast.Assign)
+                and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        after = lines[node.lineno - 1][node.value.end_col_offset:]
+        comment = after[after.index("#") + 1:].strip() if "#" in after else ""
+        out[node.targets[0].id] = (value, comment)
+    return out
+
+
 @pytest.fixture
 def train_config():
     """Factory for a tiny trainer config (see module docstring)."""
+    defaults = {k: v for k, (v, _) in script_constants(ROOT / "train_baseline.py").items()}
+
     def make(data_dir, out_dir, **overrides):
-        from mamba_lm.trainer import DEFAULTS
-        cfg = {**DEFAULTS, "data_dir": str(data_dir), "out_dir": str(out_dir), "batch_size": 4, "grad_accum": 1,
+        cfg = {**defaults, "data_dir": str(data_dir), "out_dir": str(out_dir), "batch_size": 4, "grad_accum": 1,
                "epochs": 1, "max_steps": 8, "eval_interval": 4, "eval_batches": 2, "log_interval": 1,
                "device": "cpu", "dtype": "float32", "tensorboard": False, "lr": 3e-3, "warmup_steps": 2}
         cfg.update(overrides)

@@ -276,3 +276,31 @@ def test_cli_bad_key_and_missing_data(tmp_path):
     for arg in ("--learning_rate=1e-3", f"--data_dir={tmp_path / 'none'}"):
         r = run_cli("train_baseline.py", arg, f"--out_dir={tmp_path / 'o'}", "--device=cpu", timeout=60)
         assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_train_scripts_share_their_defaults():
+    """The one set of defaults: both train scripts define every key the trainer requires, and each shared key
+    (all but out_dir, which names each script's own run folder) with the same value and the same comment, so
+    the two copies a user edits cannot drift apart silently; every constant outside a script's `# model`
+    section is a trainer key (a new loop setting goes to both scripts and to TRAIN_KEYS)."""
+    from conftest import script_constants
+
+    scripts = {name: script_constants(ROOT / name) for name in ("train_baseline.py", "train_multitrack.py")}
+    for name, constants in scripts.items():
+        assert set(trainer.TRAIN_KEYS) <= set(constants), (name, set(trainer.TRAIN_KEYS) - set(constants))
+        source = (ROOT / name).read_text().splitlines()
+        model_section = source.index("# model"), source.index("# data and output")
+        model_keys = {line.split(" = ")[0] for line in source[model_section[0]:model_section[1]] if " = " in line}
+        assert set(constants) - model_keys == set(trainer.TRAIN_KEYS), name
+    base, multi = scripts.values()
+    drifted = [k for k in trainer.TRAIN_KEYS if k != "out_dir" and base[k] != multi[k]]
+    assert not drifted, {k: (base[k], multi[k]) for k in drifted}
+
+
+def test_config_without_every_key_is_refused(demo_data_dir, tmp_path, train_config):
+    """The trainer has no defaults of its own: a config missing a key is an error naming it, not a silent default."""
+    cfg = train_config(demo_data_dir, tmp_path / "m")
+    del cfg["grad_clip"], cfg["eval_batches"]
+    with pytest.raises(UserError, match="lacks grad_clip, eval_batches"):
+        trainer.train(cfg, builder(), script="test")
+    assert not (tmp_path / "m").exists()
