@@ -1,8 +1,15 @@
-"""Compute ops dispatched by one training step (forward + backward), counted on the CPU: the launch count
-that bounds a small-batch GPU step, without a GPU.
+"""Compute ops dispatched by one training step (forward + backward), or by one decode step, counted on
+the CPU: the launch count that bounds a small-batch GPU step, without a GPU.
 
     python bench/count_ops.py                                   # 130M presets: ours, mamba-ssm layout; multitrack
     python bench/count_ops.py --preset=tiny --seq_len=16        # seconds
+    python bench/count_ops.py --mode=decode --preset=small-cpu  # ops of one model.step() at batch 1 (fp32)
+
+Decode (--mode=decode): every aten op of one `model.step(ids, cache)` at batch `batch_size` under
+inference_mode in fp32, as the CPU runs it (no stand-ins: the state update and the conv update are
+PyTorch composites there); on a GPU the same ops are what a CUDA graph of the step replays, less the
+ones a Triton/CUDA kernel fuses. At batch 1 on the CPU these dispatches, not the arithmetic, set the
+decode speed of the small models.
 
 At batch 8 × 1024 on an H200 the training step of these models is CPU-bound (the GPU idles 29-57% of a
 step: bench/results/gpu-20261129-profile/), so the number of ops that Python, the dispatcher and
@@ -17,6 +24,7 @@ whose fused path the baseline takes). It is a proxy for launches, not for GPU ti
 mixing added ops and still trained 40% faster at batch 8, because it removed slow strided kernels.
 """
 
+import json
 import os
 import sys
 from collections import Counter
@@ -29,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from mamba_lm import ops  # noqa: E402
 from mamba_lm.configurator import apply_overrides  # noqa: E402
-from mamba_lm.errors import user_errors  # noqa: E402
+from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"          # mamba_lm.mamba.PRESETS key (the multi-track model: its matching preset)
@@ -38,6 +46,7 @@ batch_size = 2                 # the count does not depend on it
 seq_len = 64                   # nor on this
 vocab_size = 1000              # nor on this (the LM head is one matmul either way)
 top = 12                       # most frequent ops listed per model
+mode = "train"                 # "train": one training step (fwd + bwd); "decode": one model.step() (batch_size 1 advised)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -124,22 +133,54 @@ def count(impl: str) -> tuple[int, Counter]:
     return sum(COUNTER.ops.values()), Counter(COUNTER.ops)
 
 
+def count_decode(impl: str) -> tuple[int, Counter]:
+    """(compute ops of one model.step() in fp32, by name) for one model, after a prompt and two uncounted steps."""
+    from bench_common import set_random_signals
+
+    torch.manual_seed(0)
+    net = build_impl(impl, preset, vocab_size, "cpu").eval()   # built outside inference_mode, as generation does
+    if impl == "multitrack":
+        set_random_signals(net)
+    with torch.inference_mode():
+        return _count_steps(net)
+
+
+def _count_steps(net) -> tuple[int, Counter]:
+    cache = net.allocate_cache(batch_size)
+    logits = net(torch.randint(0, vocab_size, (batch_size, 4)), cache=cache)[:, -1]
+    for _ in range(2):   # one-off work (lazily derived tensors) is not counted
+        logits = net.step(logits.argmax(-1), cache)
+    ids = logits.argmax(-1)
+    COUNTER.ops.clear()
+    with COUNTER:
+        net.step(ids, cache)
+    return sum(COUNTER.ops.values()), Counter(COUNTER.ops)
+
+
 def main():
-    _as_kernels()
+    if mode not in ("train", "decode"):
+        raise UserError(f"--mode={mode!r}: expected 'train' or 'decode'")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    print(f"# compute ops per training step (forward + backward, bf16 autocast), preset {preset}")
+    if mode == "train":
+        _as_kernels()
+        print(f"# compute ops per training step (forward + backward, bf16 autocast), preset {preset}")
+    else:
+        print(f"# compute ops per decode step (model.step at batch {batch_size}, fp32), preset {preset}")
     rows = {}
     for impl in [i.strip() for i in impls.split(",") if i.strip()]:
-        total, by_name = count(impl)
+        total, by_name = count(impl) if mode == "train" else count_decode(impl)
         rows[impl] = total
         listed = ", ".join(f"{name} {n}" for name, n in by_name.most_common(top))
         print(f"{impl}: {total:,} ops  ({listed})")
-        print("  as one op each: " + ", ".join(f"{k} {by_name[k]} + {by_name[k + '_bwd']} backward"
-                                                 for k in ("selective_scan", "causal_conv1d")))
+        if mode == "train":
+            print("  as one op each: " + ", ".join(f"{k} {by_name[k]} + {by_name[k + '_bwd']} backward"
+                                                     for k in ("selective_scan", "causal_conv1d")))
     if "ours" in rows and len(rows) > 1:
         for impl, total in rows.items():
             if impl != "ours":
                 print(f"{impl} / ours: {total / rows['ours']:.2f}x ({total - rows['ours']:+,} ops)")
+    print(json.dumps({"bench": "count_ops", "mode": mode, "torch": torch.__version__, "config": config,
+                      "ops": rows}))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,7 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(c.d_inner, device=device))              # (d_inner,), fp32
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
+        self._A_kept = None                        # (A_log version key, -exp(A_log)): see ssm_A
         self._init_dt(c)
 
     @torch.no_grad()
@@ -206,11 +207,23 @@ class Mamba(nn.Module):
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")       # (B, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)                                   # (B, d_inner), bias below
-        A = -torch.exp(self.A_log.float())
-        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, A, B, C, self.D.float(),
-                                       z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        if dt.dtype == torch.float32:   # Δ + Δ_bias in the projection (one addmm); exact in fp32
+            dt, dt_bias = self.dt_proj(dt), None                                 # (B, d_inner)
+        else:                           # bf16/fp16: the bias added in fp32, as the scan does
+            dt, dt_bias = F.linear(dt, self.dt_proj.weight), self.dt_proj.bias
+        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, self.ssm_A(), B, C, self.D,
+                                       z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)
+
+    def ssm_A(self) -> torch.Tensor:
+        """A = -exp(A_log), (d_inner, N) float32. Without autograd (decode) it is kept between calls and
+        recomputed only when A_log changes (in-place update, load, move): not once per layer per token."""
+        if torch.is_grad_enabled() or self.A_log.is_inference():   # inference tensors have no version
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device)
+        if self._A_kept is None or self._A_kept[0] != key:
+            self._A_kept = (key, -torch.exp(self.A_log.float()))
+        return self._A_kept[1]
 
 
 class Block(nn.Module):

@@ -106,6 +106,12 @@ def force_pytorch():
         _pytorch_only = previous
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32; returns t itself when it already is (no dispatched no-op conversion: decode runs
+    a few hundred ops per token, and each `.float()` of a float32 tensor is one more dispatch)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _use(kernel, *tensors) -> bool:
     return kernel is not None and not _pytorch_only and all(t.is_cuda for t in tensors)
 
@@ -481,25 +487,29 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         if B.dim() == 3:
             return _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         return _ssu_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    dt = dt.float()
+    dt = _f32(dt)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + _f32(dt_bias)
     if dt_softplus:
         dt = F.softplus(dt)
-    Bg = (B if B.dim() == 3 else B.unsqueeze(1)).float()                   # (b, g, n)
-    Cg = (C if C.dim() == 3 else C.unsqueeze(1)).float()
-    g = Bg.shape[1]
-    Bd = Bg.repeat_interleave(d // g, dim=1)                               # (b, d, n)
-    Cd = Cg.repeat_interleave(d // g, dim=1)
-    dA = torch.exp(dt.unsqueeze(-1) * A.float())                           # (b, d, n)
-    new_state = dA * state.float() + (dt * x.float()).unsqueeze(-1) * Bd
-    state.copy_(new_state)
-    y = (new_state * Cd).sum(-1)
+    xf = _f32(x)
+    g = 1 if B.dim() == 2 else B.shape[1]
+    n = A.shape[1]
+    # channel c reads group c // (d/g): view (b, d, n) as (b, g, d/g, n) and broadcast B, C over the
+    # d/g channels of a group (no repeat_interleave); update in place when the state is float32
+    h = state if state.dtype == torch.float32 else state.float()
+    hg = h.unflatten(1, (g, d // g))                                       # a view (b, g, d/g, n)
+    dA = (dt.unsqueeze(-1) * _f32(A)).exp_()                               # exp(Δ A)        (b, d, n)
+    hg.mul_(dA.view(b, g, d // g, n))
+    hg.addcmul_((dt * xf).view(b, g, d // g, 1), _f32(B).view(b, g, 1, n))  # + Δ x B       (b, g, d/g, n)
+    if h is not state:
+        state.copy_(h)
+    y = torch.matmul(hg, _f32(C).view(b, g, n, 1)).view(b, d)              # C . h           (b, d)
     if D is not None:
-        y = y + x.float() * D.float()
+        y = torch.addcmul(y, xf, _f32(D))
     if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(x.dtype)
+        y = y * F.silu(_f32(z))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _ssu_triton_grouped(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
@@ -607,12 +617,14 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         # (b, d, w) state it uses state[..., 1:] and x, and shifts x in, exactly as below
         return _conv_update_cuda(x, conv_state, weight, bias.to(weight.dtype) if bias is not None else None,
                                  activation)
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x
-    out = (conv_state.float() * weight.float()).sum(-1)
+    x_new = x.unsqueeze(-1) if x.dtype == conv_state.dtype else x.unsqueeze(-1).to(conv_state.dtype)
+    window = torch.cat([conv_state[:, :, 1:], x_new], dim=-1)              # the last w inputs (b, d, w)
+    conv_state.copy_(window)
+    out = torch.linalg.vecdot(_f32(window), _f32(weight))                  # Σ_k w[:, k] window[:, :, k]
     if bias is not None:
-        out = out + bias.float()
-    return _activate(out, activation).to(x.dtype)
+        out = out + _f32(bias)
+    out = _activate(out, activation)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,10 +640,11 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
         return _rms_norm_triton(x, weight, None, residual=residual, eps=eps, prenorm=prenorm,
                                 residual_in_fp32=residual_in_fp32)
     dtype_in = x.dtype
-    total = x.float() if residual is None else x.float() + residual.float()
-    residual_out = total if residual_in_fp32 else total.to(dtype_in if residual is None else residual.dtype)
-    rstd = torch.rsqrt(total.square().mean(-1, keepdim=True) + eps)
-    out = (total * rstd * weight.float()).to(dtype_in)
+    total = _f32(x) if residual is None else _f32(x) + _f32(residual)
+    out_dtype = dtype_in if residual is None else residual.dtype
+    residual_out = total if residual_in_fp32 or out_dtype == torch.float32 else total.to(out_dtype)
+    out = F.rms_norm(total, (total.shape[-1],), _f32(weight), eps)        # total * rsqrt(mean(total²) + eps) * w
+    out = out if out.dtype == dtype_in else out.to(dtype_in)
     return (out, residual_out) if prenorm else out
 
 

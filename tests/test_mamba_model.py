@@ -67,6 +67,32 @@ def test_step_matches_parallel_forward():
     assert diff < 1e-4
 
 
+def test_decode_keeps_A_until_A_log_changes():
+    """step() reuses -exp(A_log) between tokens (not recomputed per layer per token) but follows an in-place
+    change of A_log (an optimizer step, load_state_dict): the logits after the change are those of a fresh
+    model with the changed weights."""
+    torch.manual_seed(0)
+    cfg = mamba_config("tiny", vocab_size=64)
+    model = MambaLMHeadModel(cfg).eval()
+    ids = torch.tensor([3, 7])
+    with torch.inference_mode():
+        cache = model.allocate_cache(2)
+        model.step(ids, cache)
+        A_first = model.backbone.layers[0].mixer.ssm_A()
+        assert model.backbone.layers[0].mixer.ssm_A() is A_first                  # kept
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.add_(0.5)
+    fresh = MambaLMHeadModel(cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        cache, cache_fresh = model.allocate_cache(2), fresh.allocate_cache(2)
+        for _ in range(3):
+            out, out_fresh = model.step(ids, cache), fresh.step(ids, cache_fresh)
+        assert model.backbone.layers[0].mixer.ssm_A() is not A_first
+    torch.testing.assert_close(out, out_fresh, atol=0, rtol=0)
+
+
 def test_chunked_forward_with_cache_equals_full_forward():
     """forward over chunks with a carried cache == one long forward, and leaves the same state as step()."""
     model = _tiny()

@@ -186,17 +186,44 @@ def test_conv_update_matches_sequence_conv():
     torch.testing.assert_close(state, x[:, :, -4:])
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-def test_selective_state_update_matches_one_ref_step(groups):
-    """selective_state_update == a length-1 ref scan from the same state (output and new state, in place)."""
-    t = _scan_inputs(3, 8, 4, 1, groups, True, True, requires_grad=False)
+@pytest.mark.parametrize("groups,with_z,with_d,with_bias,softplus", [
+    (None, True, True, True, True), (2, True, True, True, True), (4, False, False, False, False),
+    (None, False, True, False, True)])
+def test_selective_state_update_matches_one_ref_step(groups, with_z, with_d, with_bias, softplus):
+    """selective_state_update == a length-1 ref scan from the same state (output and new state, in place),
+    with and without z, D, Δ bias and softplus, one or several B/C groups (broadcast, not repeated)."""
+    t = _scan_inputs(3, 8, 4, 1, groups, with_z, with_d, requires_grad=False, positive_delta=not softplus)
+    bias = t["delta_bias"] if with_bias else None
     state = t["initial_state"].clone()
     y = ops.selective_state_update(state, t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0], t["C"][..., 0],
-                                   t["D"], z=t["z"][..., 0], dt_bias=t["delta_bias"], dt_softplus=True)
+                                   t["D"], z=None if t["z"] is None else t["z"][..., 0], dt_bias=bias,
+                                   dt_softplus=softplus)
     out_r, last_r = ops.selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
-                                           t["delta_bias"], True, True, t["initial_state"])
+                                           bias, softplus, True, t["initial_state"])
     torch.testing.assert_close(y, out_r[..., 0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(state, last_r, atol=1e-6, rtol=1e-6)
+
+
+def test_selective_state_update_strided_and_low_precision_state():
+    """The state is updated in place also when it is a strided view (a row of a larger cache) or held in
+    bf16 (computed in fp32, stored rounded); bf16 inputs give a bf16 output equal to the fp32 step."""
+    t = _scan_inputs(2, 8, 4, 1, 2, True, True, requires_grad=False)
+    args = (t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0], t["C"][..., 0], t["D"])
+    kw = dict(z=t["z"][..., 0], dt_bias=t["delta_bias"], dt_softplus=True)
+    ref_state = t["initial_state"].clone()
+    y_ref = ops.selective_state_update(ref_state, *args, **kw)
+    big = torch.zeros(2, 8, 2 * 4)
+    strided = big[:, :, ::2]                                                 # non-contiguous (b, d, n) view
+    strided.copy_(t["initial_state"])
+    torch.testing.assert_close(ops.selective_state_update(strided, *args, **kw), y_ref)
+    torch.testing.assert_close(big[:, :, ::2], ref_state)
+    assert big[:, :, 1::2].abs().max() == 0
+    low = t["initial_state"].bfloat16()
+    y_low = ops.selective_state_update(low, *(a.bfloat16() if a.dim() == 2 and a is not t["A"] else a for a in args),
+                                       z=kw["z"].bfloat16(), dt_bias=t["delta_bias"], dt_softplus=True)
+    assert y_low.dtype == torch.bfloat16 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref_state, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(y_low.float(), y_ref, atol=5e-2, rtol=5e-2)
 
 
 def test_rms_norm_with_residual_matches_formula():
