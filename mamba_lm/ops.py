@@ -232,45 +232,156 @@ def _scan_chunks(a, x, h0, chunk_size, reverse=False):
     return x.view(nc * T, b, d, n)[:l]
 
 
+# CPU: the scan in time blocks of T steps whose (T, b, d, n) tensors stay in the cache. The blocks run one
+# after another (the state carried from block to block), the forward keeps only each block's starting
+# state, and the backward recomputes one block at a time, in reverse. Same arithmetic in the same order
+# as the whole-sequence loop; no (l, b, d, n) tensor is ever made (memory O(T b d n) + the inputs).
+_CPU_BLOCK_ELEMENTS = 1 << 18   # elements per (T, b, d, n) block tensor (1 MiB fp32, cache-sized)
+
+
+def cpu_block_length(b: int, d: int, n: int, l: int) -> int:
+    """T of the CPU blocked scan: as many steps as fit `_CPU_BLOCK_ELEMENTS`, at least 1, at most l."""
+    return max(1, min(l, _CPU_BLOCK_ELEMENTS // max(1, b * d * n)))
+
+
 def _pick(method: str, x: torch.Tensor) -> str:
     if method == "auto":
-        return "loop" if x.device.type == "cpu" else "chunked"
-    if method not in ("loop", "chunked"):
-        raise ValueError(f"scan method must be 'auto', 'loop' or 'chunked', got {method!r}")
+        return "blocked" if x.device.type == "cpu" else "chunked"
+    if method not in ("loop", "chunked", "blocked"):
+        raise ValueError(f"scan method must be 'auto', 'blocked', 'loop' or 'chunked', got {method!r}")
     return method
 
 
 def _scan_affine(a, x, h0, chunk_size, method="auto"):
     """Inclusive scan h_t = a_t * h_{t-1} + x_t along dim 0 (may reuse x's memory).
-    a, x: (l, b, d, n); h0: (b, d, n) | None. method: "loop" (CPU default) | "chunked" (GPU) | "auto"."""
-    if _pick(method, x) == "loop":
+    a, x: (l, b, d, n); h0: (b, d, n) | None. method: "loop" | "chunked" (GPU) | "auto"."""
+    if _pick(method, x) in ("loop", "blocked"):
         return _scan_loop(a, x, h0)
     return _scan_chunks(a, x, h0, chunk_size)
 
 
 def _scan_affine_reverse(a, x, chunk_size, method="auto"):
     """Adjoint scan g_t = x_t + a_{t+1} * g_{t+1} along dim 0, g_{l-1} = x_{l-1} (may reuse x's memory)."""
-    if _pick(method, x) == "loop":
-        xs, as_ = x.unbind(0), a.unbind(0)
-        for t in range(len(xs) - 2, -1, -1):
-            xs[t].addcmul_(as_[t + 1], xs[t + 1])
-        return x
+    if _pick(method, x) in ("loop", "blocked"):
+        return _scan_loop_reverse(a, x)
     a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
     return _scan_chunks(a_next, x, None, chunk_size, reverse=True)
 
 
+def _scan_loop_reverse(a, x):
+    """In place on x: x_t <- x_t + a_{t+1} * x_{t+1}, from the end. a, x: (T, b, d, n)."""
+    xs, as_ = x.unbind(0), a.unbind(0)
+    for t in range(len(xs) - 2, -1, -1):
+        xs[t].addcmul_(as_[t + 1], xs[t + 1])
+    return x
+
+
 def _forward_states(u, dt, A, Bt, h0, chunk_size, method):
     """dA = exp(Δ'A) and the states h, both (l, b, d, n). u, dt: (b, d, l); Bt: (l, b, g, n)."""
-    l, b, g, n = Bt.shape
-    d = u.shape[1]
     # time-major copy first: a product with the permuted view would inherit its (b, d, l, n) memory
     # layout, and every step of the scan would then read a strided, cache-unfriendly slice dA[t]
     dt_t = dt.permute(2, 0, 1).contiguous()                                # (l, b, d)
-    dA = (dt_t.unsqueeze(-1) * A.float()).exp_()                           # (l, b, d, n) contiguous
-    dtu = (dt * u.float()).permute(2, 0, 1).contiguous().view(l, b, g, d // g, 1)   # (same reason)
-    dBu = (dtu * Bt.unsqueeze(3)).view(l, b, d, n)                        # Δ' u B, contiguous
+    dtu_t = (dt * u.float()).permute(2, 0, 1).contiguous()                 # (same reason)
     h0f = h0.float() if h0 is not None else None
-    return dA, _scan_affine(dA, dBu, h0f, chunk_size, method)
+    return _block_states(dt_t, dtu_t, A.float(), Bt, h0f, chunk_size, method)
+
+
+def _block_states(dt_t, dtu_t, Af, Bt, h0, chunk_size=64, method="loop"):
+    """dA = exp(Δ'A) and the states h_t = dA_t h_{t-1} + Δ'_t u_t B_t from h0, both (T, b, d, n) contiguous.
+    dt_t, dtu_t: (T, b, d) time-major Δ' and Δ'u; Af: (d, n); Bt: (T, b, g, n); h0: (b, d, n) | None (zeros)."""
+    T, b, d = dt_t.shape
+    g, n = Bt.shape[2], Bt.shape[3]
+    dA = (dt_t.unsqueeze(-1) * Af).exp_()                                  # (T, b, d, n)
+    dBu = (dtu_t.view(T, b, g, d // g, 1) * Bt.unsqueeze(3)).view(T, b, d, n)   # Δ' u B (group of each channel)
+    return dA, _scan_affine(dA, dBu, h0, chunk_size, method)
+
+
+def _blocks(l: int, T: int) -> list[tuple[int, int]]:
+    return [(s, min(s + T, l)) for s in range(0, l, T)]
+
+
+def _scan_blocked_forward(dt_t, dtu_t, Af, Bt, Ct, h0, T):
+    """CPU forward in blocks of T steps: y_t = C_t . h_t (l, b, d), each block's starting state (list, None
+    for zeros) and the last state (b, d, n)."""
+    l, b, d = dt_t.shape
+    g = Bt.shape[2]
+    y_t = dt_t.new_empty(l, b, d)
+    starts, h = [], h0
+    for s, e in _blocks(l, T):
+        starts.append(h)
+        _, hs = _block_states(dt_t[s:e], dtu_t[s:e], Af, Bt[s:e], h)
+        y_t[s:e] = _contract_n(hs, Ct[s:e])
+        h = hs[-1].clone()                                                 # not a view: frees the block
+    return y_t, starts, (h if h is not None else dt_t.new_zeros(b, d, Af.shape[1]))
+
+
+def _scan_blocked_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, starts, T, need_y):
+    """CPU backward in reverse blocks (each recomputed from its starting state), the adjoint g carried
+    from block to block: at a block's last step g_{e-1} = gy_{e-1} C_{e-1} + exp(Δ'_e A) g_e.
+
+    Returns y_t (l, b, d) or None, Σ_n dL/d(Δ'A)·A (l, b, d), dL/d(Δ'u) (l, b, d), dL/dA (d, n),
+    dL/dB, dL/dC (l, b, g, n) and dL/dh0 (b, d, n) (= exp(Δ'_0 A) g_0).
+    """
+    l, b, d = dt_t.shape
+    g, n = Bt.shape[2], Bt.shape[3]
+    y_t = dt_t.new_empty(l, b, d) if need_y else None
+    g_dtA_A, g_dtu = dt_t.new_empty(l, b, d), dt_t.new_empty(l, b, d)
+    gB, gC = Bt.new_empty(l, b, g, n), Bt.new_empty(l, b, g, n)
+    gA = Af.new_zeros(d, n)
+    carry = glast.float() if glast is not None else None                   # what g_{e-1} gains from later steps
+    blocks = _blocks(l, T)
+    for k in range(len(blocks) - 1, -1, -1):
+        s, e = blocks[k]
+        h_start = starts[k]
+        dA, hs = _block_states(dt_t[s:e], dtu_t[s:e], Af, Bt[s:e], h_start)
+        if need_y:
+            y_t[s:e] = _contract_n(hs, Ct[s:e])
+        gC[s:e] = _contract_d(gy_t[s:e], hs, g)
+        gs = (gy_t[s:e].view(e - s, b, g, d // g, 1) * Ct[s:e].unsqueeze(3)).view(e - s, b, d, n)  # gy C
+        if carry is not None:
+            gs[-1] += carry
+        _scan_loop_reverse(dA, gs)                                         # g_t inside the block
+        carry = dA[0] * gs[0]
+        gdtA = dA.mul_(gs)                                                 # g_t e^{Δ'A}, then times h_{t-1}
+        gdtA[1:] *= hs[:-1]
+        if h_start is not None:
+            gdtA[0] *= h_start
+        else:
+            gdtA[0] = 0
+        g_dtA_A[s:e] = torch.linalg.vecdot(gdtA, Af)                       # Σ_n (.) A
+        gA += gdtA.mul_(dt_t[s:e].unsqueeze(-1)).sum((0, 1))
+        g_dtu[s:e] = _contract_n(gs, Bt[s:e])
+        gB[s:e] = _contract_d(dtu_t[s:e], gs, g)
+    return y_t, g_dtA_A, g_dtu, gA, gB, gC, carry
+
+
+def _scan_whole_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, h0, chunk_size, method, need_y):
+    """GPU (chunked) and CPU "loop" backward over the whole (l, b, d, n) tensors; returns what
+    `_scan_blocked_backward` returns."""
+    l, b, d = dt_t.shape
+    g, n = Bt.shape[2], Bt.shape[3]
+    dA, hs = _block_states(dt_t, dtu_t, Af, Bt, h0, chunk_size, method)  # recomputed (l, b, d, n)
+    y_t = _contract_n(hs, Ct) if need_y else None
+    gC = _contract_d(gy_t, hs, g)                                          # (l, b, g, n)
+    gs = (gy_t.view(l, b, g, d // g, 1) * Ct.unsqueeze(3)).reshape(l, b, d, n)   # dL/dh_t from y_t
+    if glast is not None:
+        gs[-1] += glast.float()
+    gs = _scan_affine_reverse(dA, gs, chunk_size, method)                 # g_t
+    gh0 = dA[0] * gs[0] if h0 is not None else None
+    gdtA = gs * dA                                                         # d loss / d(Δ'A) = g_t e^{Δ'A} h_{t-1}
+    del dA
+    gdtA[1:] *= hs[:-1]
+    if h0 is not None:
+        gdtA[0] *= h0
+    else:
+        gdtA[0] = 0
+    del hs
+    g_dtA_A = (gdtA * Af).sum(-1)                                          # (l, b, d)
+    gA = gdtA.mul_(dt_t.unsqueeze(-1)).sum((0, 1))                         # (d, n)
+    del gdtA
+    g_dtu = _contract_n(gs, Bt)                                            # d loss / d(Δ'u) (l, b, d)
+    gB = _contract_d(dtu_t, gs, g)                                         # (l, b, g, n)
+    return y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -283,21 +394,32 @@ class _SelectiveScanFn(torch.autograd.Function):
               g_t = gh_t + exp(Δ'_{t+1} A) g_{t+1}  (the adjoint scan);
               d/d(Δ'A)_t = g_t h_{t-1} exp(Δ'_t A);  d/d(Δ'u)_t = g_t . B_t;  d/dB_t = Σ_d g_t Δ'_t u_t;
               dh0 = exp(Δ'_0 A) g_0
+    method "blocked" (CPU) runs both in cache-sized time blocks of `chunk_size` steps, keeping each
+    block's starting state from the forward (l / T states of (b, d, n)).
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size, method):
         b, d, l = u.shape
         _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
-        _, hs = _forward_states(u, dt, A, _bc_time_major(B, d), initial_state, chunk_size, method)
-        y = _contract_n(hs, _bc_time_major(C, d)).permute(1, 2, 0)         # (b, d, l)
+        dt_t = dt.permute(2, 0, 1).contiguous()                            # (l, b, d) time-major
+        dtu_t = (dt * u.float()).permute(2, 0, 1).contiguous()
+        Af, Bt, Ct = A.float(), _bc_time_major(B, d), _bc_time_major(C, d)
+        h0 = initial_state.float() if initial_state is not None else None
+        ctx.starts = None
+        if method == "blocked":
+            y_t, ctx.starts, last = _scan_blocked_forward(dt_t, dtu_t, Af, Bt, Ct, h0, chunk_size)
+        else:
+            _, hs = _block_states(dt_t, dtu_t, Af, Bt, h0, chunk_size, method)
+            y_t, last = _contract_n(hs, Ct), hs[-1].clone()
+        y = y_t.permute(1, 2, 0)                                           # (b, d, l)
         if D is not None:
             y = y + u.float() * D.float()[:, None]
         if z is not None:
             y = y * F.silu(z.float())
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.options = (delta_softplus, chunk_size, method)
-        return y.to(u.dtype), hs[-1].clone()
+        return y.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, gout, glast):
@@ -309,50 +431,40 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
         delta_softplus, chunk_size, method = ctx.options
         b, d, l = u.shape
-        n = A.shape[1]
         uf, Af = u.float(), A.float()
         pre, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+        dt_t = dt.permute(2, 0, 1).contiguous()                            # (l, b, d)
+        dtu_t = (dt * uf).permute(2, 0, 1).contiguous()
         Bt, Ct = _bc_time_major(B, d), _bc_time_major(C, d)                  # (l, b, g, n)
-        g = Bt.shape[2]
-        dA, hs = _forward_states(u, dt, A, Bt, h0, chunk_size, method)      # recomputed (l, b, d, n)
 
         gout = gout.float() if gout is not None else torch.zeros_like(uf)
-        gz = None
+        gy = gout
         if z is not None:
-            y = _contract_n(hs, Ct).permute(1, 2, 0)
-            if D is not None:
-                y = y + uf * D.float()[:, None]
             zf = z.float()
             sig = torch.sigmoid(zf)
-            gz = (gout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)         # d silu(z)/dz = σ(1 + z(1-σ))
-            gout = gout * zf * sig                                           # now gy
-        gD = (gout * uf).sum((0, 2)).to(D.dtype) if D is not None else None
-        gu = gout * D.float()[:, None] if D is not None else torch.zeros_like(uf)
-        gy_t = gout.permute(2, 0, 1).contiguous()                            # (l, b, d)
-        gC = _contract_d(gy_t, hs, g)                                        # (l, b, g, n)
-        gs = (gy_t.view(l, b, g, d // g, 1) * Ct.unsqueeze(3)).reshape(l, b, d, n)   # dL/dh_t from y_t
-        if glast is not None:
-            gs[-1] += glast.float()
-        gs = _scan_affine_reverse(dA, gs, chunk_size, method)               # g_t
-        gh0 = (dA[0] * gs[0]).to(h0.dtype) if h0 is not None else None
-        gdtA = gs * dA                                                       # d loss / d(Δ'A) = g_t e^{Δ'A} h_{t-1}
-        del dA
-        gdtA[1:] *= hs[:-1]
-        if h0 is not None:
-            gdtA[0] *= h0.float()
+            gy = gout * zf * sig                                             # dL/dy before the gate
+        gy_t = gy.permute(2, 0, 1).contiguous()                              # (l, b, d)
+        if method == "blocked":
+            y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0 = _scan_blocked_backward(
+                dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, ctx.starts, chunk_size, need_y=z is not None)
         else:
-            gdtA[0] = 0
-        del hs
-        gdt = (gdtA * Af).sum(-1)                                            # (l, b, d)
-        gA = gdtA.mul_(dt.permute(2, 0, 1).unsqueeze(-1)).sum((0, 1))        # (d, n)
-        del gdtA
-        gdtu = _contract_n(gs, Bt)                                           # d loss / d(Δ'u) (l, b, d)
-        gB = _contract_d((dt * uf).permute(2, 0, 1).contiguous(), gs, g)     # (l, b, g, n)
-        gdtu = gdtu.permute(1, 2, 0)                                         # (b, d, l)
-        gdt = gdt.permute(1, 2, 0) + gdtu * uf
-        gu = gu + gdtu * dt
+            y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0 = _scan_whole_backward(
+                dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, None if h0 is None else h0.float(), chunk_size, method,
+                need_y=z is not None)
+        gz = None
+        if z is not None:
+            y = y_t.permute(1, 2, 0)
+            if D is not None:
+                y = y + uf * D.float()[:, None]
+            gz = (gout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)         # d silu(z)/dz = σ(1 + z(1-σ))
+        gD = (gy * uf).sum((0, 2)).to(D.dtype) if D is not None else None
+        gu = gy * D.float()[:, None] if D is not None else torch.zeros_like(uf)
+        g_dtu = g_dtu.permute(1, 2, 0)                                       # (b, d, l)
+        gdt = g_dtA_A.permute(1, 2, 0) + g_dtu * uf
+        gu = gu + g_dtu * dt
         gpre = gdt * torch.sigmoid(pre) if delta_softplus else gdt
         gbias = gpre.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+        gh0 = gh0.to(h0.dtype) if h0 is not None else None
 
         def to_layout(grad, like):  # (l, b, g, n) -> like's (b, n, l) or (b, g, n, l)
             grad = grad.permute(1, 2, 3, 0)
@@ -366,12 +478,20 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                            return_last_state=False, initial_state=None, chunk_size=64, method="auto"):
     """Selective scan in PyTorch with a memory-lean hand-written backward; same contract as the ref.
 
-    The recurrence runs as `_scan_affine`: an in-place time loop on CPU ("loop"), the chunked scan on
-    GPU ("chunked"). Only the inputs are kept for backward (see `_SelectiveScanFn`).
+    method: "auto" = "blocked" on CPU, "chunked" on GPU. "blocked": the in-place time loop in cache-sized
+    blocks of time (forward, and backward recomputed block by block in reverse), no (l, b, d, n) tensor;
+    with "auto" its block length is `cpu_block_length(...)`, with "blocked" it is `chunk_size`.
+    "loop": the same time loop over whole (l, b, d, n) tensors. "chunked": all chunks of `chunk_size`
+    steps scanned at once, then the state carried across chunks (GPU: l/chunk + chunk steps, not l).
+    Only the inputs (and, blocked, l/T block-start states) are kept for backward (`_SelectiveScanFn`).
     """
     if u.shape[2] == 0:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, initial_state)
+    if method == "auto" and _pick(method, u) == "blocked":
+        method, chunk_size = "blocked", cpu_block_length(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
+    else:
+        _pick(method, u)   # validates the name
     with torch.autocast(u.device.type, enabled=False):  # fp32 math, also for the matmuls inside
         out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                            delta_softplus, chunk_size, method)

@@ -46,12 +46,14 @@ def _grads(fn, t, softplus):
 @pytest.mark.parametrize("groups,with_z,with_d,softplus", [
     (None, True, True, True), (None, False, False, False), (2, True, True, True), (4, False, True, False)])
 def test_chunked_scan_matches_reference(l, groups, with_z, with_d, softplus):
-    """Fast scans (chunked with chunk 64, 16 and 5, and the time loop) == sequential ref: outputs,
+    """Fast scans (chunked with chunk 64, 16 and 5, the time loop, the CPU's blocked loop with blocks of
+    64, 16, 5 and 1 steps and at its automatic size) == sequential ref: outputs,
     last state and every gradient (incl. initial state), odd lengths across chunk boundaries, with/without
     z, D, softplus, grouped B/C."""
     t = _scan_inputs(2, 8, 4, l, groups, with_z, with_d, positive_delta=not softplus)
     out_r, last_r, g_r = _grads(ops.selective_scan_ref, t, softplus)
-    for method, chunk in (("chunked", 64), ("chunked", 16), ("chunked", 5), ("loop", 64)):
+    for method, chunk in (("chunked", 64), ("chunked", 16), ("chunked", 5), ("loop", 64),
+                          ("blocked", 64), ("blocked", 16), ("blocked", 5), ("blocked", 1), ("auto", 64)):
         fast = lambda *a, **k: ops.selective_scan_chunked(*a, **k, chunk_size=chunk, method=method)
         out_f, last_f, g_f = _grads(fast, t, softplus)
         print(f"l={l} {method} chunk={chunk} max|out diff|={(out_f - out_r).abs().max():.2e}")
