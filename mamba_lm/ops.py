@@ -384,6 +384,118 @@ def _scan_whole_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, h0, chunk_size, m
     return y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0
 
 
+# Optional: each block as one inductor-compiled function (torch.compile's C++ code generation on the
+# CPU), the state kept in registers across the block's T steps and exp, products and contractions fused:
+# about 6-7x faster than the eager block. Opt-in (`set_cpu_scan("compiled")` or
+# MAMBA_NARRATIVE_CPU_SCAN=compiled), because compiling costs tens of seconds per model shape on the
+# first run (inductor caches the code on disk for later runs). The eager blocks above are its twin.
+_COMPILED_T = 8                  # steps per compiled block (unrolled in the generated code)
+_cpu_scan = os.environ.get("MAMBA_NARRATIVE_CPU_SCAN", "eager").strip().lower() or "eager"
+_compiled_fns: dict = {}
+
+
+def set_cpu_scan(mode: str) -> None:
+    """"eager" (default): the eager blocked scan; "compiled": its blocks compiled by torch.compile (inductor)."""
+    global _cpu_scan
+    if mode not in ("eager", "compiled"):
+        raise ValueError(f"cpu scan must be 'eager' or 'compiled', got {mode!r}")
+    _cpu_scan = mode
+
+
+def _block_forward_unrolled(dt, dtu, A, B, C, h):
+    """One block written step by step for inductor. dt, dtu: (T, b, d); A: (d, n); B, C: (T, b, g, n);
+    h: (b, d, n). Returns y_t = C_t . h_t (T, b, d) and h_T (b, d, n)."""
+    T, b, d = dt.shape
+    g, n = B.shape[2], B.shape[3]
+    p = d // g
+    Ag, hg, ys = A.view(g, p, n), h.view(b, g, p, n), []
+    for t in range(T):
+        hg = torch.exp(dt[t].view(b, g, p, 1) * Ag) * hg + dtu[t].view(b, g, p, 1) * B[t].view(b, g, 1, n)
+        ys.append((hg * C[t].view(b, g, 1, n)).sum(-1))
+    return torch.stack(ys).view(T, b, d), hg.reshape(b, d, n)
+
+
+def _block_backward_unrolled(dt, dtu, A, B, C, h, gy, carry):
+    """The backward of one block written step by step for inductor (the states recomputed from h, the
+    adjoint g entering the block's last step as `carry`). Returns what `_scan_blocked_backward` returns
+    for the block: y_t, Σ_n dL/d(Δ'A)·A, dL/d(Δ'u) (T, b, d), dL/dA (d, n), dL/dB, dL/dC (T, b, g, n) and
+    the carry for the block before (exp(Δ'_0 A) g_0) (b, d, n)."""
+    T, b, d = dt.shape
+    g, n = B.shape[2], B.shape[3]
+    p = d // g
+    Ag, h0 = A.view(g, p, n), h.view(b, g, p, n)
+    hs, dAs, hg = [], [], h0
+    for t in range(T):
+        dA = torch.exp(dt[t].view(b, g, p, 1) * Ag)
+        hg = dA * hg + dtu[t].view(b, g, p, 1) * B[t].view(b, g, 1, n)
+        hs.append(hg)
+        dAs.append(dA)
+    G, gA = carry.view(b, g, p, n), torch.zeros_like(Ag)
+    y, g_dtA_A, g_dtu, gB, gC = [None] * T, [None] * T, [None] * T, [None] * T, [None] * T
+    for t in range(T - 1, -1, -1):
+        Ct, gyt = C[t].view(b, g, 1, n), gy[t].view(b, g, p, 1)
+        y[t] = (hs[t] * Ct).sum(-1)
+        G = G + gyt * Ct                                                   # g_t
+        gdtA = G * dAs[t] * (hs[t - 1] if t > 0 else h0)
+        g_dtA_A[t] = (gdtA * Ag).sum(-1)
+        gA = gA + (gdtA * dt[t].view(b, g, p, 1)).sum(0)
+        g_dtu[t] = (G * B[t].view(b, g, 1, n)).sum(-1)
+        gB[t] = (G * dtu[t].view(b, g, p, 1)).sum(2)
+        gC[t] = (gyt * hs[t]).sum(2)
+        G = dAs[t] * G                                                     # what step t-1 gains
+    stack = lambda xs: torch.stack(xs).view(T, b, d)  # noqa: E731
+    return (stack(y), stack(g_dtA_A), stack(g_dtu), gA.view(d, n), torch.stack(gB), torch.stack(gC),
+            G.reshape(b, d, n))
+
+
+def _compiled(name):
+    """The compiled twin of `_block_forward_unrolled` / `_block_backward_unrolled`, made once."""
+    if name not in _compiled_fns:
+        fn = _block_forward_unrolled if name == "forward" else _block_backward_unrolled
+        _compiled_fns[name] = torch.compile(fn, dynamic=False)
+    return _compiled_fns[name]
+
+
+def _pad_time(x, T):
+    """x (t, ...) padded with zeros to (T, ...) along time: with Δ' = 0 and Δ'u = 0 a step is the identity
+    (exp(0 A) = 1, nothing added), so padded steps change neither the state nor the gradients."""
+    return x if x.shape[0] == T else torch.cat([x, x.new_zeros(T - x.shape[0], *x.shape[1:])])
+
+
+def _scan_compiled_forward(dt_t, dtu_t, Af, Bt, Ct, h0, T, fn=None):
+    """`_scan_blocked_forward` with each block one compiled function (fn: its eager twin in tests)."""
+    fn = fn or _compiled("forward")
+    l, b, d = dt_t.shape
+    h = h0 if h0 is not None else dt_t.new_zeros(b, d, Af.shape[1])
+    y_t, starts = dt_t.new_empty(l, b, d), []
+    for s, e in _blocks(l, T):
+        starts.append(h)
+        y, h = fn(_pad_time(dt_t[s:e], T), _pad_time(dtu_t[s:e], T), Af, _pad_time(Bt[s:e], T),
+                  _pad_time(Ct[s:e], T), h)
+        y_t[s:e] = y[:e - s]
+    return y_t, starts, h
+
+
+def _scan_compiled_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, starts, T, fn=None):
+    """`_scan_blocked_backward` with each block one compiled function (fn: its eager twin in tests)."""
+    fn = fn or _compiled("backward")
+    l, b, d = dt_t.shape
+    g, n = Bt.shape[2], Bt.shape[3]
+    y_t, g_dtA_A, g_dtu = dt_t.new_empty(l, b, d), dt_t.new_empty(l, b, d), dt_t.new_empty(l, b, d)
+    gB, gC, gA = Bt.new_empty(l, b, g, n), Bt.new_empty(l, b, g, n), Af.new_zeros(d, n)
+    carry = glast.float() if glast is not None else dt_t.new_zeros(b, d, n)
+    blocks = _blocks(l, T)
+    for k in range(len(blocks) - 1, -1, -1):
+        s, e = blocks[k]
+        m = e - s
+        y, a, u_, gA_k, gB_k, gC_k, carry = fn(
+            _pad_time(dt_t[s:e], T), _pad_time(dtu_t[s:e], T), Af, _pad_time(Bt[s:e], T), _pad_time(Ct[s:e], T),
+            starts[k], _pad_time(gy_t[s:e], T), carry)
+        y_t[s:e], g_dtA_A[s:e], g_dtu[s:e], gB[s:e], gC[s:e] = y[:m], a[:m], u_[:m], gB_k[:m], gC_k[:m]
+        gA += gA_k
+    return y_t, g_dtA_A, g_dtu, gA, gB, gC, carry
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """The selective scan with a hand-written backward that saves only the inputs and recomputes the
     (l, b, d, n) tensors, as mamba-ssm's kernel does (no autograd graph over the big tensors).
@@ -407,7 +519,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         Af, Bt, Ct = A.float(), _bc_time_major(B, d), _bc_time_major(C, d)
         h0 = initial_state.float() if initial_state is not None else None
         ctx.starts = None
-        if method == "blocked":
+        if method == "compiled":
+            y_t, ctx.starts, last = _scan_compiled_forward(dt_t, dtu_t, Af, Bt, Ct, h0, chunk_size)
+        elif method == "blocked":
             y_t, ctx.starts, last = _scan_blocked_forward(dt_t, dtu_t, Af, Bt, Ct, h0, chunk_size)
         else:
             _, hs = _block_states(dt_t, dtu_t, Af, Bt, h0, chunk_size, method)
@@ -444,7 +558,10 @@ class _SelectiveScanFn(torch.autograd.Function):
             sig = torch.sigmoid(zf)
             gy = gout * zf * sig                                             # dL/dy before the gate
         gy_t = gy.permute(2, 0, 1).contiguous()                              # (l, b, d)
-        if method == "blocked":
+        if method == "compiled":
+            y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0 = _scan_compiled_backward(
+                dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, ctx.starts, chunk_size)
+        elif method == "blocked":
             y_t, g_dtA_A, g_dtu, gA, gB, gC, gh0 = _scan_blocked_backward(
                 dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, ctx.starts, chunk_size, need_y=z is not None)
         else:
@@ -489,12 +606,25 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, initial_state)
     if method == "auto" and _pick(method, u) == "blocked":
-        method, chunk_size = "blocked", cpu_block_length(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
-    else:
+        if _cpu_scan == "compiled":
+            method, chunk_size = "compiled", _COMPILED_T
+        else:
+            method, chunk_size = "blocked", cpu_block_length(u.shape[0], u.shape[1], A.shape[1], u.shape[2])
+    elif method != "compiled":
         _pick(method, u)   # validates the name
     with torch.autocast(u.device.type, enabled=False):  # fp32 math, also for the matmuls inside
-        out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                           delta_softplus, chunk_size, method)
+        try:
+            out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                               delta_softplus, chunk_size, method)
+        except Exception as e:  # noqa: BLE001 - torch.compile failed (no C++ compiler...): eager, and say so
+            if method != "compiled" or _compiled_fns.get("failed"):
+                raise
+            _compiled_fns["failed"] = True
+            print(f"WARNING: compiling the CPU scan failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "using the eager blocked scan")
+            set_cpu_scan("eager")
+            return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                          return_last_state, initial_state)
     return (out, last) if return_last_state else out
 
 

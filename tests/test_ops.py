@@ -63,6 +63,24 @@ def test_chunked_scan_matches_reference(l, groups, with_z, with_d, softplus):
             torch.testing.assert_close(g_f[k], g_r[k], atol=1e-4, rtol=1e-4, msg=f"grad {k}")
 
 
+@pytest.mark.parametrize("l,groups", [(1, None), (8, 2), (21, None), (37, 4)])
+def test_compiled_cpu_scan_logic_matches_reference(monkeypatch, l, groups):
+    """The compiled CPU scan's block loop (blocks of 8 steps, the last one padded with identity steps, the
+    state and the adjoint carried across blocks), run with the eager unrolled block functions that
+    torch.compile compiles: outputs, last state and every gradient == sequential ref, odd lengths."""
+    monkeypatch.setattr(ops, "_compiled", lambda name: ops._block_forward_unrolled if name == "forward"
+                        else ops._block_backward_unrolled)
+    monkeypatch.setattr(ops, "_cpu_scan", "compiled")
+    for softplus, with_z, with_d in ((True, True, True), (False, False, False)):
+        t = _scan_inputs(2, 8, 4, l, groups, with_z, with_d, positive_delta=not softplus)
+        out_r, last_r, g_r = _grads(ops.selective_scan_ref, t, softplus)
+        out_f, last_f, g_f = _grads(ops.selective_scan_chunked, t, softplus)
+        torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last_f, last_r, atol=1e-5, rtol=1e-5)
+        for k in g_r:
+            torch.testing.assert_close(g_f[k], g_r[k], atol=1e-4, rtol=1e-4, msg=f"grad {k}")
+
+
 def test_scan_ref_matches_hand_written_recurrence():
     """The reference itself: one channel, one state, checked against the recurrence written out by hand."""
     u = torch.tensor([[[1.0, 2.0, -1.0]]])
