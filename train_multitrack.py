@@ -5,6 +5,7 @@
     python train_multitrack.py --preset=small-cpu --data_dir=data/demo --out_dir=out/demo-mt --max_steps=300 \
         --resume=True                                           # continue: the same flags plus --resume=True
     python train_multitrack.py --router=uniform --out_dir=out/abl-uniform   # ablations: see research_plan.md
+    python train_multitrack.py --plot_clock=signals --char_memory=True --out_dir=out/revised  # the revised design
 
 Same loop, hyperparameters, checkpoints, resume, evaluation, logs and plots as train_baseline.py
 (mamba_lm/trainer.py); the shared constants below have the same names, defaults and comments (a test
@@ -13,9 +14,10 @@ order with the same budget.
 This script only builds the model (parameter-matched to the baseline preset of the same size, see
 multitrack/multitrack_config.py) and adds the router hooks:
 
-    on_eval  mean router weight per track (all tokens, dialogue, narration, paragraph starts) over
-             the training steps since the previous eval -> metrics.jsonl / log.txt / TensorBoard;
-             the full statistics (per token type and per layer) -> router_stats.jsonl
+    on_eval  mean router weight per track (all tokens, dialogue, narration, paragraph starts) and,
+             with a plot clock, its open rate (all tokens, at and off boundaries) over the training
+             steps since the previous eval -> metrics.jsonl / log.txt / TensorBoard; the full
+             statistics (per token type and per layer) -> router_stats.jsonl
     on_end   router_usage.png: track usage by token type, over training, and by layer
 
 The model's `aux_loss()` (router load balancing, weight `router_aux_weight`) is added to the LM loss
@@ -42,6 +44,11 @@ router = "learned"            # learned | uniform (ablation: all tracks weight 1
 narrative_signals = True      # router sees token-id narrative signals (paragraphs, dialogue, headings)
 cross_track = True            # per-position attention across tracks
 router_aux_weight = 0.01      # router load-balancing loss weight (0: off)
+plot_clock = "off"            # off | signals | learned: plot track decays/written only at narrative boundaries
+plot_clock_signals = "paragraph_break,heading,scene_mark"  # narrative features that open the plot clock
+char_memory = False           # character track = gated delta-rule key-value memory instead of a selective scan
+mem_heads = 0                 # heads of that memory (0: the preset's)
+mem_head_dim = 0              # key size per head of that memory (0: the preset's)
 # data and output
 data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tokenizer come from its meta.json)
 out_dir = "out/multitrack"    # checkpoints and logs
@@ -79,6 +86,7 @@ init_from = "scratch"         # scratch | resume | a repo .pt or an HF / mamba-s
 config = apply_overrides(globals(), sys.argv[1:])
 
 LOGGED_TYPES = ("all", "dialogue", "narration", "paragraph_start")   # router stats in metrics.jsonl / log
+CLOCK_LOGGED = ("boundary", "non_boundary")                           # plot-clock open rates, also logged
 
 
 def parse_track_dt(spec: str) -> tuple[tuple, tuple]:
@@ -102,11 +110,13 @@ def build_model():
 
     meta = load_meta(data_dir)
     dt_min, dt_max = parse_track_dt(track_dt)
-    shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer)) if v}
+    shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer), ("mem_heads", mem_heads),
+                                ("mem_head_dim", mem_head_dim)) if v}
     cfg = multitrack_config(preset, vocab_size=meta["tokenizer"]["vocab_size"], tracks=tracks,
                             track_dt_min=dt_min, track_dt_max=dt_max, dt_clamp_factor=dt_clamp_factor,
                             router=router, narrative_signals=narrative_signals, cross_track=cross_track,
-                            router_aux_weight=router_aux_weight, **shape)
+                            router_aux_weight=router_aux_weight, plot_clock=plot_clock,
+                            plot_clock_signals=plot_clock_signals, char_memory=char_memory, **shape)
     print(parameter_report(cfg))
     model = build("multitrack", cfg)
     model.set_signal_table(build_signal_tables(data_tokenizer(data_dir, meta)))
@@ -126,8 +136,9 @@ def on_eval(model, step: int, out: str) -> dict:
     if _is_main():
         with open(os.path.join(out, "router_stats.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **stats}) + "\n")
-    summary = {k: v for k, v in stats.items() if k.split("/")[1] in LOGGED_TYPES}
-    summary["router/frac/dialogue"] = stats["router/frac/dialogue"]
+    summary = {k: v for k, v in stats.items() if k.split("/")[1] in LOGGED_TYPES + CLOCK_LOGGED}
+    if "router/frac/dialogue" in stats:
+        summary["router/frac/dialogue"] = stats["router/frac/dialogue"]
     return summary
 
 

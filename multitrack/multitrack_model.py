@@ -4,6 +4,10 @@
                  |
                  +--signal_table[ids]--> narrative features s (B, L, F) --> W_s s + b of every block's router,
                                                                            one matmul for all layers
+                                                                       --> the plot clock's input per block
+                                                                           (the boundary rule's gate, or
+                                                                           w_s s + b of every layer's
+                                                                           learned gate in one matmul)
 
 Same model contract as mamba_lm.mamba.MambaLMHeadModel (CONTRACTS.md): forward(ids, cache=None),
 allocate_cache, step, num_params, plus the router hooks the trainer uses: aux_loss(), reset_stats(),
@@ -29,26 +33,36 @@ import torch.nn.functional as F
 from mamba_lm import ops
 from mamba_lm.errors import UserError
 from mamba_lm.mamba import MambaCache, init_lm_weights
-from multitrack.multitrack_config import (PRESETS, MultiTrackConfig, baseline_params, count_params,
-                                          multitrack_config)
+from multitrack.multitrack_config import (PRESETS, VARIANTS, MultiTrackConfig, baseline_params, count_params,
+                                          multitrack_config, variant_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
+from multitrack.plot_clock import boundary_gate
 from multitrack.router import mean_balance_loss
 from multitrack.triple_track import MultiTrackBlock
 
-__all__ = ["MultiTrackConfig", "MultiTrackLM", "MultiTrackCache", "PRESETS", "multitrack_config",
-           "count_params", "baseline_params", "parameter_report"]
+__all__ = ["MultiTrackConfig", "MultiTrackLM", "MultiTrackCache", "PRESETS", "VARIANTS", "multitrack_config",
+           "variant_config", "count_params", "baseline_params", "parameter_report"]
+
+
+# token types of the plot-clock statistics: the router's, plus the tokens where the boundary rule fires
+CLOCK_TYPES = TOKEN_TYPES + ("boundary", "non_boundary")
 
 
 class MultiTrackCache(MambaCache):
-    """Recurrent state: per layer conv_states[i] (B, Di, d_conv), ssm_states[i] (B, Di, N) float32, and
-    the narrative state (dialogue parity, previous-token flags). Updated in place; `reset()` zeroes it."""
+    """Recurrent state: per layer conv_states[i] (B, Di, d_conv), ssm_states[i] (B, Ds, N) float32, with
+    the character memory mem_states[i] (B, H, d_k, d_v) float32 (an empty list without it), and the
+    narrative state (dialogue parity, previous-token flags). Updated in place; `reset()` zeroes it."""
 
-    def __init__(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor], narrative: NarrativeState):
+    def __init__(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor], narrative: NarrativeState,
+                 mem_states: list[torch.Tensor] | None = None):
         super().__init__(conv_states, ssm_states)
         self.narrative = narrative
+        self.mem_states = [] if mem_states is None else mem_states
 
     def reset(self) -> None:
         super().reset()
+        for t in self.mem_states:
+            t.zero_()
         self.narrative.reset()
 
 
@@ -63,25 +77,30 @@ class MultiTrackBackbone(nn.Module):
                                     for i in range(config.n_layer))
         self.norm_f = ops.RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
 
-    def forward(self, input_ids, signal_logits=None, cache=None):
-        """input_ids (B, L), signal_logits (B, L, n_layer, G) | None -> (hidden (B, L, D), [router weights
-        (B, L, G) | None per layer])."""
-        hidden_states, residual, all_weights = self.embedding(input_ids), None, []
+    def forward(self, input_ids, signal_logits=None, cache=None, clock=None):
+        """input_ids (B, L), signal_logits (B, L, n_layer, G) | None, clock: [(B, L) per layer] | None (the
+        plot clock's inputs) -> (hidden (B, L, D), [router weights (B, L, G) | None per layer],
+        [plot-clock gate (B, L) | None per layer])."""
+        hidden_states, residual, all_weights, all_gates = self.embedding(input_ids), None, [], []
         # unbind, not signal_logits[:, :, i]: its backward is one stack, not a zero-filled copy per layer
         per_layer = [None] * len(self.layers) if signal_logits is None else signal_logits.unbind(2)
-        for layer, logits_i in zip(self.layers, per_layer):
-            hidden_states, residual, weights = layer(hidden_states, residual, signal_logits=logits_i, cache=cache)
+        clocks = [None] * len(self.layers) if clock is None else clock
+        for layer, logits_i, clock_i in zip(self.layers, per_layer, clocks):
+            hidden_states, residual, weights, gate = layer(hidden_states, residual, signal_logits=logits_i,
+                                                           cache=cache, clock=clock_i)
             all_weights.append(weights)
+            all_gates.append(gate)
         hidden_states = self.norm_f(hidden_states, residual=residual, prenorm=False,
                                     residual_in_fp32=self.residual_in_fp32)
-        return hidden_states, all_weights
+        return hidden_states, all_weights, all_gates
 
-    def step(self, input_ids, signal_logits, cache):
-        """input_ids (B,), signal_logits (B, n_layer, G) | None -> hidden (B, D)."""
+    def step(self, input_ids, signal_logits, cache, clock=None):
+        """input_ids (B,), signal_logits (B, n_layer, G) | None, clock [(B,) per layer] | None -> hidden (B, D)."""
         hidden_states, residual = self.embedding(input_ids), None
         for i, layer in enumerate(self.layers):
             logits_i = None if signal_logits is None else signal_logits[:, i]
-            hidden_states, residual, _ = layer.step(hidden_states, residual, logits_i, cache)
+            hidden_states, residual, _, _ = layer.step(hidden_states, residual, logits_i, cache,
+                                                       None if clock is None else clock[i])
         return self.norm_f(hidden_states, residual=residual, prenorm=False,
                            residual_in_fp32=self.residual_in_fp32)
 
@@ -122,21 +141,23 @@ class MultiTrackLM(nn.Module):
             self.signal_table[: table.shape[0]].copy_(table.to(self.signal_table.device, torch.uint8))
 
     def _signal_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self._warned_no_table and self.config.use_signals:
+        if not self._warned_no_table and (self.config.use_signals or self.config.use_plot_clock):
             self._warned_no_table = True
             if not bool(self.signal_table.any()):
                 warnings.warn("MultiTrackLM: the narrative signal table is empty (fresh model?); call "
-                              "model.set_signal_table(build_signal_tables(tokenizer)) so the router sees signals")
+                              "model.set_signal_table(build_signal_tables(tokenizer)) so the router and the "
+                              "plot clock see signals")
         return self.signal_table[input_ids]
 
     def forward(self, input_ids: torch.Tensor, cache: MultiTrackCache | None = None) -> torch.Tensor:
         """input_ids: (B, L) long -> logits (B, L, V_pad). With a cache: start from its state, leave the final one."""
         features, types, new_state = narrative_features(self._signal_rows(input_ids),
                                                         None if cache is None else cache.narrative)
-        hidden_states, weights = self.backbone(input_ids, self._router_signal_logits(features), cache)
+        hidden_states, weights, gates = self.backbone(input_ids, self._router_signal_logits(features), cache,
+                                                      self._clock_inputs(features))
         if cache is not None:
             cache.narrative.copy_(new_state)
-        self._after_forward(weights, types)
+        self._after_forward(weights, gates, types, features)
         return self.lm_head(hidden_states)
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MultiTrackCache:
@@ -146,9 +167,11 @@ class MultiTrackLM(nn.Module):
         dtype = p.dtype if dtype is None else dtype
         c = self.config
         conv = [torch.zeros(batch_size, c.d_inner, c.d_conv, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        ssm = [torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=torch.float32)
+        ssm = [torch.zeros(batch_size, c.d_scan, c.d_state, device=device, dtype=torch.float32)
                for _ in range(c.n_layer)]
-        return MultiTrackCache(conv, ssm, NarrativeState.zeros(batch_size, device=device))
+        mem = [torch.zeros(batch_size, *layer.mixer.memory.state_shape(), device=device, dtype=torch.float32)
+               for layer in self.backbone.layers if layer.mixer.memory is not None]
+        return MultiTrackCache(conv, ssm, NarrativeState.zeros(batch_size, device=device), mem)
 
     def step(self, input_ids: torch.Tensor, cache: MultiTrackCache) -> torch.Tensor:
         """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache.
@@ -157,7 +180,21 @@ class MultiTrackLM(nn.Module):
         from the single-token `narrative_step`, and the routers' signal terms as in forward.
         """
         features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
-        return self.lm_head(self.backbone.step(input_ids, self._router_signal_logits(features), cache))
+        return self.lm_head(self.backbone.step(input_ids, self._router_signal_logits(features), cache,
+                                                self._clock_inputs(features)))
+
+    def _clock_inputs(self, features: torch.Tensor) -> list[torch.Tensor] | None:
+        """The plot clock's input of every layer, features (..., F) -> [(...,) per layer] | None: the boundary
+        rule's 0/1 gate (the same for every layer), or w_s s + b of every layer's learned gate in one matmul."""
+        c = self.config
+        if not c.use_plot_clock:
+            return None
+        if c.plot_clock == "signals":
+            return [boundary_gate(features, c.plot_clock_signals)] * c.n_layer
+        clocks = [layer.mixer.clock.signal_proj for layer in self.backbone.layers]
+        w = torch.cat([p.weight for p in clocks])                                  # (n_layer, F)
+        b = torch.cat([p.bias for p in clocks])                                    # (n_layer,)
+        return list(F.linear(features.to(w.dtype), w, b).unbind(-1))
 
     def _router_signal_logits(self, features: torch.Tensor) -> torch.Tensor | None:
         """W_s s + b of every layer's router in one matmul: features (..., F) -> (..., n_layer, G), or None
@@ -177,33 +214,34 @@ class MultiTrackLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # router hooks (CONTRACTS.md, trainer API)
 
-    def _after_forward(self, weights: list, types: torch.Tensor) -> None:
+    def _after_forward(self, weights: list, gates: list, types: torch.Tensor, features: torch.Tensor) -> None:
         self._aux = None
-        aux = self.training and torch.is_grad_enabled() and self.config.router_aux_weight > 0
+        c = self.config
+        aux = self.training and torch.is_grad_enabled() and c.router_aux_weight > 0 and c.use_router
         record = self.record_stats is True or (self.record_stats == "train" and self.training)
-        if not self.config.use_router or not (aux or record):
-            return
-        stacked = torch.stack(weights)                                           # (n_layer, B, L, G) float32
-        if aux:
-            self._aux = self.config.router_aux_weight * mean_balance_loss(stacked)
-        if record:
-            with torch.no_grad():
-                t = types.float()                                                # (B, L, T)
-                sums = torch.einsum("blt,kblg->ktg", t, stacked.detach()).double()
-                if self._stat_sums is None or self._stat_sums.device != sums.device:
-                    self._stat_sums = torch.zeros_like(sums)
-                    self._stat_counts = torch.zeros(t.shape[-1], dtype=torch.float64, device=sums.device)
-                self._stat_sums += sums
-                self._stat_counts += t.sum((0, 1))
+        if aux or (record and c.use_router):
+            stacked = torch.stack(weights)                                       # (n_layer, B, L, G) float32
+            if aux:
+                self._aux = c.router_aux_weight * mean_balance_loss(stacked)
+            if record:
+                self._stat_sums, self._stat_counts = _accumulate(
+                    self._stat_sums, self._stat_counts, types, "blt,kblg->ktg", stacked)
+        if record and c.use_plot_clock:
+            boundary = boundary_gate(features, c.plot_clock_signals)[..., None] > 0
+            clock_types = torch.cat([types, boundary, ~boundary], dim=-1)        # (B, L, len(CLOCK_TYPES))
+            self._clock_sums, self._clock_counts = _accumulate(
+                self._clock_sums, self._clock_counts, clock_types, "blt,kbl->kt", torch.stack(gates))
 
     def aux_loss(self) -> torch.Tensor | None:
         """router_aux_weight * mean over layers of the router balance loss of the last training forward."""
         return self._aux
 
     def reset_stats(self) -> None:
-        """Forget the router statistics recorded so far."""
+        """Forget the router and plot-clock statistics recorded so far."""
         self._stat_sums = None      # (n_layer, len(TOKEN_TYPES), G) float64: summed weights
         self._stat_counts = None    # (len(TOKEN_TYPES),) float64: tokens of each type
+        self._clock_sums = None     # (n_layer, len(CLOCK_TYPES)) float64: summed plot-clock gates
+        self._clock_counts = None   # (len(CLOCK_TYPES),) float64
 
     def stats(self) -> dict:
         """Router statistics of the recorded forwards since reset_stats() (by default training-mode
@@ -215,8 +253,28 @@ class MultiTrackLM(nn.Module):
         router/layer<i>/<track>        mean weight per layer over all tokens
         router/frac/<type>             share of recorded tokens of that type
         router/tokens                  number of tokens recorded
-        Empty when nothing was recorded (uniform router, one track, or no eval forward yet).
+        clock/<type>                   with a plot clock: its gate's mean (the open rate) over tokens of
+                                       that type, averaged over layers (types: CLOCK_TYPES, i.e. also
+                                       "boundary" / "non_boundary": where the boundary rule fires or not)
+        clock/layer<i>                 the open rate per layer over all tokens
+        clock/tokens                   number of tokens recorded
+        Empty when nothing was recorded (uniform router and no clock, one track, or no eval forward yet).
         """
+        return {**self._router_stats(), **self._clock_stats()}
+
+    def _clock_stats(self) -> dict:
+        if self._clock_sums is None or float(self._clock_counts[0]) == 0:
+            return {}
+        sums, counts = self._clock_sums.cpu(), self._clock_counts.cpu()
+        out = {"clock/tokens": float(counts[0])}
+        for ti, tname in enumerate(CLOCK_TYPES):
+            if counts[ti] > 0:
+                out[f"clock/{tname}"] = float(sums[:, ti].mean() / counts[ti])
+        for k in range(sums.shape[0]):
+            out[f"clock/layer{k}"] = float(sums[k, 0] / counts[0])
+        return out
+
+    def _router_stats(self) -> dict:
         if self._stat_sums is None or float(self._stat_counts[0]) == 0:
             return {}
         sums, counts = self._stat_sums.cpu(), self._stat_counts.cpu()
@@ -235,10 +293,25 @@ class MultiTrackLM(nn.Module):
         return out
 
 
+def _accumulate(sums, counts, types: torch.Tensor, equation: str, values: torch.Tensor):
+    """Add the per-type sums of `values` (einsum `equation` with types (B, L, T) bool) and the type counts
+    to running float64 totals (None: start). Returns the new (sums, counts)."""
+    with torch.no_grad():
+        t = types.float()
+        new = torch.einsum(equation, t, values.detach().float()).double()
+        if sums is None or sums.device != new.device:
+            sums = torch.zeros_like(new)
+            counts = torch.zeros(t.shape[-1], dtype=torch.float64, device=new.device)
+        return sums + new, counts + t.sum((0, 1))
+
+
 def parameter_report(config: MultiTrackConfig) -> str:
     """One line: this model's parameter count (computed, not built) vs the matched Mamba baseline's."""
     n, base = count_params(config), baseline_params(config)
+    extra = "".join([f", plot clock: {config.plot_clock}" if config.use_plot_clock else "",
+                     f", character memory: {config.mem_heads} heads x d_k {config.mem_head_dim}"
+                     if config.use_char_memory else ""])
     return (f"multitrack params {n:,} vs mamba baseline {base:,} ({100 * (n - base) / base:+.2f}%); "
             f"d_inner={config.d_inner} ({config.tracks} x {config.d_track}), baseline d_inner="
-            f"{config.expand * config.d_model}")
+            f"{config.expand * config.d_model}{extra}")
 

@@ -13,22 +13,16 @@ import torch.nn.functional as F
 from mamba_lm import models
 from mamba_lm.errors import UserError
 from mamba_lm.mamba import MambaLMHeadModel, mamba_config
-from multitrack.multitrack_model import (MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
+from multitrack.multitrack_model import (VARIANTS, MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
                                          multitrack_config)
-from multitrack.narrative import N_FEATURES, TOKEN_TYPES, build_signal_tables
+from multitrack.narrative import FEATURE_NAMES, N_FEATURES, TOKEN_TYPES, build_signal_tables
 from mamba_lm.tokenizer import load_tokenizer
 
 TEXT = ('CHAPTER I\n\nHe said, "Run now." Then he left the house.\n\n"Wait," she called. "Wait for me!"\n\n'
         "* * *\n\nNight fell over the hills, and the wind rose.\n\n\"Who's there?\n\n\"Only me.\"")
 
-ABLATIONS = {
-    "full": {},
-    "one-track": {"tracks": 1},
-    "uniform-router": {"router": "uniform"},
-    "no-cross": {"cross_track": False},
-    "no-signals": {"narrative_signals": False},
-    "dt-clamp": {"dt_clamp_factor": 2.0},
-}
+ABLATIONS = VARIANTS                # every variant and ablation switch (multitrack_config.VARIANTS)
+NEW_MECHANISMS = ["plot-clock", "plot-clock-learned", "char-memory", "revised", "revised-learned-clock"]
 
 
 def tiny(**overrides) -> MultiTrackConfig:
@@ -81,17 +75,22 @@ def test_forward_backward_every_ablation(name, byte_table, story_ids):
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
     has = lambda part: any(part in n for n, _ in model.named_parameters())  # noqa: E731
-    assert has("router.proj") == (name not in ("one-track", "uniform-router"))
-    assert has("router.signal_proj") == (name in ("full", "no-cross", "dt-clamp"))
+    cfg = model.config
+    assert has("router.proj") == (name not in ("one-track", "uniform-router")) == cfg.use_router
+    assert has("router.signal_proj") == (name not in ("one-track", "uniform-router", "no-signals"))
     assert has("cross.qkv") == (name not in ("one-track", "no-cross"))
+    assert has("memory.proj") == ("memory" in name or name.startswith("revised")) == cfg.use_char_memory
+    assert has("clock.signal_proj") == (name in ("plot-clock-learned", "revised-learned-clock"))
+    assert cfg.use_plot_clock == (name.startswith(("plot-clock", "revised")))
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_parameter_matching_to_baseline(name):
-    """Guards the fair comparison: every ablation of multitrack-130m is within 1% of mamba-130m's
-    126,924,672 parameters (built on the meta device), and the tiny presets within 3% of theirs."""
-    for preset, base_preset, tol in (("multitrack-130m", "mamba-130m", 0.01), ("tiny", "tiny", 0.03),
-                                     ("small-cpu", "small-cpu", 0.03)):
+    """Guards the fair comparison: every variant and ablation of the multitrack-130m, tiny and small-cpu
+    presets is within 1% of the Mamba baseline preset of the same size (mamba-130m: 126,924,672
+    parameters; built on the meta device, counts printed)."""
+    for preset, base_preset, tol in (("multitrack-130m", "mamba-130m", 0.01), ("tiny", "tiny", 0.01),
+                                     ("small-cpu", "small-cpu", 0.01)):
         cfg = multitrack_config(preset, **ABLATIONS[name])
         n = MultiTrackLM(cfg, device="meta").num_params()
         base = MambaLMHeadModel(mamba_config(base_preset), device="meta").num_params()
@@ -116,10 +115,11 @@ def test_track_dt_initialisation_ranges():
     assert dt1.min() < 1e-3 and dt1.max() > 1e-2                               # spread over 3 decades
 
 
-@pytest.mark.parametrize("name", ["full", "one-track", "dt-clamp", "no-cross", "no-signals", "uniform-router"])
+@pytest.mark.parametrize("name", list(ABLATIONS))
 def test_step_matches_parallel_forward(name, byte_table, story_ids):
-    """Guards generation: teacher-forced step() equals forward() logits (fp32, < 1e-4) and the cache
-    carries the dialogue parity exactly as the parallel pass computes it."""
+    """Guards generation: teacher-forced step() equals forward() logits (fp32, < 1e-4), the cache carries
+    the dialogue parity exactly as the parallel pass computes it, and every recurrent state (conv, scan,
+    delta-rule memory) ends equal."""
     model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
     with torch.no_grad():
         ref_cache = model.allocate_cache(2)
@@ -131,13 +131,17 @@ def test_step_matches_parallel_forward(name, byte_table, story_ids):
     assert diff < 1e-4
     assert torch.equal(cache.narrative.parity, ref_cache.narrative.parity)
     assert cache.narrative.parity.tolist() == [1, 0]                           # row 0 stopped inside a quote
-    for a, b in zip(cache.ssm_states + cache.conv_states, ref_cache.ssm_states + ref_cache.conv_states):
+    assert len(cache.mem_states) == (model.config.n_layer if model.config.use_char_memory else 0)
+    for a, b in zip(cache.ssm_states + cache.conv_states + cache.mem_states,
+                    ref_cache.ssm_states + ref_cache.conv_states + ref_cache.mem_states):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_chunked_forward_with_cache_equals_full_forward(byte_table, story_ids):
-    """Guards chunked processing of long books: forward in pieces with a carried cache == one forward."""
-    model = make_model(tiny(), byte_table).eval()
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_chunked_forward_with_cache_equals_full_forward(name, byte_table, story_ids):
+    """Guards chunked processing of long books (carried state across windows): forward in pieces with a
+    carried cache == one forward, for every variant; reset() zeroes every state."""
+    model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
     with torch.no_grad():
         full = model(story_ids)
         cache = model.allocate_cache(2)
@@ -146,7 +150,7 @@ def test_chunked_forward_with_cache_equals_full_forward(byte_table, story_ids):
     print(f"max |chunked - full| = {diff:.2e}")
     assert diff < 1e-4
     cache.reset()
-    assert all(not t.any() for t in cache.ssm_states) and not cache.narrative.parity.any()
+    assert all(not t.any() for t in cache.ssm_states + cache.mem_states) and not cache.narrative.parity.any()
 
 
 def test_router_weights_and_stats(byte_table, story_ids):
@@ -227,10 +231,12 @@ def test_config_errors_are_user_errors():
     assert two.d_inner % 2 == 0 and two.track_names == ("track0", "track1")
 
 
-def test_overfits_one_batch(byte_table, story_ids):
-    """Guards that the whole model learns: 100 Adam steps on one batch drive the loss far below its start."""
+@pytest.mark.parametrize("name", ["full", "plot-clock-learned", "revised"])
+def test_overfits_one_batch(name, byte_table, story_ids):
+    """Guards that the whole model learns, with each new mechanism too (the learned plot clock; the rule's
+    clock with the delta-rule memory): 100 Adam steps on one batch drive the loss far below its start."""
     torch.manual_seed(0)
-    model = make_model(tiny(), byte_table, perturb=False)
+    model = make_model(tiny(**ABLATIONS[name]), byte_table, perturb=False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = story_ids[:, :-1], story_ids[:, 1:]
     losses = []
@@ -290,14 +296,14 @@ def test_clamped_delta_meets_kernel_dtype_contract():
     cfg = tiny(dt_clamp_factor=2.0)
     mixer = MultiTrackLM(cfg).backbone.layers[0].mixer
     dt = torch.randn(2, cfg.d_inner, 5).mul(20).to(torch.bfloat16)             # (B, Di, L), extreme values
-    delta, bias, softplus = mixer._delta(dt, channel_dim=1)
+    delta, bias, softplus = mixer._delta(dt)
     assert delta.dtype == torch.bfloat16 and not softplus
     assert bias is not None and bias.dtype == torch.float32 and not bias.any()
     lo = torch.tensor([r[0] for r in cfg.dt_ranges]).repeat_interleave(cfg.d_track) / 2
     hi = torch.tensor([r[1] for r in cfg.dt_ranges]).repeat_interleave(cfg.d_track) * 2
     d = delta.float()
     assert (d >= lo[:, None] * 0.99).all() and (d <= hi[:, None] * 1.01).all()
-    free = MultiTrackLM(tiny()).backbone.layers[0].mixer._delta(dt, channel_dim=1)
+    free = MultiTrackLM(tiny()).backbone.layers[0].mixer._delta(dt)
     assert free[0] is dt and free[1].dtype == torch.float32 and free[2]      # unclamped: the kernel applies softplus
 
 
@@ -318,7 +324,7 @@ def test_cross_track_step_equals_forward():
 
 
 @pytest.mark.parametrize("l", [1, 7])
-@pytest.mark.parametrize("name", ["full", "no-cross", "uniform-router"])
+@pytest.mark.parametrize("name", ["full", "no-cross", "uniform-router", "plot-clock", "char-memory", "revised"])
 def test_channels_first_mixing_equals_token_major_reference(name, l):
     """Guards the training path of the track mixing: in the scan's (B, Di, L) layout (cross-track attention
     on (B, G, d_track, L), RMS scale moved onto q/k/v, router weights broadcast along d_track, the router's
@@ -411,3 +417,108 @@ def test_mean_balance_loss_equals_per_layer_mean():
     assert g_fused.abs().sum() > 0
     assert abs(mean_balance_loss(torch.full((2, 1, 5, 3), 1 / 3)).item()) < 1e-6
     assert mean_balance_loss(F.one_hot(torch.zeros(2, 1, 5, dtype=torch.long), 3).float()).item() == pytest.approx(2.0)
+
+
+def test_variants_enumerate_every_switch():
+    """Guards the variant table other tests iterate over: each new mechanism has a variant that switches it
+    on alone, the revised design has both, unknown names fail with a UserError, and with one track both
+    are off (nothing to clock or to replace)."""
+    from multitrack.multitrack_config import variant_config
+
+    assert VARIANTS["plot-clock"] == {"plot_clock": "signals"} and VARIANTS["char-memory"] == {"char_memory": True}
+    revised = variant_config("tiny", "revised")
+    assert revised.use_plot_clock and revised.use_char_memory and revised.scan_tracks == [0, 2]
+    assert revised.d_scan == 2 * revised.d_track and revised.d_track % revised.mem_heads == 0
+    one = variant_config("tiny", "revised", tracks=1)
+    assert not one.use_plot_clock and not one.use_char_memory
+    with pytest.raises(UserError):
+        variant_config("tiny", "no-such-variant")
+    with pytest.raises(UserError):
+        multitrack_config("tiny", plot_clock="sometimes")
+    with pytest.raises(UserError):
+        multitrack_config("tiny", plot_clock="signals", plot_clock_signals=("chapter",))
+    with pytest.raises(UserError):                                               # both on the same track
+        multitrack_config("tiny", tracks=2, track_dt_min=(1e-2, 1e-4), track_dt_max=(1e-1, 1e-3),
+                          plot_clock="signals", char_memory=True)
+    cli = multitrack_config("tiny", plot_clock="signals", plot_clock_signals="paragraph_break,doc_boundary")
+    assert cli.plot_clock_signals == ("paragraph_break", "doc_boundary")
+
+
+def test_plot_clock_holds_plot_state_between_boundaries(byte_table):
+    """Guards the plot clock's meaning: with the boundary rule, a stretch of text without paragraph breaks,
+    headings or scene marks leaves the plot track's scan state exactly unchanged (Δ = 0: no decay, no
+    write) while the other tracks' states move; a paragraph break changes it. The clocked plot track's
+    Δ starts in its per-boundary range."""
+    tok = load_tokenizer("byte")
+    model = make_model(tiny(plot_clock="signals"), byte_table).eval()
+    c = model.config
+    plot = slice(c.d_scan - c.d_track, c.d_scan)                                  # the last scan group
+    cache = model.allocate_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([tok.encode("The night was long.\n\n")]), cache=cache)
+        before = [s.clone() for s in cache.ssm_states]
+        model(torch.tensor([tok.encode("He walked on and on, and the road went on")]), cache=cache)
+        held = [s.clone() for s in cache.ssm_states]
+        model(torch.tensor([tok.encode(".\n\nMorning")]), cache=cache)
+    for b, h, after in zip(before, held, cache.ssm_states):
+        assert b[:, plot].abs().sum() > 0                                         # written at the break
+        assert torch.equal(h[:, plot], b[:, plot])                                # held: bit for bit
+        assert not torch.equal(h[:, :plot.start], b[:, :plot.start])              # the fast tracks move
+        assert not torch.equal(after[:, plot], h[:, plot])                        # the next break writes
+    dt = F.softplus(model.backbone.layers[0].mixer.dt_proj.bias.detach())[plot]
+    assert dt.min() >= c.plot_clock_dt_min * 0.999 and dt.max() <= c.plot_clock_dt_max * 1.001
+
+
+def test_learned_clock_starts_at_the_rule_and_equals_its_reference(byte_table, story_ids):
+    """Guards the learned gate g = σ(w_s·s + w_u·u + b): at init it is near the boundary rule (> 0.99 at
+    rule boundaries, < 0.01 elsewhere); the model's fused form (all layers' w_s s + b in one matmul, then
+    + w_u·u) equals the plain formula, in value and gradient."""
+    from multitrack.narrative import narrative_features
+    from multitrack.plot_clock import boundary_gate
+
+    model = make_model(tiny(plot_clock="learned"), byte_table)
+    features = narrative_features(model.signal_table[story_ids])[0]
+    rule = boundary_gate(features, model.config.plot_clock_signals)
+    assert 0 < rule.sum() < rule.numel()
+    clock = model.backbone.layers[1].mixer.clock
+    u = torch.randn(2, story_ids.shape[1], model.config.d_model, requires_grad=True)
+    fused = clock(u, model._clock_inputs(features)[1])
+    assert fused[rule > 0].min() > 0.99 and fused[rule == 0].max() < 0.01
+    with torch.no_grad():
+        clock.proj.weight.normal_(std=0.5)
+    fused, ref = clock(u, model._clock_inputs(features)[1]), clock.reference(u, features)
+    torch.testing.assert_close(fused, ref)
+    params = [u, clock.proj.weight, clock.signal_proj.weight, clock.signal_proj.bias]
+    for a, b in zip(torch.autograd.grad(fused.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["plot-clock", "revised-learned-clock"])
+def test_clock_stats_open_rate_by_token_type(name, byte_table, story_ids):
+    """Guards the plot-clock statistics: open rate per token type and per layer; with the rule it is 1 at
+    boundary tokens and 0 elsewhere; the router statistics still cover every track (the memory track too)."""
+    model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
+    model.record_stats = True
+    with torch.no_grad():
+        model(story_ids)
+    st = model.stats()
+    assert st["clock/tokens"] == 2 * 64 and {f"clock/layer{k}" for k in range(2)} <= set(st)
+    assert {"clock/all", "clock/boundary", "clock/non_boundary", "clock/dialogue"} <= set(st)
+    if name == "plot-clock":
+        assert st["clock/boundary"] == 1.0 and st["clock/non_boundary"] == 0.0
+    else:
+        assert st["clock/boundary"] > 0.9 and st["clock/non_boundary"] < 0.1
+    for track in model.config.track_names:
+        assert f"router/all/{track}" in st
+    model.reset_stats()
+    assert model.stats() == {}
+
+
+def test_clock_stats_without_router(byte_table, story_ids):
+    """Guards the statistics when the router is uniform but the clock is on: clock keys only, no router keys."""
+    model = make_model(tiny(router="uniform", plot_clock="signals"), byte_table).eval()
+    model.record_stats = True
+    with torch.no_grad():
+        model(story_ids)
+    st = model.stats()
+    assert "clock/all" in st and not any(k.startswith("router/") for k in st)
