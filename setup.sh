@@ -4,6 +4,7 @@
 #
 #   ./setup.sh                      CPU or GPU machine with PyPI access: venv + pinned requirements;
 #                                   on an NVIDIA GPU also builds mamba-ssm and causal-conv1d for the local GPU only
+#                                   and checks flash-linear-attention's Triton kernels (no build step)
 #   ./setup.sh --use-system-torch   keep the machine's own (CUDA) torch: venv with --system-site-packages
 #   ./setup.sh --wheelhouse DIR     install from a local folder of wheels/sdists (machines without network)
 #   ./setup.sh --offline            no package index at all: only what is installed or in --wheelhouse
@@ -23,6 +24,7 @@ set -uo pipefail
 TORCH_VERSION="2.13.0"           # the pinned torch (CPU machines take the CPU build lying on disk)
 MAMBA_SSM_VERSION="2.3.2.post1"  # built from its sdist on GPU machines
 CAUSAL_CONV1D_VERSION="1.7.0"    # built from its sdist on GPU machines
+FLA_VERSION="0.6.0"              # flash-linear-attention core (fla-core): Triton kernels, no build step
 
 # Options are parsed in the caller's directory: relative --venv / --wheelhouse paths are relative to it.
 VENV=".venv"; USE_SYSTEM_TORCH=0; WHEELHOUSE=""; OFFLINE=0; MAMBA_ONLY=0; KERNELS="auto"
@@ -194,11 +196,23 @@ print(" ".join(need + ([] if shutil.which("ninja") else ["ninja"])))')
     build_kernel causal-conv1d "$CAUSAL_CONV1D_VERSION" causal_conv1d CAUSAL_CONV1D
   fi
   build_kernel mamba-ssm "$MAMBA_SSM_VERSION" mamba_ssm MAMBA
+  # The character memory's gated delta rule (multitrack/delta_rule.py): fla-core comes with
+  # requirements.txt; its kernels need triton, which CUDA builds of torch bring (else fla[cuda] adds it).
+  step_start "flash-linear-attention $FLA_VERSION Triton kernels (gated delta rule)"
+  if "$PY" -c "from fla.ops.gated_delta_rule import chunk_gated_delta_rule" 2>/dev/null; then
+    echo "    fla kernels importable"
+  else
+    "${PIP[@]}" install -q "${PIP_SRC[@]}" "fla-core[cuda]==$FLA_VERSION" \
+      || echo "    WARNING: could not install fla-core[cuda] (offline? put its wheel and triton's in --wheelhouse); the delta rule runs in PyTorch"
+    "$PY" -c "from fla.ops.gated_delta_rule import chunk_gated_delta_rule" 2>/dev/null \
+      || echo "    WARNING: fla's kernels do not import; the delta rule runs in PyTorch (slow on GPU)"
+  fi
+  step_done
 fi
 
 # ---- 5. check ---------------------------------------------------------------------------------
 step_start "import check"
-"$PY" -c 'import mamba_lm.ops as ops; print("    " + ops.describe_kernels())' \
+"$PY" -c 'import mamba_lm.ops as ops, multitrack.delta_rule as dr; print(f"    {ops.describe_kernels()}, gated_delta_rule={dr.KERNEL}")' \
   || fail "the repository's modules do not import; see the error above"
 step_done
 if [ "$VENV" = "none" ]; then echo "setup.sh: finished in $(( $(date +%s) - T0 )) s (installed into $PY)"; else echo "setup.sh: finished in $(( $(date +%s) - T0 )) s. Use: source $VENV/bin/activate"; fi

@@ -47,6 +47,7 @@ class CharacterMemory(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(d_track, device=device, dtype=dtype))
         for p in (self.A_log, self.dt_bias, self.norm_weight):
             p._no_weight_decay = True
+        delta_rule.log_kernel_once()
 
     def state_shape(self) -> tuple[int, int, int]:
         """(H, d_k, d_v): the memory of one sequence."""

@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mamba_lm import ops
+
 # flash-linear-attention's Triton kernels (PyPI flash-linear-attention / fla-core). Its import needs
 # triton and, on a CPU-only machine, can fail with more than ImportError: any failure means no kernel.
 try:
@@ -49,11 +51,21 @@ try:
 except Exception:  # noqa: BLE001
     _fla_chunk = _fla_recurrent = None
 
-KERNEL = "fla-triton" if (_fla_chunk is not None and torch.cuda.is_available()) else "pytorch-chunked"
+KERNEL = ("fla-triton" if (_fla_chunk is not None and torch.cuda.is_available() and not ops._FORCED_PYTORCH)
+          else "pytorch-chunked")       # what runs on CUDA tensors (CPU tensors: always PyTorch)
+_described = False
+
+
+def log_kernel_once() -> None:
+    """Print which gated-delta-rule implementation runs, the first time a model with the memory is built."""
+    global _described
+    if not _described:
+        _described = True
+        print(f"kernels: gated_delta_rule={KERNEL}")
 
 
 def _use_fla(kernel, *tensors) -> bool:
-    from mamba_lm import ops                    # the repository-wide force_pytorch() switch
+    """fla's kernel for CUDA tensors, unless mamba_lm.ops forces the PyTorch paths (env or force_pytorch())."""
     return kernel is not None and not ops._pytorch_only and not ops._FORCED_PYTORCH and all(
         t.is_cuda for t in tensors)
 

@@ -157,3 +157,21 @@ def test_narrative_step_equals_chunk_features(vocab, bpe):
     assert full[..., F["in_dialogue"]].any() and full[..., F["paragraph_break"]].any()
     for name in ("parity", "prev_ends_newline", "prev_reset"):
         assert torch.equal(getattr(state, name), getattr(full_state, name)), name
+
+
+def test_plot_clock_boundary_rule_on_a_story(bpe):
+    """Guards the plot clock's rule (multitrack/plot_clock.boundary_gate): on a BPE-tokenised story it opens
+    exactly at the tokens carrying a configured feature (paragraph breaks, the heading words, the scene
+    mark), nowhere inside sentences or dialogue, and the set of features is a switch (headings only)."""
+    from multitrack.plot_clock import boundary_gate
+
+    ids = torch.tensor([bpe.encode(STORY)])
+    features = narrative_features(build_signal_tables(bpe)[ids])[0]
+    gate = boundary_gate(features, ("paragraph_break", "heading", "scene_mark"))
+    opened = [bpe.decode([i]) for i, g in zip(ids[0].tolist(), gate[0].tolist()) if g]
+    assert gate.dtype == torch.float32 and set(gate.unique().tolist()) == {0.0, 1.0}
+    assert opened.count("CHAPTER") == 2 and any("*" in t for t in opened)
+    assert sum("\n" in t for t in opened) == STORY.count("\n\n")              # one per paragraph break
+    assert all("\n" in t or t == "CHAPTER" or set(t.strip()) == {"*"} for t in opened), opened
+    headings = boundary_gate(features, ("heading",))
+    assert headings.sum() == 2 and (headings <= gate).all()
