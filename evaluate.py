@@ -17,13 +17,22 @@ Stages (`--stages=`, comma-separated; each one is cached, so `--resume=True` ski
                 continuation of each book is scored the same way as a reference row
     recall      long-range recall probe on procedural demo stories (mamba_lm.demo_corpus): is a
                 character's name/trait stated thousands of tokens earlier predicted at the cue?
+    longrange   whole books read window by window, the state carried through the book vs reset every
+                `window` tokens: loss on recurring proper names by token distance to their previous
+                mention (<256, 256-1k, 1k-4k, 4k-16k, >=16k), and loss by position up to
+                `position_tokens` (64k) into each book (log2 buckets)
+    chapters    next-chapter ranking (ChapterBreak, arXiv 2204.10878): at each chapter heading, the true
+                opening of the next chapter against openings of later chapters of the same book, scored
+                given the book so far (carried) vs the last window only (reset); accuracy and mean rank
+The default runs the first four; the long-range pair reads whole books, so ask for it:
+    python evaluate.py --ckpts=a.pt,b.pt --names=a,b --stages=longrange,chapters --longrange_books=16
 
 Output: `reports/eval_<timestamp>.md` (or `--out=`), PNGs and a `.json` of every number beside it.
-Results go to `state_dir` after each stage (and the running sums of the loss and books stages every
+Results go to `state_dir` after each stage (and the running sums of the loss, books, longrange and chapters stages every
 `save_every` seconds), keyed by checkpoint file + data fingerprint + the stage's settings; a re-run
 with `--resume=True` reuses the finished stages whose key matches and continues an interrupted one.
 Stages and their resume cache: mamba_lm/evaluation.py; the report: mamba_lm/eval_report.py; metric
-definitions: mamba_lm/metrics.py.
+definitions: mamba_lm/metrics.py and mamba_lm/longrange.py.
 """
 
 import os
@@ -50,7 +59,7 @@ out = ""                    # report path (.md); default reports/eval_<UTC times
 state_dir = "reports/.eval_state"  # partial results per checkpoint+data+settings (for --resume)
 resume = False              # reuse finished stages from state_dir whose checkpoint, data and settings match,
                             # and continue an interrupted loss/books stage from its last partial save
-save_every = 60.0           # seconds between partial saves inside the loss and books stages (0 = every batch)
+save_every = 60.0           # seconds between partial saves inside the loss, books and long-range stages (0 = always)
 device = "auto"             # auto | cpu | cuda | cuda:1 ...
 dtype = "float32"           # float32 | bfloat16 (autocast; losses are always computed in float32)
 seed = 1337                 # sampling seed (generation) and probe-story seed offset (recall)
@@ -80,6 +89,12 @@ recall_stories = 16         # procedural demo stories generated for the probe
 recall_story_words = 6000   # approximate length of each story in words (when not using the demo data's own books)
 recall_seed = 271828        # seed of the fresh stories (never the demo data's training books)
 recall_distance_edges = "0,256,1024,2048,4096,8192"  # distance buckets (tokens between fact and cue)
+# long-range stages (longrange, chapters): whole books, the state carried through the book vs reset every window
+longrange_books = 16        # books read (the split's first ones; 0 = all)
+longrange_tokens = 0        # tokens read per book (its first ones; 0 = the whole book)
+position_tokens = 65536     # longrange: per-position loss up to this many tokens into each book (log2 buckets)
+chapter_tokens = 128        # chapters: tokens of each chapter opening that are scored
+chapter_candidates = 6      # chapters: candidates per break (the true opening + openings of later chapters)
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -102,6 +117,17 @@ def parse_stages(spec: str) -> list[str]:
     if unknown or not chosen:
         raise UserError(f"--stages: unknown {unknown or spec!r}; choose from {','.join(E.STAGES)}")
     return [s for s in E.STAGES if s in chosen]
+
+
+def check_long_range_settings(chosen: list[str], win: int) -> None:
+    """UserError (before any work) for settings the long-range stages cannot use."""
+    if "longrange" in chosen and position_tokens < 1:
+        raise UserError(f"--position_tokens={position_tokens}: must be >= 1 (65536 = 64k tokens into each book)")
+    if "chapters" in chosen:
+        if not 2 <= chapter_tokens < win:
+            raise UserError(f"--chapter_tokens={chapter_tokens}: must be >= 2 and below the window ({win} tokens)")
+        if chapter_candidates < 2:
+            raise UserError(f"--chapter_candidates={chapter_candidates}: must be >= 2 (the true opening + others)")
 
 
 def checkpoint_list(paths_spec: str, names_spec: str) -> list[tuple[str, str]]:
@@ -202,6 +228,7 @@ def main() -> None:
     data = TokenSplit(data_dir, split, seq_len=seq_len or None)
     L = data.seq_len
     win = window or L
+    check_long_range_settings(chosen, win)
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
     out_md = Path(out or f"reports/eval_{stamp}.md")
     if out_md.suffix != ".md":
@@ -278,7 +305,11 @@ def run_stage(stage, model, tokenizer, data, meta, dev, win, progress) -> dict:
         return E.eval_books(model, tokenizer, data, config, amp, win, progress)
     if stage == "generation":
         return E.eval_generation(model, tokenizer, data, config, amp)
-    return E.eval_recall(model, tokenizer, meta, config, amp, win)
+    if stage == "recall":
+        return E.eval_recall(model, tokenizer, meta, config, amp, win)
+    if stage == "longrange":
+        return E.eval_longrange(model, tokenizer, data, config, amp, win, progress)
+    return E.eval_chapters(model, tokenizer, data, config, amp, win, progress)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which):
     models         model registry: build any model type from (model_type, config dict)
     generation     sampling and recurrent (constant-memory) generation, CUDA graphs on GPU
     report         markdown writing (sample files, epoch tables) and PNG plots
+    longrange      whole-book metrics: recurring names by distance, chapter detection and ranking, streaming
+    evaluation     evaluate.py's stages and their resumable accumulators (resume cache)
+    eval_report    evaluate.py's markdown report: tables, verdicts, PNGs
     checkpoint     self-describing checkpoints: atomic save, safe load
     interop        Hugging Face / mamba-ssm checkpoint folders: load, export
     trainer        the shared training pieces: optimizer, LR schedule, evaluation, logging

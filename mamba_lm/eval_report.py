@@ -92,11 +92,82 @@ def plot_book_loss(results: dict, path: Path, split: str) -> Path | None:
     return save_figure(fig, path)
 
 
+def plot_name_loss(results: dict, path: Path, split: str) -> Path | None:
+    """Loss on recurring names by distance bucket, carried (solid) vs reset (dashed), and the gain."""
+    plt = pyplot()
+    series = {n: r["longrange"]["names"] for n, r in results.items() if (r.get("longrange") or {}).get("names")}
+    if plt is None or not series:
+        return None
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for i, (n, rows) in enumerate(series.items()):
+        rows = [r for r in rows if r["targets"] > 0]
+        labels, color = [r["bucket"] for r in rows], f"C{i % 10}"
+        ax.plot(labels, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{n} (state carried)")
+        ax.plot(labels, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{n} (state reset)")
+        gap.plot(labels, [r["reset"] - r["carried"] for r in rows], "o-", ms=3, color=color, label=n)
+    ax.set_xlabel("tokens since the previous mention of the name")
+    ax.set_ylabel("mean loss on the name's tokens (nats/token)")
+    ax.set_title(f"recurring names ({split} split)", fontsize=10)
+    gap.axhline(0.0, color="0.3", lw=0.8)
+    gap.set_xlabel("tokens since the previous mention of the name")
+    gap.set_ylabel("reset - carried (nats/token)")
+    gap.set_title("gain from carrying the state (> 0: the state helps)", fontsize=10)
+    for a in (ax, gap):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_deep_positions(results: dict, path: Path, split: str) -> Path | None:
+    """Loss by position into the book (log2 buckets, log x), carried (solid) vs reset (dashed)."""
+    plt = pyplot()
+    series = {n: r["longrange"]["positions"] for n, r in results.items()
+              if (r.get("longrange") or {}).get("positions")}
+    if plt is None or not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    for i, (n, rows) in enumerate(series.items()):
+        xs, color = [math.sqrt((r["lo"] + 1) * r["hi"]) for r in rows], f"C{i % 10}"
+        ax.plot(xs, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{n} (state carried)")
+        ax.plot(xs, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{n} (state reset)")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in the book + 1 (tokens read before the target)")
+    ax.set_ylabel("mean loss (nats/token)")
+    ax.set_title(f"loss by position into the book ({split} split, log2-bucket means)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_chapters(results: dict, path: Path, split: str) -> Path | None:
+    """Next-chapter ranking accuracy per checkpoint, carried vs reset, with the chance level."""
+    plt = pyplot()
+    series = {n: r["chapters"] for n, r in results.items() if "carried" in (r.get("chapters") or {})}
+    if plt is None or not series:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(series) + 2), 4), dpi=110)
+    xs = np.arange(len(series))
+    ax.bar(xs - 0.2, [c["carried"]["accuracy"] for c in series.values()], 0.4, label="state carried")
+    ax.bar(xs + 0.2, [c["reset"]["accuracy"] for c in series.values()], 0.4, label="state reset")
+    chance = np.mean([c["carried"]["chance_accuracy"] for c in series.values()])
+    ax.axhline(chance, color="0.3", ls=":", lw=1, label=f"chance ({chance:.2f})")
+    ax.set_xticks(xs, list(series))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (true opening ranked first)")
+    ax.set_title(f"next-chapter ranking ({split} split)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def write_plots(results: dict, out_md: Path, split: str) -> dict:
     """Every PNG of the report beside `out_md` (<stem>_<plot>.png): {plot: path or None}."""
     stem = out_md.with_name(out_md.stem)
     return {"positions": plot_position_loss(results, Path(f"{stem}_positions.png"), split),
-            "books": plot_book_loss(results, Path(f"{stem}_books.png"), split)}
+            "books": plot_book_loss(results, Path(f"{stem}_books.png"), split),
+            "names": plot_name_loss(results, Path(f"{stem}_names.png"), split),
+            "deep": plot_deep_positions(results, Path(f"{stem}_deep.png"), split),
+            "chapters": plot_chapters(results, Path(f"{stem}_chapters.png"), split)}
 
 
 def with_stage(results: dict, stage: str, key: str) -> list[str]:
@@ -267,6 +338,77 @@ def section_recall(results: dict, win: int) -> str:
             "are out of reach.\n\nAccuracy by kind of fact:\n\n" + kinds)
 
 
+def section_names(results: dict, png: Path | None) -> str:
+    names_ = with_stage(results, "longrange", "names")
+    first = results[names_[0]]["longrange"]
+    rows = []
+    for k, row in enumerate(first["names"]):
+        cells = [row["bucket"]]
+        for n in names_:
+            r = results[n]["longrange"]["names"][k]
+            cells += [r["targets"], r["carried"], r["reset"], r["reset"] - r["carried"] if r["targets"] else None]
+        rows.append(cells)
+    header = ["distance to previous mention"] + [h for n in names_ for h in
+                                                 (f"{n} targets", f"{n} carried", f"{n} reset", f"{n} gain")]
+    lines = [md_table(header, rows), ""]
+    for n in names_:
+        lr = results[n]["longrange"]
+        lines.append(f"- **{n}**: {plural(lr['books'], 'book')}, {lr['tokens']:,} tokens (longest "
+                     f"{lr['longest_book']:,}); {lr['name_targets']:,} recurring-name targets: carried {fmt(lr['recurring_carried'])} vs reset "
+                     f"{fmt(lr['recurring_reset'])} nats/token; all tokens: carried {fmt(lr['carried_loss'])} vs "
+                     f"reset {fmt(lr['reset_loss'])}.")
+    lines.append(f"\nLoss on the tokens of proper names (capitalised words that are not sentence-initial, minus a "
+                 "stop list; every token of a multi-token name) that already occurred earlier in the same book, by "
+                 "the token distance to the previous mention; *first mention* is the reference row of names not "
+                 f"seen before. *carried*: the state runs through the whole book; *reset*: zero state every "
+                 f"{first['window']} tokens, as in training; gain = reset - carried (> 0: the state helps). "
+                 "Definitions: mamba_lm/longrange.py.")
+    if png:
+        lines.append(f"\n![recurring-name loss by distance]({png.name})")
+    return "\n".join(lines)
+
+
+def section_deep_positions(results: dict, png: Path | None) -> str:
+    names_ = with_stage(results, "longrange", "positions")
+    labels = []
+    for n in names_:
+        labels += [r["label"] for r in results[n]["longrange"]["positions"] if r["label"] not in labels]
+    rows = []
+    for lab in labels:
+        cells, tokens = [lab, None], None
+        for n in names_:
+            r = next((r for r in results[n]["longrange"]["positions"] if r["label"] == lab), None)
+            tokens = tokens or (r or {}).get("tokens")
+            cells += [r["carried"] if r else None, r["reset"] if r else None]
+        cells[1] = tokens
+        rows.append(cells)
+    header = ["positions", "tokens"] + [f"{n} {m}" for n in names_ for m in ("carried", "reset")]
+    text = (md_table(header, rows) + "\n\nMean loss of the targets at each position into the book (the target at "
+            "position p follows p tokens of the book), by log2 buckets, up to `position_tokens`; *carried* reads the "
+            f"book in one pass, *reset* zeroes the state every {results[names_[0]]['longrange']['window']} tokens.")
+    return text + (f"\n\n![loss by position into the book]({png.name})" if png else "")
+
+
+def section_chapters(results: dict, png: Path | None) -> str:
+    names_ = with_stage(results, "chapters", "carried")
+    rows = []
+    for n in names_:
+        ch = results[n]["chapters"]
+        rows.append([n, ch["books_with_breaks"], ch["carried"]["breaks"], ch["carried"]["candidates"],
+                     ch["carried"]["accuracy"], ch["reset"]["accuracy"], ch["carried"]["chance_accuracy"],
+                     ch["carried"]["mean_rank"], ch["reset"]["mean_rank"], ch["carried"]["chance_rank"]])
+    ch = results[names_[0]]["chapters"]
+    text = (md_table(["name", "books", "breaks", "candidates", "acc carried", "acc reset", "acc chance",
+                      "rank carried", "rank reset", "rank chance"], rows)
+            + f"\n\nAt each chapter heading after a book's first (ChapterBreak, arXiv 2204.10878), the first "
+            f"{ch['chapter_tokens']} tokens of the true next chapter (headings and title lines removed) are ranked "
+            "against the openings of up to `chapter_candidates - 1` later chapters of the same book by mean "
+            "log-likelihood per token. *carried*: given the whole book so far; *reset*: given only the last "
+            f"{ch['window'] - ch['chapter_tokens']} tokens, from the zero state. acc: share of breaks where the "
+            "true opening ranks first; rank: mean rank (1 = first).")
+    return text + (f"\n\n![next-chapter ranking]({png.name})" if png else "")
+
+
 def report_sections(results: dict, infos: dict, meta: dict, win: int, L: int, pngs: dict, notes: list[str],
                     device_name: str, cfg: dict) -> list[tuple[str, str]]:
     """[(heading, markdown)] of the report; a section appears when at least one checkpoint has its stage."""
@@ -283,6 +425,11 @@ def report_sections(results: dict, infos: dict, meta: dict, win: int, L: int, pn
         sections.append(("Generation", section_generation(results, cfg)))
     if with_stage(results, "recall", "buckets"):
         sections.append(("Long-range recall", section_recall(results, win)))
+    if with_stage(results, "longrange", "names"):
+        sections.append(("Recurring names by distance", section_names(results, pngs.get("names"))))
+        sections.append(("Loss by position into the book", section_deep_positions(results, pngs.get("deep"))))
+    if with_stage(results, "chapters", "carried"):
+        sections.append(("Next-chapter ranking", section_chapters(results, pngs.get("chapters"))))
     if notes:
         sections.append(("Notes", "\n".join(f"- {x}" for x in notes)))
     sections.append(("Settings", "```json\n" + json.dumps(cfg, indent=1) + "\n```"))
@@ -301,4 +448,10 @@ def headline(stage: str, res: dict) -> str:
         return f" | seq-rep-4 {res['model']['seq_rep_4']:.3f} distinct-2 {res['model']['distinct_2']:.3f}"
     if stage == "recall" and "accuracy" in res:
         return f" | accuracy {res['accuracy']:.3f}"
+    if stage == "longrange" and "names" in res:
+        return (f" | recurring names: carried {res['recurring_carried']:.4f} reset {res['recurring_reset']:.4f} "
+                f"({res['name_targets']:,} targets)")
+    if stage == "chapters" and "carried" in res:
+        return (f" | accuracy carried {res['carried']['accuracy']:.3f} reset {res['reset']['accuracy']:.3f} "
+                f"(chance {res['carried']['chance_accuracy']:.3f}, {res['carried']['breaks']} breaks)")
     return ""

@@ -9,6 +9,9 @@ sequences or books, hands its running sums to `progress` so an interrupted run c
     books       loss by window index into each book, the recurrent state carried vs reset per window
     generation  degeneration and name-consistency metrics of samples from held-out book openings
     recall      long-range recall probe on procedural demo stories
+    longrange   recurring-name loss by distance and per-position loss to 64k tokens, carried vs reset
+    chapters    next-chapter ranking (ChapterBreak), carried vs reset
+(the last two read whole books; mamba_lm/longrange.py holds their definitions).
 
 Resume cache (`state_dir/<key>.json`, key = checkpoint file identity + data fingerprint + split):
     {"format", "checkpoint", "data_dir", "fingerprint", "split",
@@ -16,7 +19,7 @@ Resume cache (`state_dir/<key>.json`, key = checkpoint file identity + data fing
      "partial": {stage: {"settings": ..., "progress": {...}}}}                    # the running one
 A finished stage is reused when its settings match; a partial one is continued from its accumulators.
 Sums are float64 and JSON round-trips floats exactly, so a resumed stage gives the same numbers as an
-uninterrupted one. Metric definitions: mamba_lm/metrics.py.
+uninterrupted one. Metric definitions: mamba_lm/metrics.py and mamba_lm/longrange.py.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from mamba_lm import longrange as LR
 from mamba_lm import metrics as M
 from mamba_lm.errors import UserError
 
-STAGES = ("loss", "books", "generation", "recall")
+STAGES = ("loss", "books", "generation", "recall", "longrange", "chapters")
 STATE_FORMAT = "mamba-narrative-eval-state/1"
 
 
@@ -105,6 +108,13 @@ def stage_settings(stage: str, cfg: dict, L: int, win: int) -> dict:
     if stage == "recall":
         return {**common, "recall_stories": cfg["recall_stories"], "recall_story_words": cfg["recall_story_words"],
                 "recall_seed": cfg["recall_seed"], "edges": cfg["recall_distance_edges"], "window": win}
+    if stage == "longrange":
+        return {**common, "window": win, **{k: cfg[k] for k in ("longrange_books", "longrange_tokens",
+                                                                "position_tokens")}, "names": LR.NAME_FORMAT}
+    if stage == "chapters":
+        return {**common, "window": win, **{k: cfg[k] for k in ("longrange_books", "longrange_tokens", "chapter_tokens",
+                                                                "chapter_candidates", "seed")},
+                "chapters": LR.CHAPTER_FORMAT}
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -459,3 +469,145 @@ def recall_logprobs(model, x, win: int, vocab_size: int, spans: list[tuple[int, 
                     sel = logits[i, [j - s for j in here], :vocab_size].float().log_softmax(-1)   # (n, V)
                     rows.update({j: sel[k] for k, j in enumerate(here)})
     return [torch.stack([rows[j] for j in range(a, b)]) for a, b in spans]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: recurring-name loss by distance and per-position loss deep into whole books (carried vs reset)
+
+
+def eval_longrange(model, tokenizer, data, cfg: dict, amp, win: int, progress: Progress | None = None) -> dict:
+    """Loss on recurring proper names by token distance to their previous mention, and loss by position
+    up to `position_tokens` into each book, with the state carried through the whole book vs reset every
+    `win` tokens (definitions: mamba_lm/longrange.py).
+
+    cfg: split, longrange_books, longrange_tokens, position_tokens, book_batch_size. Memory: one window of
+    logits for `book_batch_size` books, and each book's ids, text and per-token name bucket (int8).
+    `progress`: the sums are saved after each group of books.
+    """
+    require_cache(model, "the long-range evaluation (it carries the state through whole books)")
+    dev = model_device(model)
+    eos, V, batch = tokenizer.eos_id, tokenizer.vocab_size, cfg["book_batch_size"]
+    books = book_arrays(data, eos, cfg["longrange_tokens"], 2, cfg["longrange_books"])
+    if not books:
+        return {"skipped": f"the {cfg['split']} split has no book"}
+    books.sort(key=len, reverse=True)                 # similar lengths share a batch: little padding
+    position_rows = M.log2_buckets(cfg["position_tokens"])
+    n_names, n_pos = len(LR.NAME_BUCKETS), len(position_rows)
+    acc = {"next": 0, "tokens": 0, "total": {"carried": 0.0, "reset": 0.0}, "name_count": [0] * n_names,
+           "name_sum": {"carried": [0.0] * n_names, "reset": [0.0] * n_names},
+           "pos_count": [0] * n_pos, "pos_sum": {"carried": [0.0] * n_pos, "reset": [0.0] * n_pos}}
+    progress = progress or Progress()
+    if progress.saved:                              # continue an interrupted run of the same settings
+        acc = progress.saved
+        print(f"   longrange: continuing from book {acc['next']:,} of {len(books):,} (partial results)")
+    name_count, pos_count = np.array(acc["name_count"], np.int64), np.array(acc["pos_count"], np.int64)
+    name_sum = {m: np.array(v) for m, v in acc["name_sum"].items()}
+    pos_sum = {m: np.array(v) for m, v in acc["pos_sum"].items()}
+    total, tokens = dict(acc["total"]), acc["tokens"]
+    table = LR.token_bytes_table(tokenizer)
+    bar = tqdm(total=2 * sum(len(b) for b in books), initial=2 * sum(len(b) for b in books[:acc["next"]]),
+               unit="tok", unit_scale=True, desc="longrange", dynamic_ncols=True)
+    for b in range(acc["next"], len(books), batch):
+        group = books[b:b + batch]
+        names = [LR.name_targets(*LR.book_text(book, table)) for book in group]        # (T,) int8 each
+        for mode in ("carried", "reset"):
+            for s, nll, mask in LR.stream_nll(model, group, eos, V, win, mode == "carried", amp, dev):
+                for i, book in enumerate(group):
+                    n = int(mask[i].sum())
+                    if n == 0:
+                        continue
+                    row, bucket = nll[i, :n], names[i][s:s + n]
+                    named = bucket >= 0
+                    name_sum[mode] += np.bincount(bucket[named], weights=row[named], minlength=n_names)
+                    positions = np.arange(s, s + n)
+                    deep = positions < cfg["position_tokens"]
+                    where = LR.position_buckets(positions[deep])
+                    pos_sum[mode] += np.bincount(where, weights=row[deep], minlength=n_pos)
+                    total[mode] += float(row.sum())
+                    if mode == "carried":
+                        name_count += np.bincount(bucket[named], minlength=n_names)
+                        pos_count += np.bincount(where, minlength=n_pos)
+                bar.update(int(mask.sum()))
+        tokens += sum(len(book) for book in group)
+        progress.tick(lambda: {"next": b + len(group), "tokens": tokens, "total": total,
+                               "name_count": name_count.tolist(), "pos_count": pos_count.tolist(),
+                               "name_sum": {m: v.tolist() for m, v in name_sum.items()},
+                               "pos_sum": {m: v.tolist() for m, v in pos_sum.items()}})
+    bar.close()
+
+    def mean(s, c):
+        return float(s / c) if c else float("nan")
+
+    names_rows = [{"bucket": label, "targets": int(name_count[k]),
+                   "carried": mean(name_sum["carried"][k], name_count[k]),
+                   "reset": mean(name_sum["reset"][k], name_count[k])} for k, label in enumerate(LR.NAME_BUCKETS)]
+    pos_rows = [{"lo": lo, "hi": hi, "label": M.bucket_label(lo, hi), "tokens": int(pos_count[k]),
+                 "carried": mean(pos_sum["carried"][k], pos_count[k]),
+                 "reset": mean(pos_sum["reset"][k], pos_count[k])}
+                for k, (lo, hi) in enumerate(position_rows) if pos_count[k] > 0]
+    recurring = name_count[:LR.FIRST_MENTION].sum()
+    return {"books": len(books), "tokens": int(tokens), "window": win, "longest_book": int(len(books[0])),
+            "carried_loss": mean(total["carried"], tokens), "reset_loss": mean(total["reset"], tokens),
+            "name_targets": int(recurring),
+            "recurring_carried": mean(name_sum["carried"][:LR.FIRST_MENTION].sum(), recurring),
+            "recurring_reset": mean(name_sum["reset"][:LR.FIRST_MENTION].sum(), recurring),
+            "names": names_rows, "positions": pos_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: next-chapter ranking (ChapterBreak)
+
+
+def eval_chapters(model, tokenizer, data, cfg: dict, amp, win: int, progress: Progress | None = None) -> dict:
+    """Next-chapter ranking: at each chapter break after a book's first, the true opening of the next
+    chapter against the openings of up to chapter_candidates - 1 later chapters of the same book, by mean
+    log-likelihood given the book so far (carried) or the last `win - chapter_tokens` tokens (reset).
+
+    cfg: split, longrange_books, longrange_tokens, chapter_tokens, chapter_candidates, seed. Memory: one
+    window of logits, and the candidates' (chapter_candidates, chapter_tokens) logits.
+    `progress`: the ranks are saved after each book.
+    """
+    require_cache(model, "the chapter ranking (it carries the state through whole books)")
+    dev = model_device(model)
+    eos, V = tokenizer.eos_id, tokenizer.vocab_size
+    c, k = cfg["chapter_tokens"], cfg["chapter_candidates"]
+    books = book_arrays(data, eos, cfg["longrange_tokens"], 2, cfg["longrange_books"])
+    acc = {"next": 0, "books_with_breaks": 0, "records": {"carried": [], "reset": []}}
+    progress = progress or Progress()
+    if progress.saved:                              # continue an interrupted run of the same settings
+        acc = progress.saved
+        print(f"   chapters: continuing from book {acc['next']:,} of {len(books):,} (partial results)")
+    records = acc["records"]
+    table = LR.token_bytes_table(tokenizer)
+    bar = tqdm(total=sum(len(b) for b in books), initial=sum(len(b) for b in books[:acc["next"]]), unit="tok",
+               unit_scale=True, desc="chapters", dynamic_ncols=True)
+    for i in range(acc["next"], len(books)):
+        book = books[i]
+        chapters = LR.chapter_openings(*LR.book_text(book, table), c)
+        breaks = list(range(1, len(chapters) - 1))     # a previous chapter for context, a later one to rank against
+        acc["books_with_breaks"] += bool(breaks)
+        cache, fed = model.allocate_cache(1, device=dev), 0
+        for j in breaks:
+            p = chapters[j][0]
+            chosen = [j] + LR.choose_distractors(len(chapters), j, k, cfg["seed"], i)
+            openings = torch.tensor(np.stack([np.asarray(book[chapters[m][1]:chapters[m][1] + c], dtype=np.int64)
+                                              for m in chosen]), device=dev)                      # (K, c)
+            last = int(book[p - 1])
+            LR.feed(model, cache, book, eos, fed, p, win, amp, dev)
+            fed = p
+            records["carried"].append([LR.rank_of_true(LR.score_openings(model, cache, last, openings, V, amp)),
+                                       len(chosen)])
+            local = model.allocate_cache(1, device=dev)
+            LR.feed(model, local, book, eos, max(0, p - (win - c) + 1), p, win, amp, dev)
+            records["reset"].append([LR.rank_of_true(LR.score_openings(model, local, last, openings, V, amp)),
+                                     len(chosen)])
+        bar.update(len(book))
+        acc["next"] = i + 1
+        progress.tick(lambda: acc)
+    bar.close()
+    if not records["carried"]:
+        return {"skipped": f"no book of the first {len(books)} of the {cfg['split']} split has three chapter "
+                           f"headings with openings of {c} tokens"}
+    return {"books": len(books), "books_with_breaks": acc["books_with_breaks"], "chapter_tokens": c,
+            "window": win, "carried": LR.summarize_ranks(records["carried"]),
+            "reset": LR.summarize_ranks(records["reset"]), "records": records}

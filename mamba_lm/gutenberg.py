@@ -68,6 +68,22 @@ STOP_WORDS = frozenset(
     "when who are could into will more then up out do".split())
 WORD_RE = re.compile(r"[A-Za-z]+")
 
+# chapter-heading words (the narrative signals of multitrack/narrative.py and the chapter detection of
+# mamba_lm/longrange.py both read them from here)
+HEADING_WORDS = ("CHAPTER", "BOOK", "PART", "VOLUME", "ACT", "SCENE", "STAVE", "CANTO", "PROLOGUE",
+                 "EPILOGUE")
+HEADING_TITLE_CASE = ("Chapter", "Prologue", "Epilogue", "Stave", "Canto")
+
+
+def is_heading_word(word: str) -> bool:
+    """A chapter-heading word: one of HEADING_TITLE_CASE, or an upper-case HEADING_WORDS entry or an
+    upper-case prefix of >= 4 letters of one ("CHAP", as in "CHAP. IV", or a BPE piece of "CHAPTER")."""
+    if word in HEADING_TITLE_CASE:
+        return True
+    if not word.isalpha() or not word.isupper():
+        return False
+    return word in HEADING_WORDS or (len(word) >= 4 and any(h.startswith(word) for h in HEADING_WORDS))
+
 
 @dataclass
 class CleanReport:

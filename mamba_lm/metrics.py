@@ -297,13 +297,19 @@ def capitalised_names(text: str, stopwords: frozenset = NAME_STOPWORDS) -> list[
     quote character is not one of `. ! ? : ;` and not a paragraph break (a blank line), and the word
     is not the first of the text. Possessives are stripped ("Tom's" -> "Tom").
     """
-    names = []
+    return [word for _, _, word, initial in capitalised_words(text) if not initial and word not in stopwords]
+
+
+def capitalised_words(text: str) -> list[tuple[int, int, str, bool]]:
+    """Every word that looks like `Name` (possessive stripped), in text order, as
+    (start, end, word, sentence_initial): text[start:end] == word, and sentence_initial says whether it
+    begins the text, a sentence or a paragraph (see `capitalised_names`)."""
+    words = []
     for m in _WORD.finditer(text):
         word = _strip_possessive(m.group(0).rstrip("-"))
-        if not _NAME.fullmatch(word) or word in stopwords or _at_sentence_start(text, m.start()):
-            continue
-        names.append(word)
-    return names
+        if _NAME.fullmatch(word):
+            words.append((m.start(), m.start() + len(word), word, _at_sentence_start(text, m.start())))
+    return words
 
 
 def _strip_possessive(word: str) -> str:

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mamba_lm.gutenberg import is_heading_word
+
 SIGNAL_COLUMNS = ("newline", "double_newline", "starts_newline", "ends_newline", "quote_count",
                   "heading", "sentence_end", "scene_mark", "doc_boundary")
 COL = {name: i for i, name in enumerate(SIGNAL_COLUMNS)}
@@ -57,22 +59,11 @@ N_FEATURES = len(FEATURE_NAMES)
 TOKEN_TYPES = ("all", "narration", "dialogue", "paragraph_start", "sentence_end", "heading")
 
 QUOTE_CHARS = ('"', "\u201c", "\u201d")
-HEADING_WORDS = ("CHAPTER", "BOOK", "PART", "VOLUME", "ACT", "SCENE", "STAVE", "CANTO", "PROLOGUE",
-                 "EPILOGUE")
-HEADING_TITLE_CASE = ("Chapter", "Prologue", "Epilogue", "Stave", "Canto")
 ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mme", "mlle", "messrs", "jr", "sr", "capt", "col", "gen",
                  "rev", "prof", "lt", "no", "vol", "ch", "sq", "esq", "hon", "co", "etc", "viz"}
 CLOSERS = "\"'\u201d\u2019)]"
 SCENE_MARK_CHARS = set("*#\u2042 \t")
 BLANKS = b" \t\r"
-
-
-def _is_heading(word: str) -> bool:
-    if word in HEADING_TITLE_CASE:
-        return True
-    if not word.isalpha() or not word.isupper():
-        return False
-    return word in HEADING_WORDS or (len(word) >= 4 and any(h.startswith(word) for h in HEADING_WORDS))
 
 
 def _is_sentence_end(text: str) -> bool:
@@ -100,7 +91,7 @@ def token_signals(token: bytes, is_eos: bool = False) -> list[int]:
     row[COL["ends_newline"]] = int(token.rstrip(BLANKS).endswith(b"\n"))
     row[COL["quote_count"]] = min(255, sum(text.count(q) for q in QUOTE_CHARS))
     stripped = text.strip()
-    row[COL["heading"]] = int(_is_heading(stripped))
+    row[COL["heading"]] = int(is_heading_word(stripped))
     row[COL["sentence_end"]] = int(_is_sentence_end(text))
     row[COL["scene_mark"]] = int(bool(stripped) and set(stripped) <= SCENE_MARK_CHARS
                                  and any(c in "*#\u2042" for c in stripped))

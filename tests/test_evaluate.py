@@ -309,3 +309,46 @@ def test_folder_tokenizer_mismatch_fails_before_any_work(setup, tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert needle in r.stderr and str(folder) in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert "loss: done" not in r.stdout and not (tmp_path / "x.md").exists()
+
+
+def test_long_range_stages_end_to_end(setup, tmp_path, monkeypatch, capsys):
+    """--stages=longrange,chapters on whole demo books: the report has the three long-range sections with
+    their PNGs, the JSON's name and position rows add up to the books' tokens, carried equals reset inside
+    the first window, and a re-run with --resume=True reuses both stages."""
+    root, data, a, _ = setup
+    out = tmp_path / "long.md"
+    args = [f"--ckpts={a}", "--names=alpha", f"--data_dir={data}", "--split=train", "--stages=longrange,chapters",
+            "--window=128", "--chapter_tokens=16", "--device=cpu", f"--state_dir={tmp_path / 'state'}"]
+    r = run_eval([*args, f"--out={out}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    for heading, png in (("## Recurring names by distance", "long_names.png"),
+                         ("## Loss by position into the book", "long_deep.png"),
+                         ("## Next-chapter ranking", "long_chapters.png")):
+        assert heading in text and f"]({png})" in text and (tmp_path / png).stat().st_size > 1000
+    assert "| 1k-4k |" in text and "first mention" in text
+    res = json.loads(out.with_suffix(".json").read_text())["results"]["alpha"]
+    lr, ch = res["longrange"], res["chapters"]
+    assert lr["books"] == 4 and sum(r["tokens"] for r in lr["positions"]) == lr["tokens"]
+    assert lr["name_targets"] == sum(r["targets"] for r in lr["names"][:5]) > 0
+    assert all(r["carried"] == pytest.approx(r["reset"], abs=1e-5) for r in lr["positions"] if r["hi"] <= 128)
+    assert ch["carried"]["breaks"] == ch["reset"]["breaks"] > 0
+    assert 0.0 <= ch["carried"]["accuracy"] <= 1.0 and 1.0 <= ch["carried"]["mean_rank"] <= ch["carried"]["candidates"]
+    capsys.readouterr()
+    load_evaluate(monkeypatch, [*args, f"--out={tmp_path / 'again.md'}", "--resume=True"]).main()
+    assert capsys.readouterr().out.count("reusing finished results") == 2
+
+
+def test_long_range_settings_are_checked_before_any_work(setup, tmp_path, monkeypatch, capsys):
+    """A chapter opening as long as the window, fewer than two candidates or no positions are UserErrors
+    (one line, exit 2) raised before any checkpoint is loaded or file written."""
+    from mamba_lm.errors import UserError
+
+    root, data, a, _ = setup
+    for bad, needle in (("--chapter_tokens=32", "--chapter_tokens=32"), ("--chapter_candidates=1", "must be >= 2"),
+                        ("--position_tokens=0", "--position_tokens=0")):
+        ev = load_evaluate(monkeypatch, [f"--ckpts={a}", f"--data_dir={data}", "--stages=longrange,chapters",
+                                         "--seq_len=32", bad, "--device=cpu", f"--out={tmp_path / 'x.md'}"])
+        with pytest.raises(UserError, match=needle):
+            ev.main()
+        assert "==" not in capsys.readouterr().out and not (tmp_path / "x.md").exists()
