@@ -21,7 +21,8 @@ Per-position loss deep into a book
 Next-chapter ranking (ChapterBreak, Sun et al. 2022, arXiv 2204.10878)
     Chapter headings are paragraphs that open with a heading word (`gutenberg.is_heading_word`:
     CHAPTER, Chapter, BOOK, PART, ... ) followed by a numeral or nothing, at most `MAX_HEADING_CHARS`
-    long; consecutive heading paragraphs ("BOOK II" / "CHAPTER I") and title-case title lines right after
+    long, or a bare numeral alone on its paragraph ("IV", "XII.", "7."); headings that are only a title
+    ("THE CAREW MURDER CASE") are not detected. Consecutive heading paragraphs ("BOOK II" / "CHAPTER I") and title-case title lines right after
     a heading form one break. The break's context ends before its first heading; the chapter's opening
     is the first `c` tokens after its last heading / title line. At each break after the first, the true
     opening is ranked against the openings of up to `k - 1` chapters that come later in the same book
@@ -155,9 +156,14 @@ _PARAGRAPH = re.compile(r"[^\n]+(?:\n[^\n]+)*")
 QUOTES = ('"', "\u201c", "\u201d")
 
 
+_BARE_NUMERAL = re.compile(r"[IVXLC]+\.?|\d{1,3}\.")
+
+
 def _is_heading_paragraph(par: str) -> bool:
     if len(par) > MAX_HEADING_CHARS:
         return False
+    if _BARE_NUMERAL.fullmatch(par.strip()):            # "IV", "XII.", "7." alone on their paragraph
+        return True
     first, _, rest = par.strip().partition(" ")
     word = first.rstrip(".:")
     if not is_heading_word(word):
@@ -167,11 +173,15 @@ def _is_heading_paragraph(par: str) -> bool:
 
 
 def _is_title_line(par: str) -> bool:
-    """A short title line after a heading ("The Storm", "IN WHICH WE MEET"): one line, no quotes, every
-    word longer than three letters capitalised, at least one such word."""
+    """A short title line after a heading ("The Storm", "THE EVE OF THE WAR."): one line of at most 80
+    characters, no quotes, and either all upper case or every word longer than three letters capitalised
+    (at least one such word)."""
+    if len(par) > 80 or "\n" in par.strip() or any(q in par for q in QUOTES):
+        return False
+    letters = [c for c in par if c.isalpha()]
     words = [w for w in re.findall(r"[A-Za-z']+", par) if len(w) > 3]
-    return (len(par) <= 80 and "\n" not in par.strip() and not any(q in par for q in QUOTES) and bool(words)
-            and all(w[0].isupper() for w in words))
+    return (len(letters) >= 2 and all(c.isupper() for c in letters)) or (
+        bool(words) and all(w[0].isupper() for w in words))
 
 
 def chapter_breaks(text: str) -> list[tuple[int, int]]:

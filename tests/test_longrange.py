@@ -124,14 +124,16 @@ def test_multi_token_name_with_bpe():
 
 
 def test_chapter_breaks_on_a_toy_book():
-    """Headings with numerals (CHAPTER I, Chapter 2., CHAP. III) are breaks; a BOOK + CHAPTER pair and its
-    title line form one break; 'chapter' in prose and a quoted first line after a heading are not."""
+    """Headings with numerals (CHAPTER I, Chapter 2., CHAP. III) and a bare numeral (IV.) are breaks; a
+    BOOK + CHAPTER pair and its title line (title case or upper case) form one break; 'chapter' and 'PART'
+    in prose and a quoted first line after a heading are not."""
     text = ("THE TITLE\n\nCHAPTER I\n\nThe Storm Begins\n\nIt rained in the chapter of our lives.\n\n"
             "Chapter 2.\n\n\"Hello,\" she said.\n\nBOOK II\n\nCHAP. III. The Return\n\nThey came home.\n\n"
-            "PART of the crowd went away.")
+            "PART of the crowd went away.\n\nIV.\n\nTHE EVE OF THE WAR.\n\nNo one would have believed it.")
     breaks = LR.chapter_breaks(text)
     assert [(text[h:h + 9], text[o:o + 9]) for h, o in breaks] == [
-        ("CHAPTER I", "It rained"), ("Chapter 2", "\"Hello,\" "), ("BOOK II\n\n", "They came")]
+        ("CHAPTER I", "It rained"), ("Chapter 2", "\"Hello,\" "), ("BOOK II\n\n", "They came"),
+        ("IV.\n\nTHE ", "No one wo")]
 
 
 # ----------------------------------------------------------------------------------------------
