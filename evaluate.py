@@ -42,12 +42,18 @@ from pathlib import Path
 
 import torch
 
+import multitrack  # noqa: F401  (registers the "multitrack" model type: --ckpts may hold any model)
 from mamba_lm import eval_report as R
 from mamba_lm import evaluation as E
 from mamba_lm.configurator import apply_overrides
+from mamba_lm.data import TokenSplit, check_tokenizer_match, load_meta
 from mamba_lm.errors import UserError, user_errors
 from mamba_lm.evaluation import save_state
 from mamba_lm.report import write_markdown
+from mamba_lm.runtime import DTYPES, resolve_device
+from mamba_lm.runtime import autocast as runtime_autocast
+from mamba_lm.tokenizer import load_tokenizer
+from mamba_lm.weights import check_data_tokenizer, describe_weights, load_weights
 
 # -----------------------------------------------------------------------------
 ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders
@@ -104,11 +110,10 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 
 def autocast(dev: torch.device):
-    if dtype == "float32":
-        return torch.autocast(dev.type, enabled=False)
-    if dtype == "bfloat16":
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    raise UserError(f"--dtype={dtype!r} is not supported; use float32 or bfloat16")
+    """runtime.autocast for --dtype, which evaluate.py allows only as float32 or bfloat16."""
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype!r} is not supported; use float32 or bfloat16")
+    return runtime_autocast(dev, DTYPES[dtype])
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -153,23 +158,18 @@ def checkpoint_list(paths_spec: str, names_spec: str) -> list[tuple[str, str]]:
 
 def load_model(path: str, dev: torch.device, meta: dict):
     """(model, tokenizer, info) from a repo .pt or an HF / mamba-ssm folder; UserError on a tokenizer mismatch."""
-    from mamba_lm.checkpoint import load_any_model
-
-    model, tokenizer, info = load_any_model(path, device=dev)
+    model, tokenizer, info = load_weights(path, device=dev)
     check_model_tokenizer(path, tokenizer.to_dict() if tokenizer is not None else None, info, meta)
     if tokenizer is None:  # a folder without tokenizer.json (state-spaces/mamba-*): use the data's
         tokenizer = data_tokenizer(meta)
-        info["tokenizer_source"] = "data dir (the folder has none)"
+        info.tokenizer_source = "data dir (the folder has none)"
     model.eval()
     return model, tokenizer, info
 
 
-def check_model_tokenizer(path: str, model_tokenizer: dict | None, info: dict, meta: dict) -> None:
+def check_model_tokenizer(path: str, model_tokenizer: dict | None, info, meta: dict) -> None:
     """UserError naming `path` when the model's tokenizer (or, for a folder without one, its
-    vocabulary size) does not match the data's."""
-    from mamba_lm.data import check_tokenizer_match
-    from mamba_lm.interop import check_data_tokenizer
-
+    vocabulary size) does not match the data's. info: a weights.WeightsInfo."""
     try:
         if model_tokenizer is not None:
             check_tokenizer_match(meta["tokenizer"], model_tokenizer)
@@ -182,24 +182,14 @@ def check_model_tokenizer(path: str, model_tokenizer: dict | None, info: dict, m
 def precheck_tokenizers(pairs: list[tuple[str, str]], meta: dict) -> None:
     """Tokenizer check of every checkpoint and folder before the first forward (folders: from their
     config.json and tokenizer.json, without reading the weights)."""
-    from mamba_lm.checkpoint import load_checkpoint
-    from mamba_lm.interop import describe_folder
-
     for _name, path in pairs:
-        if Path(path).is_file():
-            ckpt = load_checkpoint(path, mmap=True)        # the metadata, without reading the weights
-            check_model_tokenizer(path, ckpt.get("tokenizer") or {}, {}, meta)
-            del ckpt
-        else:
-            info = describe_folder(path)
-            tok = info["tokenizer"] if isinstance(info["tokenizer"], dict) else None
-            check_model_tokenizer(path, tok, info, meta)
+        info = describe_weights(path)                    # the metadata, without reading the weights
+        tok = info.tokenizer if isinstance(info.tokenizer, dict) else None
+        check_model_tokenizer(path, tok, info, meta)
 
 
 def data_tokenizer(meta: dict):
     """The data dir's own tokenizer (byte, or its tokenizer.json copy)."""
-    from mamba_lm.tokenizer import load_tokenizer
-
     if meta["tokenizer"].get("kind") == "byte":
         return load_tokenizer("byte")
     path = os.path.join(data_dir, "tokenizer.json")
@@ -213,9 +203,6 @@ def data_tokenizer(meta: dict):
 
 
 def main() -> None:
-    from mamba_lm.data import TokenSplit, load_meta
-    from mamba_lm.trainer import resolve_device
-
     chosen = parse_stages(stages)
     dev = resolve_device(device)
     autocast(dev)                                   # bad --dtype / --recall_distance_edges: an error now,
@@ -245,7 +232,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     pngs = R.write_plots(results, out_md, split)
-    infos_json = {n: {k: v for k, v in i.items() if k not in ("train_config", "model_config", "source_config")}
+    infos_json = {n: {k: v for k, v in i.to_dict().items() if k not in ("train_config", "model_config", "source_config")}
                   for n, i in infos.items()}
     out_json = out_md.with_suffix(".json")
     save_state(out_json, {"config": config, "checkpoints": infos_json, "results": results,

@@ -20,8 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import multitrack  # noqa: F401  (registers "multitrack": such a --ckpt is refused by name, not as unknown)
 from mamba_lm.configurator import apply_overrides
+from mamba_lm.convert import write_hf_folder, write_mamba_ssm_folder
 from mamba_lm.errors import UserError, user_errors
+from mamba_lm.runtime import replace_folder
+from mamba_lm.weights import export_source
 
 # -----------------------------------------------------------------------------
 ckpt = "out/baseline/ckpt_best.pt"   # repo checkpoint (.pt) to export (or an HF / mamba-ssm folder)
@@ -45,23 +49,11 @@ def check_destination(dest: Path) -> None:
 
 
 def write_format(fmt: str, folder: Path, name: str, source: tuple) -> list[str]:
-    """Write one layout from `source` = (model, tokenizer, info) of interop.resolve_source."""
-    from mamba_lm.interop import export_hf, export_mamba_ssm
+    """Write one layout from `source` = (model, tokenizer, info) of weights.export_source."""
     model, tok, info = source
     if fmt == "hf":
-        return export_hf(model, folder, tokenizer=tok, info=info, name=name)
-    return export_mamba_ssm(model, folder, tokenizer=tok, info=info)
-
-
-def move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished tmp folder to dest; an old dest is moved aside first and removed last."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old)
+        return write_hf_folder(model, folder, tok, info, name=name)
+    return write_mamba_ssm_folder(model, folder, tok, info)
 
 
 def describe(folder: Path, names: list[str]) -> None:
@@ -75,8 +67,7 @@ def main() -> None:
         raise UserError(f"--format={format!r}: choose one of {', '.join(FORMATS)}")
     dest = Path(out)
     check_destination(dest)
-    from mamba_lm.interop import resolve_source
-    source = resolve_source(ckpt, tokenizer or None)     # loaded once for every format
+    source = export_source(ckpt, tokenizer or None)     # loaded once for every format
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +77,7 @@ def main() -> None:
         for fmt in fmts:
             sub, name = (tmp / fmt, f"{dest.name}/{fmt}") if format == "both" else (tmp, dest.name)
             written[fmt] = write_format(fmt, sub, name, source)
-        move_into_place(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,7 +91,7 @@ def main() -> None:
         else:
             print(f"load: python -c \"from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel; "
                   f"m = MambaLMHeadModel.from_pretrained('{folder}')\"")
-        print(f"      python generate_text.py --ckpt={folder}   (this repo, via mamba_lm.interop.load_pretrained)")
+        print(f"      python generate_text.py --ckpt={folder}   (this repo, via mamba_lm.weights.load_weights)")
 
 
 if __name__ == "__main__":

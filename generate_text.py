@@ -20,8 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import multitrack  # noqa: F401  (registers the "multitrack" model type: --ckpt may be any model)
 from mamba_lm.configurator import apply_overrides
 from mamba_lm.errors import UserError, user_errors
+from mamba_lm.generation import TextStreamer, check_sampling_options, generate, read_prompts
+from mamba_lm.report import as_paragraphs, blockquote, write_markdown
+from mamba_lm.runtime import resolve_device, resolve_dtype
+from mamba_lm.weights import load_weights
 
 # ----------------------------------------------------------------------------------------------
 ckpt = "out/baseline/ckpt_best.pt"   # a repo checkpoint (.pt) or an HF / mamba-ssm Mamba folder
@@ -47,18 +54,14 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 
 def main():
-    import torch
-
-    from mamba_lm.checkpoint import load_any_model
-    from mamba_lm.generation import TextStreamer, check_sampling_options, generate, read_prompts
-    from mamba_lm.report import as_paragraphs, blockquote, write_markdown
-    from mamba_lm.trainer import resolve_device, resolve_dtype
-
     check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                            num_samples=num_samples)
+    if not Path(ckpt).exists():
+        raise UserError(f"--ckpt={ckpt}: no such file or folder; train one with train_baseline.py or pass the path "
+                        f"of a repo checkpoint (.pt) or an HF / mamba-ssm folder")
     run_device = resolve_device(device)
-    model, tok, info = load_any_model(ckpt, device=run_device, tokenizer=tokenizer or None)
+    model, tok, info = load_weights(ckpt, device=run_device, tokenizer=tokenizer or None)
     if tok is None:
         raise UserError(f"{ckpt} comes without a tokenizer; pass --tokenizer=<tokenizer.json path or hub id>")
     weights_dtype = resolve_dtype(dtype, run_device)
@@ -108,28 +111,29 @@ def main():
     print(f"wrote {path}", file=sys.stderr)
 
 
-def model_summary(info: dict) -> str:
-    """'mamba (d_model 256, n_layer 4, vocab 4096), 3,456,789 params'."""
-    cfg = info.get("model_config") or {}
+def model_summary(info) -> str:
+    """'mamba (d_model 256, n_layer 4, vocab 4096), 3,456,789 params' from a weights.WeightsInfo."""
+    cfg = info.model_config or {}
     shape = ", ".join(f"{k} {cfg[k]}" for k in ("d_model", "n_layer", "d_state", "vocab_size") if k in cfg)
-    return f"{info.get('model_type', '?')} ({shape}), {info.get('num_params', 0):,} params"
+    return f"{info.model_type} ({shape}), {info.num_params or 0:,} params"
 
 
-def checkpoint_line(info: dict) -> str:
-    """' — step 300, 1,228,800 tokens seen, val loss 2.013 (ppl 7.49), train_baseline.py on data/demo'."""
+def checkpoint_line(info) -> str:
+    """' — step 300, 1,228,800 tokens seen, val loss 2.013 (ppl 7.49), train_baseline.py on data/demo'
+    from a weights.WeightsInfo (a folder: ' — hf folder')."""
     parts = []
-    if info.get("step") is not None:
-        parts.append(f"step {info['step']:,}")
-    if info.get("tokens_seen") is not None:
-        parts.append(f"{info['tokens_seen']:,} tokens seen")
-    metrics = info.get("metrics") or {}
+    if info.step is not None:
+        parts.append(f"step {info.step:,}")
+    if info.tokens_seen is not None:
+        parts.append(f"{info.tokens_seen:,} tokens seen")
+    metrics = info.metrics or {}
     loss = metrics.get("val_loss_full", metrics.get("val_loss"))
     ppl = metrics.get("val_ppl_full", metrics.get("val_ppl"))
     if loss is not None:
         parts.append(f"val loss {loss:.4f} (ppl {ppl:.2f})")
-    data = (info.get("data") or {}).get("dir")
-    if info.get("source") or data:
-        parts.append(f"{info.get('source', '')} on {data}" if data else str(info["source"]))
+    data = (info.data or {}).get("dir")
+    source = info.script or ("checkpoint" if info.layout == "repo" else f"{info.layout} folder")
+    parts.append(f"{source} on {data}" if data else source)
     return (" — " + ", ".join(parts)) if parts else ""
 
 

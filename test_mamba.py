@@ -156,7 +156,7 @@ with user_errors():
 
     # 7. our model vs mamba-ssm's MambaLMHeadModel with the same weights
     try:
-        from mamba_lm.interop import mamba_ssm_model
+        from mamba_lm.convert import mamba_ssm_model
         ssm = mamba_ssm_model(cfg, device=dev).train()
     except Exception as e:  # noqa: BLE001 - mamba_ssm missing or broken on this machine
         print(f"skip  vs mamba_ssm.MambaLMHeadModel: not importable ({type(e).__name__})")

@@ -145,7 +145,7 @@ def on_eval(model, step: int, out: str) -> dict:
 def on_end(model, out: str, history: list) -> None:
     """router_usage.png from router_stats.jsonl (rows of this run and of the runs it resumed)."""
     from multitrack.narrative import TOKEN_TYPES
-    from multitrack.router import plot_router_usage
+    from mamba_lm.report import plot_router_usage
 
     path = os.path.join(out, "router_stats.jsonl")
     rows = []

@@ -19,7 +19,7 @@ def build_impl(impl: str, preset: str, vocab_size: int, dev: str):
     if impl == "ours":
         return models.build_model("mamba", cfg, device=dev)
     if impl == "mamba_ssm":
-        from mamba_lm.interop import mamba_ssm_model
+        from mamba_lm.convert import mamba_ssm_model
         return mamba_ssm_model(cfg, device=dev)
     if impl == "multitrack":
         from multitrack.multitrack_config import PRESETS, multitrack_config

@@ -103,7 +103,7 @@ def decode_ours(net, batch, n_tokens, dev, checkpoints=()):
 @torch.inference_mode()
 def decode_mamba_ssm(ours, batch, n_tokens, dev, torch_dtype):
     """mamba-ssm's generate(cg=True) with our weights; raises ImportError if mamba_ssm is missing."""
-    from mamba_lm.interop import mamba_ssm_model
+    from mamba_lm.convert import mamba_ssm_model
     c = ours.config
     net = mamba_ssm_model(c, device=dev, dtype=torch_dtype, fused_add_norm=True).eval()
     net.load_state_dict(ours.state_dict(), strict=True)

@@ -1,4 +1,4 @@
-"""Self-describing checkpoints: atomic save, safe load, model from checkpoint.
+"""Self-describing repo checkpoints: atomic save, safe load, model from checkpoint, RNG states.
 
 A checkpoint is one `*.pt` file holding a plain dict (tensors, dicts, lists, str, int, float,
 bool, None only), so it loads with `torch.load(path, weights_only=True)`:
@@ -15,12 +15,14 @@ data dir nor the training script to generate text.
 
 Writes are atomic: the dict is saved to a temporary file in the same directory, fsynced, then
 `os.replace`d over the target, so a crash mid-write leaves the previous checkpoint intact.
+
+This module reads and writes repo `.pt` files only. Loading any of the three weight forms (repo .pt,
+Hugging Face folder, mamba-ssm folder) into (model, tokenizer, info) is mamba_lm/weights.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import random
 from pathlib import Path
 
@@ -28,40 +30,15 @@ import numpy as np
 import torch
 
 from mamba_lm.errors import UserError
+from mamba_lm.models import build_model
+from mamba_lm.runtime import atomic_torch_save
 
 FORMAT = "mamba-narrative-ckpt/1"
 
 
 def save_checkpoint(path, ckpt: dict) -> None:
-    """Write `ckpt` to `path` atomically (tmp file + fsync + os.replace); the old file survives a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {"format": FORMAT, "created": now_iso(), **ckpt}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write `ckpt` to `path` atomically (runtime.atomic_torch_save); the old file survives a crash."""
+    atomic_torch_save(path, {"format": FORMAT, "created": now_iso(), **ckpt})
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -98,10 +75,9 @@ def clean_state_dict(state_dict: dict) -> dict:
 def model_from_checkpoint(ckpt_or_path, device="cpu"):
     """Rebuild the model from the checkpoint alone (model_type + model_config), load weights strictly.
 
-    Returns (model, ckpt); the model is in eval mode on `device`.
+    Returns (model, ckpt); the model is in eval mode on `device`. A model type that is not registered
+    (mamba_lm.models) is a UserError naming the package to import.
     """
-    from mamba_lm.models import build_model
-
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, dict) else load_checkpoint(ckpt_or_path)
     try:
         model = build_model(ckpt["model_type"], ckpt["model_config"], device="cpu")
@@ -122,46 +98,6 @@ def _load_strict(model, state_dict):
         first = str(e).strip().splitlines()
         raise UserError(f"checkpoint weights do not fit the model: {' '.join(first[-1:])[:300]}")
     return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def load_any_model(path, device="cpu", tokenizer=None):
-    """A repo checkpoint (.pt) or an HF / mamba-ssm folder -> (model, tokenizer, info).
-
-    tokenizer: optional spec for folders that come without one (interop.load_pretrained); the
-    returned tokenizer is None for such a folder when none is given.
-
-    `info` describes the weights for sample files: {"path", "model_type", "model_config",
-    "num_params", "step", "tokens_seen", "metrics", "train_config", "source"}.
-    """
-    from mamba_lm.tokenizer import tokenizer_from_dict
-
-    path = Path(path)
-    if path.is_dir():
-        try:
-            from mamba_lm.interop import load_pretrained
-        except ImportError as e:
-            raise UserError(f"{path} is a folder, but loading HF / mamba-ssm folders needs mamba_lm.interop ({e})")
-        model, tokenizer, info = load_pretrained(str(path), device="cpu", tokenizer=tokenizer)
-        info = {"path": str(path), "source": "pretrained folder", **(info or {})}
-        info.setdefault("num_params", _num_params(model))
-        return model.to(device).eval(), tokenizer, info
-    model, ckpt = model_from_checkpoint(path, device=device)
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-    info = {
-        "path": str(path), "source": ckpt.get("script", "checkpoint"),
-        "model_type": ckpt["model_type"], "model_config": ckpt["model_config"],
-        "num_params": _num_params(model), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
-        "tokens_seen": ckpt.get("tokens_seen"), "metrics": ckpt.get("metrics", {}),
-        "train_config": ckpt.get("train_config", {}), "created": ckpt.get("created"),
-        "data": ckpt.get("data", {}),
-    }
-    return model, tokenizer, info
-
-
-def _num_params(model) -> int:
-    if hasattr(model, "num_params"):
-        return int(model.num_params())
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,4 +134,5 @@ def set_rng_state(state: dict) -> None:
 
 
 def now_iso() -> str:
+    """The current UTC time as ISO 8601 to the second ("2026-12-06T03:20:56+00:00")."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

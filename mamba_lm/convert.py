@@ -1,4 +1,4 @@
-"""Hugging Face / mamba-ssm checkpoint folders: load, export.
+"""Format conversion: Hugging Face / mamba-ssm model folders <-> our MambaLMHeadModel, config and names.
 
 Three on-disk layouts hold the same Mamba-1 language model:
 
@@ -24,20 +24,22 @@ Parameter names. Ours equal mamba-ssm's; transformers renames one tensor and dro
 Vocabulary padding. mamba-ssm stores the tokenizer's vocabulary size (50277 for NeoX) and
 `pad_vocab_size_multiple` (8): the embedding has V_pad = 50280 rows. transformers stores only the
 padded size (`vocab_size` 50280). Loading an HF folder recovers the real size from its tokenizer
-(or the one passed in); without one, `vocab_size` is the padded size and `info["vocab_exact"]`
-is False.
+(or the one passed in); without one, `vocab_size` is the padded size and `vocab_exact` is False.
 
-Public API:
+Public API (a leaf of the weight stack: it imports no checkpoint code; mamba_lm/weights.py is the
+door that callers use, and it calls these):
 
     detect_layout(path) -> "hf" | "mamba_ssm" | "repo"
-    load_pretrained(path, device="cpu", tokenizer=None) -> (model, tokenizer | None, info)
+    load_folder(folder, layout, tokenizer=None) -> (model on CPU, tokenizer | None, info dict)
     describe_folder(path) -> dict        # vocabulary / tokenizer of a folder, without reading weights
-    check_data_tokenizer(info, data_tokenizer: dict, data_dir=None)   # --init_from vs prepared data
-    export_hf(source, folder, tokenizer=None, info=None, name=None) -> list[str]
-    export_mamba_ssm(source, folder, tokenizer=None, info=None) -> list[str]
+    config_from_hf / config_from_mamba_ssm / hf_config_dict / mamba_ssm_config_dict   # config maps
+    to_repo_state_dict(state, tie)       # key map: theirs -> ours
+    write_hf_folder(model, folder, tok=None, info=None, name=None) -> list[str]
+    write_mamba_ssm_folder(model, folder, tok=None, info=None) -> list[str]
+    mamba_ssm_model(config)              # mamba-ssm's own model of our shape (tests, benchmarks)
 
 Only the baseline Mamba (model_type "mamba") has these external formats; a multitrack checkpoint
-loads from a repo `.pt` only.
+stays a repo `.pt`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ from pathlib import Path
 import torch
 
 from mamba_lm.errors import UserError
+from mamba_lm.mamba import MambaConfig, MambaLMHeadModel
+from mamba_lm.runtime import count_params
+from mamba_lm.tokenizer import bytes_to_unicode, canonical_sha256, load_tokenizer, tokenizer_from_dict
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -142,7 +147,7 @@ def load_weight_file(path) -> dict:
         raise UserError(f"weights file {path} is missing; download the model folder again")
     fix = "the file is corrupted or truncated; download it again"
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: only .safetensors folders need it
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, OSError: any unreadable file
@@ -285,7 +290,7 @@ def hf_config_dict(config, eos_id: int | None) -> dict:
         "dtype": "float32",
     })
     try:
-        import transformers
+        import transformers  # optional: only to record the version in config.json
         out["transformers_version"] = transformers.__version__
     except ImportError:
         pass
@@ -315,6 +320,7 @@ def mamba_ssm_model(config, device=None, dtype=None, fused_add_norm: bool | None
     fused_add_norm: mamba-ssm's Triton residual-add + RMSNorm (default: on CUDA only). Raises
     ImportError when mamba_ssm is not installed.
     """
+    # optional CUDA package: only the equivalence tests and benchmarks build its model
     from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmModel
 
@@ -331,7 +337,6 @@ def resolve_tokenizer(spec):
     """A TextTokenizer from a spec string / TextTokenizer / to_dict() dict / None."""
     if spec is None:
         return None
-    from mamba_lm.tokenizer import load_tokenizer, tokenizer_from_dict
     if isinstance(spec, (str, Path)):
         return load_tokenizer(str(spec))
     if isinstance(spec, dict):
@@ -340,21 +345,21 @@ def resolve_tokenizer(spec):
 
 
 def tokenizer_summary(tokenizer) -> dict:
-    """{"name","kind","vocab_size","eos_id","sha256"}: what check_tokenizer_match compares."""
-    d = tokenizer.to_dict()
+    """{"name","kind","vocab_size","eos_id","sha256"} of a TextTokenizer or its to_dict() dict: what
+    mamba_lm.data.check_tokenizer_match compares."""
+    d = tokenizer if isinstance(tokenizer, dict) else tokenizer.to_dict()
     return {k: d.get(k) for k in ("name", "kind", "vocab_size", "eos_id", "sha256")}
 
 
 def folder_tokenizer(folder: Path):
     """The TextTokenizer of a model folder's tokenizer.json, or None when it has none.
 
-    The tokenizer.json that export_hf writes for the byte tokenizer comes back as the byte
+    The tokenizer.json that write_hf_folder writes for the byte tokenizer comes back as the byte
     tokenizer itself (same ids, and sha256 "byte-v1", so data made with it still matches).
     """
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    from mamba_lm.tokenizer import canonical_sha256, load_tokenizer
     tok = load_tokenizer(str(path))
     if tok.vocab_size == 257 and tok.sha256 == canonical_sha256(hf_tokenizer_json(load_tokenizer("byte"))[0]):
         return load_tokenizer("byte")
@@ -371,9 +376,8 @@ def hf_tokenizer_json(tokenizer) -> tuple[str, str]:
     if d.get("kind") == "hf" and d.get("json"):
         return d["json"], tokenizer.id_to_token(tokenizer.eos_id)
     if d.get("kind") == "byte":
+        # optional: the `tokenizers` package is needed only to write a tokenizer.json
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-        from mamba_lm.tokenizer import bytes_to_unicode
         vocab = {ch: b for b, ch in bytes_to_unicode().items()}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -399,65 +403,11 @@ def write_hf_tokenizer(folder: Path, tokenizer) -> list[str]:
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def check_data_tokenizer(info: dict, data_tokenizer: dict, data_dir=None) -> None:
-    """Refuse fine-tuning `info`'s model on data made with another tokenizer (UserError).
-
-    data_tokenizer: meta.json's "tokenizer" dict. With a model tokenizer (info["tokenizer"] a dict)
-    name, sha256, vocab size and eos must agree (mamba_lm.data.check_tokenizer_match). Without one
-    (state-spaces/mamba-*), only the vocabulary size can be checked.
-    """
-    model_tok = info.get("tokenizer")
-    where = f" ({data_dir})" if data_dir else ""
-    data_desc = f"{data_tokenizer.get('name')!r} (vocab {data_tokenizer.get('vocab_size')})"
-    if isinstance(model_tok, dict):
-        from mamba_lm.data import check_tokenizer_match
-        check_tokenizer_match(data_tokenizer, model_tok)
-        return
-    data_vocab = int(data_tokenizer["vocab_size"])
-    model_vocab, padded = int(info["vocab_size"]), int(info["padded_vocab_size"])
-    if info.get("vocab_exact", True):
-        ok = data_vocab == model_vocab
-    else:  # HF folder without tokenizer: only the padded size is known
-        ok = data_vocab <= padded and any(padded_size(data_vocab, m) == padded for m in (8, 16, 32, 64, 128))
-    if not ok:
-        raise UserError(
-            f"{info['path']} has no tokenizer and a vocabulary of {model_vocab} (padded {padded}); the data"
-            f"{where} uses tokenizer {data_desc}: prepare the data with the model's tokenizer "
-            f"(state-spaces/mamba-* use EleutherAI/gpt-neox-20b) or use a model made for this data")
-
-
 # -----------------------------------------------------------------------------
-# loading
-
-def load_pretrained(path, device="cpu", tokenizer=None):
-    """Load a Mamba model from a repo `.pt`, an HF folder or a mamba-ssm folder.
-
-    tokenizer: optional spec (str path / hub id, TextTokenizer, or to_dict() dict) used when the
-    folder has none; if the folder (or checkpoint) has one and it differs, UserError.
-    Returns (model in eval mode on `device`, TextTokenizer or None, info) with
-    info = {"layout", "path", "model_type", "model_config", "vocab_size", "padded_vocab_size",
-            "vocab_exact", "tokenizer": summary dict | "missing", "tokenizer_source": "folder" |
-            "checkpoint" | "given" | "missing", "weights": file name, "stored_dtype", "num_params",
-            "source_config", and for repo checkpoints "step", "tokens_seen", "metrics", "data",
-            "train_config"}.
-    """
-    path = Path(path)
-    layout = detect_layout(path)
-    given = resolve_tokenizer(tokenizer)
-    if layout == "repo":
-        model, tok, info = load_repo_checkpoint(path, device)
-    else:
-        model, tok, info = load_folder(path, layout, given)
-        model = model.to(device)
-    if tok is not None and given is not None and given.sha256 != tok.sha256:
-        raise UserError(f"{path} comes with tokenizer {tok.name!r} (vocab {tok.vocab_size}) but "
-                        f"--tokenizer {given.name!r} (vocab {given.vocab_size}) was given; drop --tokenizer")
-    model.eval()
-    return model, tok, info
-
+# loading folders
 
 def describe_folder(path) -> dict:
-    """What load_pretrained would report about an HF / mamba-ssm folder's vocabulary and tokenizer,
+    """What load_folder would report about an HF / mamba-ssm folder's vocabulary and tokenizer,
     read from config.json and tokenizer.json only (no weights): {"path", "layout", "vocab_size",
     "padded_vocab_size", "vocab_exact", "tokenizer": summary dict | "missing"}. For checks that
     must fail before any expensive work (evaluate.py checks every checkpoint first)."""
@@ -472,32 +422,9 @@ def describe_folder(path) -> dict:
             "tokenizer": tokenizer_summary(tok) if tok is not None else "missing"}
 
 
-def load_repo_checkpoint(path: Path, device, ckpt: dict | None = None):
-    """(model, tokenizer, info) from a repo checkpoint via mamba_lm.checkpoint (`ckpt`: already loaded)."""
-    from mamba_lm.checkpoint import model_from_checkpoint
-    from mamba_lm.tokenizer import tokenizer_from_dict
-    model, ckpt = model_from_checkpoint(ckpt if ckpt is not None else str(path), device=device)
-    tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-    cfg = ckpt["model_config"]
-    info = {
-        "layout": "repo", "path": str(path), "model_type": ckpt["model_type"], "model_config": cfg,
-        "vocab_size": cfg.get("vocab_size"), "padded_vocab_size": cfg.get("padded_vocab_size", cfg.get("vocab_size")),
-        "vocab_exact": True,
-        "tokenizer": tokenizer_summary(tok) if tok is not None else "missing",
-        "tokenizer_source": "checkpoint" if tok is not None else "missing",
-        "weights": path.name, "stored_dtype": "float32", "num_params": count_params(model),
-        "source_config": cfg,
-    }
-    for key in ("step", "epoch", "tokens_seen", "best_val_loss", "metrics", "data", "train_config", "script", "created"):
-        if key in ckpt:
-            info[key] = ckpt[key]
-    return model, tok, info
-
-
 def folder_config(folder: Path, layout: str, tok):
     """(config.json dict, our MambaConfig) of an HF or mamba-ssm folder. `tok`: the model's tokenizer
     or None; HF: it gives the real vocabulary size; mamba-ssm: UserError unless its size is vocab_size."""
-    from mamba_lm.mamba import MambaConfig
     config_path = folder / "config.json"
     raw = read_json(config_path)
     if layout == "hf":
@@ -515,8 +442,10 @@ def folder_config(folder: Path, layout: str, tok):
 
 def load_folder(folder: Path, layout: str, tokenizer=None):
     """(model on CPU, tokenizer, info) from an HF or mamba-ssm folder (strict, shape-checked load).
-    `tokenizer`: a TextTokenizer used when the folder has no tokenizer.json."""
-    from mamba_lm.mamba import MambaLMHeadModel
+    `tokenizer`: a TextTokenizer used when the folder has no tokenizer.json.
+
+    info: a dict with the mamba_lm.weights.WeightsInfo fields a folder knows (weights.py wraps it).
+    """
     tok = folder_tokenizer(folder)
     source = "folder" if tok is not None else "missing"
     if tok is None and tokenizer is not None:
@@ -573,63 +502,34 @@ def check_state_dict(model, state: dict, config_path: Path, weights_path: Path) 
         raise UserError(f"weights have {' and '.join(parts)} tensors: {fix}")
 
 
-def count_params(model) -> int:
-    if hasattr(model, "num_params"):
-        return int(model.num_params())
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 # -----------------------------------------------------------------------------
 # exporting
 
-def resolve_source(source, tokenizer=None, info=None):
-    """(model, tokenizer, info) from a checkpoint path / ckpt dict / model, refusing non-baselines."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            model, tok, loaded = load_pretrained(path, tokenizer=tokenizer)
-        else:
-            from mamba_lm.checkpoint import load_checkpoint
-            ckpt = load_checkpoint(str(path))
-            refuse_non_baseline(ckpt.get("model_type"), str(path))
-            model, tok, loaded = load_repo_checkpoint(path, "cpu", ckpt)
-        info = {**loaded, **(info or {})}
-    elif isinstance(source, dict):
-        refuse_non_baseline(source.get("model_type"), "the checkpoint")
-        from mamba_lm.checkpoint import model_from_checkpoint
-        from mamba_lm.tokenizer import tokenizer_from_dict
-        model, ckpt = model_from_checkpoint(source, device="cpu")
-        tok = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-        info = {**{k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}, **(info or {})}
-    else:
-        model, tok, info = source, None, dict(info or {})
-    refuse_non_baseline(getattr(model, "model_type", info.get("model_type")), info.get("path", "this model"))
-    if tokenizer is not None:
-        tok = resolve_tokenizer(tokenizer)
-    return model, tok, info
-
-
 def refuse_non_baseline(model_type, where: str) -> None:
+    """UserError unless `model_type` is the baseline "mamba": only it has the HF / mamba-ssm formats."""
     if model_type != "mamba":
         raise UserError(f"{where} is a {model_type!r} model; only the baseline Mamba (model_type 'mamba') "
                         f"exports to the Hugging Face / mamba-ssm formats (multitrack models stay repo .pt files)")
 
 
 def cpu_state_dict(model) -> dict:
+    """The model's tensors detached, on CPU, contiguous (what the folder writers save)."""
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def export_hf(source, folder, tokenizer=None, info=None, name: str | None = None) -> list[str]:
-    """Write a transformers folder: MambaForCausalLM / AutoTokenizer .from_pretrained(folder) load it.
+def write_hf_folder(model, folder, tok=None, info=None, name: str | None = None) -> list[str]:
+    """Write a transformers folder for a baseline `model`: MambaForCausalLM / AutoTokenizer
+    .from_pretrained(folder) load it.
 
-    source: repo checkpoint path, checkpoint dict, or a MambaLMHeadModel (then pass tokenizer/info).
     Files: config.json, generation_config.json, model.safetensors (backbone.embeddings.weight; the
-    tied lm_head omitted, as save_pretrained does), tokenizer files, README.md (model card).
+    tied lm_head omitted, as save_pretrained does), tokenizer files (when `tok` is given), README.md
+    (model card from `info`: a WeightsInfo or a dict with some of its fields).
     name: the model's name in the model card (default: the folder's name).
     Returns the file names written.
     """
-    from safetensors.torch import save_file
-    model, tok, info = resolve_source(source, tokenizer, info)
+    from safetensors.torch import save_file  # optional: only the HF export writes safetensors
+    info = info if info is not None else {}
+    refuse_non_baseline(getattr(model, "model_type", info.get("model_type")), info.get("path") or "this model")
     config = model.config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -654,13 +554,14 @@ def export_hf(source, folder, tokenizer=None, info=None, name: str | None = None
     return written + ["README.md"]
 
 
-def export_mamba_ssm(source, folder, tokenizer=None, info=None) -> list[str]:
-    """Write config.json + pytorch_model.bin as mamba-ssm's MambaLMHeadModel.save_pretrained does.
-
-    `MambaLMHeadModel.from_pretrained(folder)` reads them (strict load: lm_head.weight included).
-    A tokenizer.json is added when known (mamba-ssm ignores it; load_pretrained uses it).
+def write_mamba_ssm_folder(model, folder, tok=None, info=None) -> list[str]:
+    """Write config.json + pytorch_model.bin for a baseline `model` as mamba-ssm's
+    MambaLMHeadModel.save_pretrained does; `MambaLMHeadModel.from_pretrained(folder)` reads them
+    (strict load: lm_head.weight included). A tokenizer.json is added when `tok` has one (mamba-ssm
+    ignores it; mamba_lm.weights.load_weights uses it). Returns the file names written.
     """
-    model, tok, info = resolve_source(source, tokenizer, info)
+    info = info if info is not None else {}
+    refuse_non_baseline(getattr(model, "model_type", info.get("model_type")), info.get("path") or "this model")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", mamba_ssm_config_dict(model.config))
@@ -741,7 +642,7 @@ def model_card(model, tok, info: dict, name: str) -> str:
         "```", "",
         f"The logits have {c.padded_vocab_size} columns (vocabulary padded to a multiple of "
         f"{c.pad_vocab_size_multiple}); ids >= {c.vocab_size} are padding and never trained.",
-        "", "In mamba-narrative: `from mamba_lm.interop import load_pretrained; "
-        f'model, tokenizer, info = load_pretrained("{name}")`.', "",
+        "", "In mamba-narrative: `from mamba_lm.weights import load_weights; "
+        f'model, tokenizer, info = load_weights("{name}")`.', "",
     ]
     return "\n".join(lines)

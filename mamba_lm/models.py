@@ -1,7 +1,12 @@
 """Model registry: build any model of the repository from (model_type, config).
 
     MODEL_TYPES = {"mamba": (MambaConfig, MambaLMHeadModel),
-                   "multitrack": (MultiTrackConfig, MultiTrackLM)}   # registered on first use
+                   "multitrack": (MultiTrackConfig, MultiTrackLM)}   # registered by `import multitrack`
+
+The core package never imports `multitrack` (it sits above the core; CONTRACTS.md "Layers"): the
+multi-track package registers its model type with `register_model_type` when it is imported, and
+every script that may load any model type (generate_text.py, evaluate.py, export.py, the train
+scripts) imports `multitrack` explicitly. An unregistered type is a UserError saying so.
 
 Checkpoints store `model_type` and `model_config_dict(model)`; `build_model` turns them back into a
 model. Derived config fields (those with `init=False`, e.g. MambaConfig.d_inner) are recomputed.
@@ -18,19 +23,18 @@ from mamba_lm.errors import UserError
 from mamba_lm.mamba import MambaConfig, MambaLMHeadModel
 
 MODEL_TYPES: dict[str, tuple[type, type]] = {"mamba": (MambaConfig, MambaLMHeadModel)}
+# packages that register a model type when imported (the message for an unregistered type names them)
+PROVIDERS = {"multitrack": "multitrack"}
 
 
-def _register_multitrack() -> None:
-    """Add "multitrack" to MODEL_TYPES if multitrack.multitrack_model exists (imported lazily: it imports us)."""
-    if "multitrack" in MODEL_TYPES:
-        return
-    try:
-        from multitrack.multitrack_model import MultiTrackConfig, MultiTrackLM
-    except ModuleNotFoundError as e:
-        if e.name != "multitrack.multitrack_model":
-            raise
-        return
-    MODEL_TYPES["multitrack"] = (MultiTrackConfig, MultiTrackLM)
+def register_model_type(model_type: str, config_cls: type, model_cls: type) -> None:
+    """Make `model_type` buildable by build_model. Called by the package that defines the model when it
+    is imported (multitrack/multitrack_model.py registers "multitrack"); registering the same classes
+    again is a no-op, other classes under a taken name are a ValueError."""
+    known = MODEL_TYPES.get(model_type)
+    if known is not None and known != (config_cls, model_cls):
+        raise ValueError(f"model_type {model_type!r} is already registered to {known[1].__name__}")
+    MODEL_TYPES[model_type] = (config_cls, model_cls)
 
 
 def config_from_dict(config_cls: type, config: dict):
@@ -47,9 +51,9 @@ def config_from_dict(config_cls: type, config: dict):
 def build_model(model_type: str, config, device=None) -> nn.Module:
     """A freshly initialised model. config: a dict (e.g. from a checkpoint) or the config dataclass itself."""
     if model_type not in MODEL_TYPES:
-        _register_multitrack()
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"unknown model_type {model_type!r}; available: {', '.join(sorted(MODEL_TYPES))}")
+        hint = (f"; the script must `import {PROVIDERS[model_type]}` to load it" if model_type in PROVIDERS
+                else f"; available: {', '.join(sorted(MODEL_TYPES))}")
+        raise UserError(f"model_type {model_type!r} is not registered{hint}")
     config_cls, model_cls = MODEL_TYPES[model_type]
     if isinstance(config, dict):
         config = config_from_dict(config_cls, config)

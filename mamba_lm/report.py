@@ -1,16 +1,18 @@
-"""Markdown and PNG output: sample files, the per-epoch table, loss curves.
+"""Markdown and PNG output: sample files, the per-epoch table, loss curves, router usage.
 
 Deliberately small (nanochat deleted its report module): one markdown writer, one table
-formatter, one plot. Shared by train_*.py, generate_text.py and evaluate.py.
+formatter, the training plots (loss curves; the multi-track router's usage, drawn from plain stats
+dicts so that model code draws nothing). Shared by train_*.py, generate_text.py and evaluate.py.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from pathlib import Path
+
+from mamba_lm.runtime import atomic_path, atomic_write_text
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "val_loss", "val_ppl", "minutes", "tokens"]
 
@@ -28,14 +30,8 @@ def write_markdown(path, title: str, sections: list[tuple[str, str]], append: bo
         with open(path, "a", encoding="utf-8") as f:
             f.write(body)
     else:
-        _write_atomic(path, f"# {title}\n{body}")
+        atomic_write_text(path, f"# {title}\n{body}")
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def as_paragraphs(text: str) -> str:
@@ -89,18 +85,16 @@ def _f(x, digits):
 
 def write_epoch_tables(rows: list[dict], md_path, csv_path) -> None:
     """epochs.md (markdown table) and epochs.csv (same columns, full precision)."""
-    _write_atomic(Path(md_path), epoch_table_markdown(rows))
-    tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    atomic_write_text(md_path, epoch_table_markdown(rows))
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS + ["epoch_frac", "step"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
 
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is not installed."""
-    try:
+    try:  # optional dependency: without matplotlib the reports are written without figures
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -110,15 +104,14 @@ def pyplot():
 
 
 def save_figure(fig, path) -> Path:
-    """Lay out `fig`, write it to `path` atomically (tmp file + rename) and close it."""
-    import matplotlib.pyplot as plt
+    """Lay out `fig`, write it to `path` atomically (runtime.atomic_path) and close it."""
+    import matplotlib.pyplot as plt  # optional dependency: only called with a figure made by pyplot()
 
     path = Path(path)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(path, keep_suffix=True) as tmp:   # savefig reads the format from the suffix
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -146,3 +139,66 @@ def plot_losses(history: list[dict], path, title: str | None = None) -> Path | N
     if train or val:
         ax.legend()
     return save_figure(fig, path)
+
+
+def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str | None:
+    """PNG of router statistics. rows: plain dicts of router stats, each with a "step" (the
+    multi-track model's MultiTrackLM.stats() rows: "router/<type>/<track>", "router/frac/<type>",
+    "router/all/<track>", "router/layer<i>/<track>", "router/tokens").
+
+    Left: mean track weight by token type at the last row, as the difference from uniform mixing
+    (1/G), so that small preferences are visible (grouped bars, token share under each group).
+    Middle: mean weight of each track over all tokens across training steps. Right: per-layer mean
+    weights at the last row. Returns the path, or None when there is nothing to plot.
+    """
+    by_step = {r["step"]: r for r in rows if "router/tokens" in r}          # a repeated step: keep the last
+    rows = [by_step[s] for s in sorted(by_step)]
+    if not rows:
+        return None
+    plt = pyplot()
+    if plt is None:
+        return None
+    from matplotlib.ticker import MaxNLocator  # optional dependency, like pyplot itself
+
+    last = rows[-1]
+    n = len(track_names)
+    uniform = 1 / n
+    types = [t for t in token_types if f"router/{t}/{track_names[0]}" in last]
+    colors = [f"C{g}" for g in range(n)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110, gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    width = 0.8 / n
+    for g, track in enumerate(track_names):
+        axes[0].bar([i + (g - (n - 1) / 2) * width for i in range(len(types))],
+                    [last[f"router/{t}/{track}"] - uniform for t in types], width=width, label=track,
+                    color=colors[g])
+    axes[0].axhline(0, color="gray", lw=0.8)
+    axes[0].set_xticks(range(len(types)))
+
+    def share(t):
+        f = 100 * last.get(f"router/frac/{t}", 0)
+        return f"{f:.0f}%" if f >= 10 or f == 0 else f"{f:.1f}%"
+
+    axes[0].set_xticklabels([f"{t.replace('_', chr(10))}\n({share(t)})" for t in types], fontsize=9)
+    axes[0].set_ylabel(f"mean router weight - 1/{n} (uniform)")
+    axes[0].set_title(f"track usage by token type, step {last['step']} (share of tokens in brackets)", fontsize=10)
+    axes[0].legend(fontsize=9, ncol=n, loc="best")
+    steps = [r["step"] for r in rows]
+    for g, track in enumerate(track_names):
+        axes[1].plot(steps, [r[f"router/all/{track}"] for r in rows], marker=".", label=track, color=colors[g])
+    axes[1].axhline(uniform, color="gray", lw=0.8, ls="--")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("mean router weight")
+    axes[1].set_title("track usage over training (all tokens)", fontsize=10)
+    axes[1].legend(fontsize=9)
+    layers = sorted({int(k.split("/")[1][5:]) for k in last if k.startswith("router/layer")})
+    for g, track in enumerate(track_names):
+        axes[2].plot(layers, [last[f"router/layer{k}/{track}"] for k in layers], marker="o", label=track,
+                     color=colors[g])
+    axes[2].axhline(uniform, color="gray", lw=0.8, ls="--")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].set_xlabel("layer")
+    axes[2].set_ylabel("mean router weight")
+    axes[2].set_title(f"track usage by layer, step {last['step']}", fontsize=10)
+    axes[2].legend(fontsize=9)
+    return str(save_figure(fig, path))

@@ -28,10 +28,11 @@ from pathlib import Path
 from mamba_lm.checkpoint import load_checkpoint
 from mamba_lm.data import check_tokenizer_match
 from mamba_lm.errors import UserError
+from mamba_lm.runtime import atomic_write_text
 
 LATEST, BEST = "ckpt_latest.pt", "ckpt_best.pt"
 OUTPUTS = (LATEST, BEST, "log.txt", "epochs.md", "epochs.csv", "loss.png")  # plus *.jsonl and tb/
-# temporary files of atomic writes (checkpoint.save_checkpoint, report, trim_step_logs): ".<name>.tmp<pid>",
+# temporary files of atomic writes (mamba_lm.runtime.atomic_path): ".<name>.tmp<pid>",
 # ".loss.tmp<pid>.png"; a kill between the write and the rename leaves them behind
 LEFTOVER = re.compile(r"^\.(ckpt_latest\.pt|ckpt_best\.pt|epochs\.md|epochs\.csv|log\.txt|[^/]+\.jsonl)\.tmp\d*$"
                       r"|^\.loss\.tmp\d*\.png$")
@@ -159,9 +160,7 @@ def trim_step_logs(out_dir: Path, upto_step: int) -> tuple[list[dict], list[str]
     for path in sorted(out_dir.glob("*.jsonl")):
         rows, cut = read_step_log(path)
         kept = [r for r in rows if r.get("step", 0) <= upto_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         if cut:
             cut_files.append(path.name)
         if path.name == "metrics.jsonl":

@@ -60,17 +60,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mamba_lm.checkpoint import load_any_model, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mamba_lm.checkpoint import model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mamba_lm.data import TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta
 from mamba_lm.distributed import (Dist, gather_model_state, gather_optimizer_state, load_optimizer_state,
                                   no_sync_unless, wrap_for_ranks)
 from mamba_lm.errors import UserError
-from mamba_lm.interop import check_data_tokenizer
 from mamba_lm.models import model_config_dict
 from mamba_lm.report import plot_losses, write_epoch_tables
 from mamba_lm.rundir import (BEST, LATEST, check_out_dir, check_resume_batches, check_resume_data, check_same_model,
                              checkpoint_to_resume, clear_outputs, refuse_replacing, remove_leftovers, trim_step_logs)
+from mamba_lm.runtime import autocast, count_params, resolve_device, resolve_dtype
 from mamba_lm.tokenizer import load_tokenizer
+from mamba_lm.weights import check_data_tokenizer, load_weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,36 +126,6 @@ def lm_loss(logits, targets, vocab_size: int | None = None):
     if vocab_size is not None and logits.size(-1) != vocab_size:
         logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={device} but CUDA is not available here; use --device=cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: auto -> bfloat16 on CUDA (fp16 if bf16 is unsupported), float32 on CPU."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise UserError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
-    if device.type != "cuda" and table[dtype] == torch.float16:
-        raise UserError("--dtype=float16 needs CUDA; use float32 or bfloat16 on CPU")
-    return table[dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision context: autocast on CUDA for bf16/fp16, nothing for fp32 (CPU bf16 too)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -763,8 +734,7 @@ def _disk_full_is_a_user_error():
 
 def log_header(run: Run, state: RunState) -> None:
     cfg, data, budget = run.cfg, run.data, run.budget
-    n_params = run.raw.num_params() if hasattr(run.raw, "num_params") else sum(
-        p.numel() for p in run.raw.parameters())
+    n_params = count_params(run.raw)
     tokens_per_step = budget.tokens_per_step(data.seq_len)
     lines = [
         f"run {run.out_dir} | {run.script} | {'resumed at step ' + str(state.step) if state.step else 'fresh'}"
@@ -930,7 +900,7 @@ def make_model(cfg: dict, build_model, script: str, data: RunData, ckpt: dict | 
     if not Path(cfg["init_from"]).exists():
         raise UserError(f"--init_from={cfg['init_from']}: no such file or folder; use scratch, resume, "
                         "or the path of a repo .pt checkpoint or an HF / mamba-ssm folder")
-    model, tokenizer, info = load_any_model(cfg["init_from"])
+    model, tokenizer, info = load_weights(cfg["init_from"])
     want_type = _model_type(probe_model(build_model))
     if model.model_type != want_type:
         raise UserError(f"--init_from={cfg['init_from']} holds a {model.model_type!r} model, but "
@@ -939,7 +909,7 @@ def make_model(cfg: dict, build_model, script: str, data: RunData, ckpt: dict | 
         check_tokenizer_match(data.meta["tokenizer"], tokenizer.to_dict())
     else:  # an HF / mamba-ssm folder without a tokenizer: only the vocabulary size can be checked
         check_data_tokenizer(info, data.meta["tokenizer"], data.dir)
-    return model.train(), f"initialised from {cfg['init_from']} ({info.get('layout', info.get('source'))})"
+    return model.train(), f"initialised from {cfg['init_from']} ({info.layout})"
 
 
 def probe_model(build_model):

@@ -5,5 +5,10 @@
     router             the narrative-aware router that weights the tracks
     cross_track        cross-track attention between the tracks' states
     triple_track       the triple-track mixer (one grouped selective scan over the tracks)
-    multitrack_model   MultiTrackLM: the language model built from those blocks
+    multitrack_model   MultiTrackLM: the language model built from those blocks (registered on import)
+
+Importing the package registers model_type "multitrack" with mamba_lm.models (the core never imports
+this package), so a script that may load any checkpoint starts with `import multitrack`.
 """
+
+from multitrack import multitrack_model  # noqa: F401  (registers "multitrack" with mamba_lm.models)

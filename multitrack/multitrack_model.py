@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from mamba_lm import ops
 from mamba_lm.errors import UserError
 from mamba_lm.mamba import MambaCache, init_lm_weights
+from mamba_lm.models import register_model_type
 from multitrack.multitrack_config import (PRESETS, VARIANTS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config, variant_config)
 from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
@@ -315,3 +316,5 @@ def parameter_report(config: MultiTrackConfig) -> str:
             f"d_inner={config.d_inner} ({config.tracks} x {config.d_track}), baseline d_inner="
             f"{config.expand * config.d_model}{extra}")
 
+
+register_model_type("multitrack", MultiTrackConfig, MultiTrackLM)  # build_model("multitrack", ...) from here on

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mamba_lm.checkpoint import (FORMAT, load_any_model, load_checkpoint, model_from_checkpoint, rng_state,
-                                   save_checkpoint, set_rng_state)
+from mamba_lm.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mamba_lm.errors import UserError
+from mamba_lm.weights import load_weights
 
 
 def make_ckpt(model, step=1):
@@ -49,7 +49,7 @@ def test_weights_only_load_and_strict_rebuild(tmp_path, tiny_model):
     x = torch.randint(0, 257, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
-    m2, tok, info = load_any_model(path)
+    m2, tok, info = load_weights(path)
     assert tok.kind == "byte" and info["num_params"] == model.num_params() and info["step"] == 1
 
 

@@ -196,7 +196,7 @@ def test_bad_arguments_are_one_line_errors(setup, tmp_path):
 def test_hf_and_mamba_ssm_folders_evaluate_like_the_checkpoint(setup, tmp_path):
     """An exported HF folder and a tokenizer-less mamba-ssm folder (via mamba_lm.interop) give the same
     token loss as the repo checkpoint they came from, side by side in one report."""
-    from mamba_lm.interop import export_hf, export_mamba_ssm
+    from mamba_lm.weights import export_hf, export_mamba_ssm
 
     root, data, a, _ = setup
     export_hf(str(a), tmp_path / "hf")
@@ -295,7 +295,7 @@ def test_folder_tokenizer_mismatch_fails_before_any_work(setup, tmp_path):
     """HF / mamba-ssm folders are checked against the data's tokenizer before the first checkpoint is
     evaluated: a folder with another tokenizer, and a tokenizer-less folder with another vocabulary size,
     each stop the run with one line naming the folder (exit 2), with no stage run and no report written."""
-    from mamba_lm.interop import export_hf, export_mamba_ssm
+    from mamba_lm.weights import export_hf, export_mamba_ssm
     from mamba_lm.tokenizer import train_demo_bpe
 
     root, data, a, _ = setup

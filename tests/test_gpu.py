@@ -110,7 +110,7 @@ def test_step_matches_forward_on_cuda(model_type):
 def test_same_logits_as_mamba_ssm_model():
     """Our MambaLMHeadModel == mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel with the same weights."""
     pytest.importorskip("mamba_ssm.models.mixer_seq_simple")
-    from mamba_lm.interop import mamba_ssm_model
+    from mamba_lm.convert import mamba_ssm_model
     torch.manual_seed(0)
     config = mamba_config("tiny", vocab_size=VOCAB)
     ours = build_model("mamba", config, device="cuda").eval()

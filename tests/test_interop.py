@@ -1,5 +1,5 @@
 """Interop with the Mamba ecosystem: Hugging Face / mamba-ssm folders load into our model and our
-checkpoints export to folders that transformers loads unchanged (mamba_lm/interop.py, export.py).
+checkpoints export to folders that transformers loads unchanged (mamba_lm/convert.py, mamba_lm/weights.py, export.py).
 
 Every folder is built inside the test from tiny models (d_model 32, 2 layers) and a BPE trained on a
 few sentences; the reference logits come from transformers' own MambaForCausalLM.
@@ -16,11 +16,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mamba_lm.checkpoint import save_checkpoint  # noqa: E402
+from mamba_lm.convert import MAMBA_SSM_CONFIG_KEYS, describe_folder, detect_layout, mamba_ssm_model  # noqa: E402
 from mamba_lm.errors import UserError  # noqa: E402
-from mamba_lm.interop import (MAMBA_SSM_CONFIG_KEYS, check_data_tokenizer, detect_layout,  # noqa: E402
-                                export_hf, export_mamba_ssm, load_pretrained)
 from mamba_lm.mamba import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe  # noqa: E402
+from mamba_lm.weights import check_data_tokenizer, export_hf, export_mamba_ssm, load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -96,7 +96,7 @@ def test_hf_folder_loads_with_equal_logits(tmp_path, bpe, tie):
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text(bpe.json, encoding="utf-8")
     assert detect_layout(tmp_path / "hf") == "hf"
-    model, tok, info = load_pretrained(tmp_path / "hf")
+    model, tok, info = load_weights(tmp_path / "hf")
     assert tok is not None and tok.sha256 == bpe.sha256 and info["tokenizer"]["sha256"] == bpe.sha256
     assert info["vocab_size"] == bpe.vocab_size and info["padded_vocab_size"] == padded
     assert model.config.d_model == 32 and model.config.d_state == 8 and model.config.tie_embeddings == tie
@@ -110,7 +110,7 @@ def test_hf_folder_without_tokenizer_keeps_padded_vocab(tmp_path):
     reported missing, and check_data_tokenizer accepts a data vocab that pads to it and refuses others."""
     hf = hf_tiny(304)
     hf.save_pretrained(tmp_path / "hf")
-    model, tok, info = load_pretrained(tmp_path / "hf")
+    model, tok, info = load_weights(tmp_path / "hf")
     assert tok is None and info["tokenizer"] == "missing" and info["vocab_exact"] is False
     assert info["vocab_size"] == 304
     check_data_tokenizer(info, {"name": "x", "vocab_size": 301, "eos_id": 0, "sha256": "a"})
@@ -131,7 +131,7 @@ def test_mamba_ssm_folder_loads_with_equal_logits(tmp_path):
         "d_model": 32, "n_layer": 2, "vocab_size": 50, "ssm_cfg": {"d_state": 8}, "rms_norm": True,
         "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}))
     assert detect_layout(folder) == "mamba_ssm"
-    model, tok, info = load_pretrained(folder)
+    model, tok, info = load_weights(folder)
     assert tok is None and info["tokenizer"] == "missing" and info["vocab_exact"] is True
     assert (model.config.vocab_size, model.config.padded_vocab_size) == (50, 56)
     x = ids_for(50)
@@ -141,18 +141,17 @@ def test_mamba_ssm_folder_loads_with_equal_logits(tmp_path):
     with pytest.raises(UserError, match="has no tokenizer"):
         check_data_tokenizer(info, {"name": "neox", "vocab_size": 51, "eos_id": 0, "sha256": "a"})
     with pytest.raises(UserError, match="vocab_size 50 but tokenizer 'byte' has 257 tokens"):
-        load_pretrained(folder, tokenizer="byte")
+        load_weights(folder, tokenizer="byte")
 
 
-def test_describe_folder_refuses_what_load_pretrained_refuses(tmp_path, bpe):
+def test_describe_folder_refuses_what_load_weights_refuses(tmp_path, bpe):
     """describe_folder (evaluate.py's check before any work) reports a folder's vocabulary like
-    load_pretrained, and refuses a mamba-ssm folder whose tokenizer.json does not fit its vocab_size
-    with load_pretrained's message, without reading the (here absent) weights."""
-    from mamba_lm.interop import describe_folder
+    load_weights, and refuses a mamba-ssm folder whose tokenizer.json does not fit its vocab_size
+    with load_weights's message, without reading the (here absent) weights."""
     folder = tmp_path / "ssm"
     export_mamba_ssm(our_tiny(bpe.vocab_size, seed=5), folder, tokenizer=bpe)
     info = describe_folder(folder)
-    _, _, loaded = load_pretrained(folder)
+    _, _, loaded = load_weights(folder)
     assert {k: info[k] for k in ("vocab_size", "padded_vocab_size", "vocab_exact", "tokenizer")} == \
         {k: loaded[k] for k in ("vocab_size", "padded_vocab_size", "vocab_exact", "tokenizer")}
     cfg = json.loads((folder / "config.json").read_text())
@@ -201,7 +200,7 @@ def test_export_hf_round_trip(tmp_path, bpe):
     assert card.startswith("---\nlibrary_name: transformers\n") and "- mamba" in card
     assert "30,720" in card and "3.2500" in card and "data/demo" in card and "| lr | `0.0003` |" in card
     # and back: the exported folder loads into our model with the tokenizer
-    model, tok, info = load_pretrained(tmp_path / "export")
+    model, tok, info = load_weights(tmp_path / "export")
     assert info["layout"] == "hf" and tok.sha256 == bpe.sha256 and info["vocab_size"] == bpe.vocab_size
     with torch.no_grad():
         assert max_diff(model(x), ours(x)) < TOL
@@ -219,7 +218,7 @@ def test_export_hf_byte_tokenizer(tmp_path):
 
 def test_export_mamba_ssm_round_trip(tmp_path, bpe):
     """export_mamba_ssm writes exactly mamba-ssm's config keys + a strict-loadable state dict (tied
-    lm_head included); load_pretrained of it gives our logits back."""
+    lm_head included); load_weights of it gives our logits back."""
     ours = our_tiny(bpe.vocab_size, seed=5)
     ckpt = repo_ckpt(tmp_path / "ckpt.pt", ours, bpe)
     export_mamba_ssm(ckpt, tmp_path / "ssm")
@@ -228,7 +227,7 @@ def test_export_mamba_ssm_round_trip(tmp_path, bpe):
     assert cfg["ssm_cfg"] == {"d_state": 8} and cfg["vocab_size"] == bpe.vocab_size
     state = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)
     assert set(state) == set(ours.state_dict()) and "lm_head.weight" in state
-    model, tok, info = load_pretrained(tmp_path / "ssm")
+    model, tok, info = load_weights(tmp_path / "ssm")
     assert info["layout"] == "mamba_ssm" and tok.sha256 == bpe.sha256
     x = ids_for(bpe.vocab_size)
     with torch.no_grad():
@@ -272,15 +271,15 @@ def test_broken_folders_are_user_errors(tmp_path, bpe):
     }
     for name, (path, expected) in cases.items():
         with pytest.raises(UserError) as e:
-            load_pretrained(path)
+            load_weights(path)
         msg = str(e.value)
         assert expected in msg and "\n" not in msg and len(msg) < 400, (name, msg)
         assert str(path) in msg, (name, msg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
-        load_pretrained(tmp_path / "empty")
+        load_weights(tmp_path / "empty")
     with pytest.raises(UserError, match="does not exist"):
-        load_pretrained(tmp_path / "missing")
+        load_weights(tmp_path / "missing")
 
 
 def test_multitrack_export_refused(tmp_path, bpe):
@@ -342,7 +341,7 @@ def test_init_from_folders_fine_tunes_and_refuses_mismatch(tmp_path, demo_data_d
         assert torch.equal(ckpt["model"][key], value), key
 
     export_hf(pretrained, tmp_path / "hf", tokenizer=load_tokenizer("byte"))
-    _, tok, info = load_pretrained(tmp_path / "hf")
+    _, tok, info = load_weights(tmp_path / "hf")
     assert tok.kind == "byte" and info["tokenizer"]["sha256"] == "byte-v1"
     check_tokenizer_match(load_meta(demo_data_dir)["tokenizer"], info["tokenizer"])
 
@@ -447,7 +446,7 @@ def test_mamba_ssm_own_from_pretrained_reads_the_export(tmp_path, monkeypatch, b
     for key in a:
         assert a[key].dtype == b[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
     theirs.save_pretrained(str(tmp_path / "resaved"))
-    model, tok, info = load_pretrained(tmp_path / "resaved")
+    model, tok, info = load_weights(tmp_path / "resaved")
     assert info["layout"] == "mamba_ssm" and tok is None
     x = ids_for(bpe.vocab_size)
     with torch.no_grad():
@@ -459,7 +458,7 @@ def test_half_precision_folders_load_as_float32(tmp_path):
     into a float32 model with the stored values exactly (reported as info["stored_dtype"])."""
     hf = hf_tiny(56, seed=2).to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf_bf16")
-    model, _, info = load_pretrained(tmp_path / "hf_bf16")
+    model, _, info = load_weights(tmp_path / "hf_bf16")
     assert info["stored_dtype"] == "bfloat16" and next(model.parameters()).dtype == torch.float32
     assert torch.equal(model.backbone.embedding.weight, hf.backbone.embeddings.weight.float())
 
@@ -467,7 +466,7 @@ def test_half_precision_folders_load_as_float32(tmp_path):
     export_mamba_ssm(ours, tmp_path / "ssm")
     state = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)
     torch.save({k: v.half() for k, v in state.items()}, tmp_path / "ssm" / "pytorch_model.bin")
-    model, _, info = load_pretrained(tmp_path / "ssm")
+    model, _, info = load_weights(tmp_path / "ssm")
     assert info["stored_dtype"] == "float16" and next(model.parameters()).dtype == torch.float32
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key].half().float()), key
@@ -478,7 +477,6 @@ def test_mamba_ssm_model_takes_our_weights_unchanged(tmp_path, monkeypatch):
     """interop.mamba_ssm_model (the reference model of test_mamba.py, tests/test_gpu.py and the benches)
     builds mamba-ssm's own MambaLMHeadModel with our shapes: our state_dict loads strictly, every tensor
     the same shape, the embedding tied to the head; fused_add_norm follows the device unless given."""
-    from mamba_lm.interop import mamba_ssm_model
 
     import_mamba_ssm_from_sdist(tmp_path, monkeypatch)
     ours = our_tiny(61, seed=5)
