@@ -1,8 +1,9 @@
 """mamba_lm: everything both models and all scripts share (the core of mamba-narrative).
 
-Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which):
+Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; tests/test_layout.py checks it):
 
     errors         UserError: the one-line, exit-2 error for bad input
+    runtime        device, dtype and autocast; atomic file writes; parameter counts
     configurator   --key=value overrides of a script's module-level hyperparameters
     ops            selective scan, causal conv1d, RMSNorm: CUDA kernels or pure-PyTorch twins
     tokenizer      tokenizer loading (hub id, local tokenizer.json, byte-level, demo BPE)
@@ -11,17 +12,21 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which):
     data           uint16 memmap datasets, batching, epoch order, data fingerprints
     mamba          the baseline Mamba LM (parameter names match mamba-ssm's MambaLMHeadModel)
     metrics        evaluation metrics for long-form narrative
-    models         model registry: build any model type from (model_type, config dict)
+    report         markdown writing (sample files, epoch tables) and PNG plots (loss, router usage)
     generation     sampling and recurrent (constant-memory) generation, CUDA graphs on GPU
-    report         markdown writing (sample files, epoch tables) and PNG plots
+    models         model registry: build any registered model type from (model_type, config dict)
     longrange      whole-book metrics: recurring names by distance, chapter detection and ranking, streaming
+    convert        Hugging Face / mamba-ssm folder formats <-> our model (config and key maps, read, write)
+    checkpoint     self-describing repo checkpoints: atomic save, safe load
+    weights        the one door for weights: load_weights(repo .pt | HF folder | mamba-ssm folder)
+    distributed    DDP / FSDP wrapping and full-state gather / load for the training loop
+    rundir         a run's out_dir: checks before touching it, resume checks, step-log trimming
+    trainer        the training loop and its pieces: optimizer, LR schedule, evaluation, logging
     evaluation     evaluate.py's stages and their resumable accumulators (resume cache)
     eval_report    evaluate.py's markdown report: tables, verdicts, PNGs
-    checkpoint     self-describing checkpoints: atomic save, safe load
-    interop        Hugging Face / mamba-ssm checkpoint folders: load, export
-    trainer        the shared training pieces: optimizer, LR schedule, evaluation, logging
 
-The multi-track model itself lives in the `multitrack` package, which builds on this one.
+The multi-track model lives in the `multitrack` package, which builds on this one and registers its
+model type when imported; nothing here imports it.
 """
 
 __version__ = "0.2.0"

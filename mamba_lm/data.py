@@ -17,6 +17,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from mamba_lm.errors import UserError
 
@@ -77,7 +78,6 @@ class TokenSplit:
 
     def get_batch(self, seq_indices, device="cpu"):
         """(x, y) int64 tensors of shape (B, L) for sequence indices (B,); pinned + non_blocking on CUDA."""
-        import torch
         idx = np.asarray(seq_indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_sequences):
             raise IndexError(f"sequence index out of range [0, {self.num_sequences}) in split {self.split}")

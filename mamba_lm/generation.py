@@ -19,10 +19,13 @@ the embedding to a multiple of 8) are never sampled.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable
 
 import torch
+
+from mamba_lm.errors import UserError
 
 NEG_INF = float("-inf")
 
@@ -111,8 +114,6 @@ def check_sampling_options(*, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, re
                            max_new_tokens=1, num_samples=1) -> None:
     """Raise UserError (one line, says the valid range) for settings that would crash or silently
     misbehave in the sampler (e.g. min_p > 1 or repetition_penalty <= 0 leave no finite probability)."""
-    from mamba_lm.errors import UserError
-
     checks = [
         (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
         (top_k >= 0, f"--top_k={top_k} must be >= 0 (0 = off)"),
@@ -250,7 +251,6 @@ class TextStreamer:
     """Print tokens as they arrive: buffer ids until they decode to whole characters (no '\\ufffd')."""
 
     def __init__(self, tokenizer, file=None, row: int = 0):
-        import sys
         self.tokenizer, self.file, self.row, self.pending = tokenizer, file or sys.stdout, row, []
 
     def __call__(self, t: int, ids) -> None:
@@ -274,8 +274,6 @@ def read_prompts(prompt: str, prompt_file: str = "") -> list[str]:
 
     Prompt-file entries are stripped of surrounding blank lines; `\\n` in `prompt` becomes a newline.
     """
-    from mamba_lm.errors import UserError
-
     prompts = [prompt.replace("\\n", "\n")] if prompt or not prompt_file else []
     if prompt_file:
         try:

@@ -39,6 +39,8 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 LN2 = math.log(2.0)
 
@@ -469,7 +471,7 @@ def summarize_recall(carried: Sequence[dict], reset: Sequence[dict], edges: Sequ
 
 # ----------------------------------------------------------------------------------------------
 # model-side accounting: per-token NLL of any LM with forward(input_ids, cache=None) -> logits
-# (the repo's Mamba and multi-track models, interop-wrapped HF / mamba-ssm models)
+# (the repo's Mamba and multi-track models, HF / mamba-ssm models loaded by mamba_lm.weights)
 
 
 def token_nll(model, x, y, vocab_size: int, cache=None):
@@ -479,8 +481,6 @@ def token_nll(model, x, y, vocab_size: int, cache=None):
     With `cache`, the forward starts from its state and leaves the final state there.
     Returns (B, L) float32.
     """
-    import torch.nn.functional as F
-
     logits = model(x, cache=cache) if cache is not None else model(x)     # (B, L, V_pad)
     logits = logits[..., :vocab_size].float()
     nll = F.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
@@ -497,8 +497,6 @@ def windowed_nll(model, x, y, window: int, vocab_size: int, carry_state: bool, m
     the windows are then independent, so up to `max_rows` of them (over all B) share a forward.
     Returns (B, T) float32.
     """
-    import torch
-
     B, T = x.shape
     if carry_state:
         cache = model.allocate_cache(B, device=x.device)
@@ -521,8 +519,6 @@ def answer_scores(logprobs, answer_ids: Sequence[int]) -> dict:
     {"first_correct": argmax of row 0 == answer_ids[0], "first_rank": rank of the answer's first
     token (0 = top), "mean_logprob": mean log-prob of all answer tokens}.
     """
-    import torch
-
     ids = torch.as_tensor(list(answer_ids), dtype=torch.long, device=logprobs.device)
     picked = logprobs[torch.arange(len(ids), device=logprobs.device), ids]        # (A,)
     first_rank = int((logprobs[0] > picked[0]).sum())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from functools import lru_cache
 
 from mamba_lm.errors import UserError
@@ -103,7 +104,7 @@ class TextTokenizer:
 
     def _backend(self):
         if self._tok is None:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # optional: the byte tokenizer works without the package
             self._tok = Tokenizer.from_str(self.json)
         return self._tok
 
@@ -181,7 +182,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     Checked first so that an offline machine fails at once instead of after the hub client's retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    import socket
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -191,7 +191,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _download_from_hub(repo_id: str) -> str:
     """Path of `tokenizer.json` of hub repo `repo_id`; offline only the local HF cache. Tests monkeypatch this."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # optional: only hub ids need it (local files and byte do not)
     return hf_hub_download(repo_id=repo_id, filename="tokenizer.json", local_files_only=not hub_reachable())
 
 
@@ -235,6 +235,7 @@ def train_demo_bpe(texts, vocab_size: int = 4096) -> TextTokenizer:
 
     Deterministic for the same texts and vocab_size. Named "demo-bpe-<vocab_size>".
     """
+    # optional: the `tokenizers` package is needed only to train the demo BPE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

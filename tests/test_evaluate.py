@@ -194,7 +194,7 @@ def test_bad_arguments_are_one_line_errors(setup, tmp_path):
 
 
 def test_hf_and_mamba_ssm_folders_evaluate_like_the_checkpoint(setup, tmp_path):
-    """An exported HF folder and a tokenizer-less mamba-ssm folder (via mamba_lm.interop) give the same
+    """An exported HF folder and a tokenizer-less mamba-ssm folder (via mamba_lm.weights) give the same
     token loss as the repo checkpoint they came from, side by side in one report."""
     from mamba_lm.weights import export_hf, export_mamba_ssm
 
