@@ -474,7 +474,7 @@ def test_half_precision_folders_load_as_float32(tmp_path):
 
 @pytest.mark.skipif(not MAMBA_SSM_SDIST.is_file(), reason="needs the mamba-ssm sdist in .sdist/ (setup.sh)")
 def test_mamba_ssm_model_takes_our_weights_unchanged(tmp_path, monkeypatch):
-    """interop.mamba_ssm_model (the reference model of test_mamba.py, tests/test_gpu.py and the benches)
+    """convert.mamba_ssm_model (the reference model of test_mamba.py, tests/test_gpu.py and the benches)
     builds mamba-ssm's own MambaLMHeadModel with our shapes: our state_dict loads strictly, every tensor
     the same shape, the embedding tied to the head; fused_add_norm follows the device unless given."""
 
