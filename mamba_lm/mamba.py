@@ -109,8 +109,19 @@ def mamba_config(preset: str, **overrides) -> MambaConfig:
 class MambaCache:
     """Recurrent state of every layer: conv_states[i] (B, d_inner, d_conv), ssm_states[i] (B, d_inner, N).
 
-    Tensors are updated in place (so CUDA graphs can capture `step`); `reset()` zeroes them.
+    Without autograd (generation, evaluation) the tensors are updated in place (so CUDA graphs can
+    capture `step`); `reset()` zeroes them. Under grad mode a forward *rebinds* the layer's entries to
+    the new state tensors (`set_layer_state`), which carry the graph of the window: the old ones may be
+    saved for backward and must not change. `detach_()` cuts that graph (truncated BPTT between
+    optimizer steps) and `reset_rows_(rows)` zeroes chosen rows (a stream that starts afresh);
+    mamba_lm/stateful.py runs a window with per-row resets on top of these. Both walk every tensor
+    the cache holds (also a subclass's, e.g. the multi-track narrative state), so a new kind of state
+    needs no new code here, only zero = "fresh start".
     """
+
+    # whether the final state a forward leaves here is differentiated: False lets the scan return it
+    # detached (on mamba_ssm's kernel: no read-out steps); set by stateful.forward_with_resets
+    state_grad: bool = True
 
     def __init__(self, conv_states: list[torch.Tensor], ssm_states: list[torch.Tensor]):
         self.conv_states = conv_states
@@ -121,8 +132,63 @@ class MambaCache:
         return self.conv_states[0].shape[0]
 
     def reset(self) -> None:
-        for t in self.conv_states + self.ssm_states:
-            t.zero_()
+        """Zero every state tensor in place (also under grad mode: the contract of generation's CUDA graphs)."""
+        self._map_state(torch.Tensor.zero_)
+
+    def set_layer_state(self, layer_idx: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        """Store layer `layer_idx`'s new conv and SSM state (see `set_state`)."""
+        self.set_state("conv_states", layer_idx, conv_state)
+        self.set_state("ssm_states", layer_idx, ssm_state)
+
+    def set_state(self, name: str, layer_idx: int, value: torch.Tensor) -> None:
+        """Store `value` as getattr(self, name)[layer_idx]: in place without autograd, else rebinding (a
+        copy in the old tensor's dtype; see the class doc). Any per-layer state list of a subclass."""
+        states = getattr(self, name)
+        if torch.is_grad_enabled():
+            states[layer_idx] = value.to(states[layer_idx].dtype, copy=True)
+        else:
+            states[layer_idx].copy_(value)
+
+    def detach_(self) -> None:
+        """Drop the autograd graph behind every state tensor (values and storage unchanged)."""
+        self._map_state(torch.Tensor.detach)
+
+    def reset_rows_(self, rows: torch.Tensor) -> None:
+        """Zero the state of the sequences where rows (B,) bool is True; the others keep theirs."""
+        rows = rows.to(self.conv_states[0].device, torch.bool)
+        mask = lambda t: rows.view(-1, *[1] * (t.dim() - 1))                   # noqa: E731, (B, 1, ...)
+        if torch.is_grad_enabled():   # rebind: the old tensors may be saved for backward
+            self._map_state(lambda t: t.masked_fill(mask(t), 0))
+        else:
+            self._map_state(lambda t: t.masked_fill_(mask(t), 0))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, in a fixed order (checkpoints: `load_state_tensors_` puts them back)."""
+        found = []
+        self._map_state(lambda t: found.append(t) or t)
+        return found
+
+    def load_state_tensors_(self, tensors: list[torch.Tensor]) -> None:
+        """Copy `state_tensors()` of an equal cache (same model and batch size) into this one, in place."""
+        mine = self.state_tensors()
+        if len(tensors) != len(mine) or any(a.shape != b.shape for a, b in zip(mine, tensors)):
+            raise ValueError("saved recurrent state does not fit this cache (other model or batch size)")
+        with torch.no_grad():
+            for a, b in zip(mine, tensors):
+                a.copy_(b)
+
+    def _map_state(self, fn) -> None:
+        """state tensor <- fn(state tensor), for every tensor held by the cache (lists, nested objects)."""
+        stack = [self]
+        while stack:
+            obj = stack.pop()
+            for name, value in vars(obj).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(obj, name, fn(value))
+                elif isinstance(value, list):
+                    value[:] = [fn(t) if isinstance(t, torch.Tensor) else t for t in value]
+                elif hasattr(value, "__dict__"):
+                    stack.append(value)
 
 
 class Mamba(nn.Module):
@@ -189,15 +255,16 @@ class Mamba(nn.Module):
             x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation="silu",
                                   initial_states=conv_state[:, :, 1:])
             history = torch.cat([conv_state, x_in.to(conv_state.dtype)], dim=2)
-            conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])   # last d_conv inputs
+            new_conv_state = history[:, :, history.shape[2] - self.d_conv:]     # last d_conv inputs
         dt, B, C = self._ssm_params(x)
         ssm_state = None if cache is None else cache.ssm_states[self.layer_idx]
         y = ops.selective_scan(x, dt, A, B, C, self.D.float(), z=z,
                                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                               return_last_state=cache is not None, initial_state=ssm_state)
+                               return_last_state=cache is not None, initial_state=ssm_state,
+                               last_state_grad=None if cache is None or cache.state_grad else False)
         if cache is not None:
             y, last_state = y
-            ssm_state.copy_(last_state)
+            cache.set_layer_state(self.layer_idx, new_conv_state, last_state)
         return self.out_proj(y.transpose(1, 2))                                  # (B, L, D)
 
     def step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:

@@ -95,6 +95,16 @@ def log_kernels_once() -> None:
         print(describe_kernels())
 
 
+_noted: set = set()
+
+
+def note_fallback(op: str, reason: str) -> None:
+    """Print once per (op, reason) that a CUDA kernel could not take part and PyTorch ran instead."""
+    if (op, reason) not in _noted:
+        _noted.add((op, reason))
+        print(f"kernels: {op} runs in PyTorch: {reason}")
+
+
 @contextmanager
 def force_pytorch():
     """Inside this block every op takes its PyTorch path, even on a GPU with kernels (equivalence tests)."""
@@ -629,30 +639,64 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 
 def _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state, initial_state):
+                                  return_last_state, initial_state, state_grad=False):
     """mamba_ssm's kernel (which starts from zero) plus the decayed initial state, exact by linearity.
 
     h_t = h_t(h0=0) + exp(Σ_{s<=t} Δ'_s A) h0, so y_t gains C_t . (exp(S_t) h0) before the gate.
+    initial_state may be None (then only the gate runs here). state_grad: the last state is
+    differentiated (a carried state inside a window), so it is read out through the kernel
+    (`_scan_with_state_readout`); otherwise the kernel's last state carries no gradient.
     """
-    out0, last0 = _ss_cuda(u, delta, A, B, C, D, None, delta_bias, delta_softplus, True)
+    if state_grad:
+        out0, last0 = _scan_with_state_readout(_ss_cuda, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    else:
+        out0, last0 = _ss_cuda(u, delta, A, B, C, D, None, delta_bias, delta_softplus, True)
     with torch.autocast(u.device.type, enabled=False):
         return _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplus,
                                   return_last_state, initial_state)
 
 
+def _scan_with_state_readout(scan, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    """A zero-initial-state scan whose last state h_l is differentiable, through a scan that drops the
+    gradient of its last_state output (mamba_ssm's SelectiveScanFn: `backward(ctx, dout, *args)`).
+
+    N read-out steps are appended: u = 0, B = 0, Δ' = 0 (so exp(Δ'A) = 1 and the state stays h_l) and
+    C = e_k at step l + k, so out[:, :, l + k] = h_l[:, :, k]: the read-out is an ordinary output, and
+    its gradient goes through the scan's own backward. The value returned is the scan's float32 last
+    state; only its gradient comes from the read-out (whose dtype is u's). Δ' = 0 needs Δ = -1e4 with
+    softplus, and Δ = -Δ_bias without (exact for the zero Δ_bias the clamped multi-track Δ passes).
+    scan: selective_scan_fn's signature with z=None. Returns (out (b, d, l) ungated, last (b, d, n) fp32).
+    """
+    b, d, l = u.shape
+    n = A.shape[1]
+    pad = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:-1], n), fill)], dim=-1)   # noqa: E731
+    if delta_softplus:
+        delta_ext = pad(delta, -1e4)
+    else:
+        fill = torch.zeros(d, n, device=u.device) if delta_bias is None else -delta_bias.float()[:, None].expand(d, n)
+        delta_ext = torch.cat([delta, fill.to(delta.dtype).expand(b, d, n)], dim=-1)
+    eye = torch.eye(n, device=C.device, dtype=C.dtype)                       # C at step l + k reads h[k]
+    C_ext = torch.cat([C, eye.expand(*C.shape[:-2], n, n)], dim=-1)
+    y_ext, last0 = scan(pad(u, 0), delta_ext, A, pad(B, 0), C_ext.contiguous(), D, None, delta_bias,
+                        delta_softplus, True)
+    readout = y_ext[:, :, l:].float()                                        # (b, d, n) = h_l
+    return y_ext[:, :, :l], last0.float().detach() + (readout - readout.detach())
+
+
 def _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplus, return_last_state,
                        initial_state):
     d = u.shape[1]
-    _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
-    decay = torch.exp(torch.cumsum(dt.permute(2, 0, 1).unsqueeze(-1) * A.float(), dim=0))   # (l, b, d, n)
-    carried = decay * initial_state.float()                                                # (l, b, d, n)
-    y = out0.float() + _contract_n(carried, _bc_time_major(C, d)).permute(1, 2, 0)
+    y = out0.float()
+    if initial_state is not None:
+        _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+        decay = torch.exp(torch.cumsum(dt.permute(2, 0, 1).unsqueeze(-1) * A.float(), dim=0))   # (l, b, d, n)
+        carried = decay * initial_state.float()                                                # (l, b, d, n)
+        y = y + _contract_n(carried, _bc_time_major(C, d)).permute(1, 2, 0)
+        last0 = last0.float() + carried[-1]
     if z is not None:
         y = y * F.silu(z.float())
     out = y.to(u.dtype)
-    if not return_last_state:
-        return out
-    return out, last0.float() + carried[-1]
+    return (out, last0.float()) if return_last_state else out
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -674,21 +718,31 @@ def _scan_kernel_dtypes(u, delta, A, B, C, D, z, delta_bias):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, chunk_size=64):
+                   return_last_state=False, initial_state=None, chunk_size=64, last_state_grad=None):
     """Fast selective scan: mamba_ssm's CUDA kernel when available, else `selective_scan_chunked`.
 
-    Shapes as `selective_scan_ref`. `chunk_size` only affects the PyTorch path.
+    Shapes as `selective_scan_ref`. `chunk_size` only affects the PyTorch path. last_state_grad:
+    None = the last state is differentiable when an input requires grad; False = it is returned
+    detached (cheaper on the kernel path: no read-out steps).
     """
     # mamba_ssm's SelectiveScanFn drops the gradient w.r.t. its last_state output: when that state
-    # may be differentiated (truncated BPTT through the cache), take the PyTorch path, which is exact.
-    grad_through_state = return_last_state and torch.is_grad_enabled() and any(
+    # may be differentiated (a carried state inside a window, mamba_lm/stateful.py), it is read out
+    # through the kernel (`_scan_with_state_readout`), exact. last_state_grad=False: the caller
+    # promises not to differentiate it (truncated BPTT detaches it), and it comes back detached.
+    grad_through_state = return_last_state and torch.is_grad_enabled() and last_state_grad is not False and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    if _use(_ss_cuda, u, delta) and not grad_through_state and _scan_kernel_supports(u, A):
+    if _use(_ss_cuda, u, delta) and _scan_kernel_supports(u, A):
         u, delta, A, B, C, D, z, delta_bias = _scan_kernel_dtypes(u, delta, A, B, C, D, z, delta_bias)
-        if initial_state is None:
+        if initial_state is None and not grad_through_state:
             return _ss_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return _scan_cuda_with_initial_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                             return_last_state, initial_state)
+                                             return_last_state, initial_state, grad_through_state)
+    if _use(_ss_cuda, u, delta):
+        note_fallback("selective_scan", f"dtype {u.dtype} / d_state {A.shape[-1]} not taken by mamba_ssm")
+    if return_last_state and last_state_grad is False:
+        out, last = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
+                                           initial_state, chunk_size)
+        return out, last.detach()
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, initial_state, chunk_size)
 
@@ -836,10 +890,13 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
 
     Shapes as `causal_conv1d_ref`.
     """
-    if initial_states is None and not return_final_states and _use(_conv_cuda, x) and _conv_kernel_supports(x, weight):
-        # as mamba-ssm's Mamba: the weight in its own dtype (the kernel takes mixed input/weight
-        # dtypes), the bias in the weight's dtype (TORCH_CHECK in causal_conv1d.cpp)
-        return _conv_cuda(x, weight, bias.to(weight.dtype) if bias is not None else None, activation=activation)
+    if _use(_conv_cuda, x) and _conv_kernel_supports(x, weight):
+        if initial_states is None and not return_final_states:
+            # as mamba-ssm's Mamba: the weight in its own dtype (the kernel takes mixed input/weight
+            # dtypes), the bias in the weight's dtype (TORCH_CHECK in causal_conv1d.cpp)
+            return _conv_cuda(x, weight, bias.to(weight.dtype) if bias is not None else None, activation=activation)
+        note_fallback("causal_conv1d", "a carried conv state (causal_conv1d takes initial states only in "
+                                       "the channel-last layout); F.conv1d runs, depthwise and cheap")
     b, d, l = x.shape
     w = weight.shape[1]
     weight, bias = weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None

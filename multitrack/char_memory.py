@@ -67,14 +67,20 @@ class CharacterMemory(nn.Module):
         o = F.rms_norm(o.float(), (self.v_dim,), eps=self.eps).flatten(-2) * self.norm_weight.float()
         return (o * F.silu(z.float())).to(z.dtype)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-        """x, z: (B, d_track, L); state (B, H, d_k, d_v) float32 | None: start from it and leave the final one."""
+    def forward(self, x: torch.Tensor, z: torch.Tensor, state: torch.Tensor | None = None,
+                return_final_state: bool = False):
+        """x, z: (B, d_track, L); state (B, H, d_k, d_v) float32 | None: start from it and leave the final one
+        there (in place), or, with return_final_state, return (y, final state) and leave `state` as it was
+        (the model's cache stores it: under autograd the old state may be saved for backward)."""
         q, k, v, g, beta = self._inputs(x.transpose(1, 2))                           # (B, L, H, ·)
         o, last = delta_rule.gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                              output_final_state=state is not None)
+                                              output_final_state=state is not None or return_final_state)
+        y = self._output(o, z.transpose(1, 2)).transpose(1, 2)                        # (B, d_track, L)
+        if return_final_state:
+            return y, last
         if state is not None:
             state.copy_(last)
-        return self._output(o, z.transpose(1, 2)).transpose(1, 2)                     # (B, d_track, L)
+        return y
 
     def step(self, x: torch.Tensor, z: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """One token: x, z (B, d_track); state (B, H, d_k, d_v) updated in place -> y (B, d_track)."""

@@ -200,16 +200,16 @@ class TripleTrackMixer(nn.Module):
             y = y * (self.tracks * weights).to(y.dtype).transpose(1, 2).unsqueeze(2)   # (B, G, 1, L)
         return y.reshape(b, self.d_inner, l), weights
 
-    def _conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU. x: (B, Di, L); conv_state (B, Di, d_conv) is read and updated."""
+    def _conv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
+        """Causal depthwise conv + SiLU. x: (B, Di, L); conv_state (B, Di, d_conv) | None -> (out (B, Di, L),
+        the new conv state (the last d_conv inputs) | None)."""
         weight = self.conv1d.weight.squeeze(1)                                   # (Di, d_conv)
         if conv_state is None:
-            return ops.causal_conv1d(x, weight, self.conv1d.bias, activation="silu")
+            return ops.causal_conv1d(x, weight, self.conv1d.bias, activation="silu"), None
         out = ops.causal_conv1d(x, weight, self.conv1d.bias, activation="silu",
                                 initial_states=conv_state[:, :, 1:])
         history = torch.cat([conv_state, x.to(conv_state.dtype)], dim=2)
-        conv_state.copy_(history[:, :, history.shape[2] - self.d_conv:])        # last d_conv inputs
-        return out
+        return out, history[:, :, history.shape[2] - self.d_conv:]
 
     def forward(self, u: torch.Tensor, signal_logits: torch.Tensor | None = None, cache=None,
                 clock: torch.Tensor | None = None):
@@ -221,7 +221,7 @@ class TripleTrackMixer(nn.Module):
         """
         A = -torch.exp(self.A_log.float())                                       # (Ds, N)
         x, z = ops.linear_channels_first(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=1)  # (B, Di, L)
-        x = self._conv(x, None if cache is None else cache.conv_states[self.layer_idx])
+        x, new_conv_state = self._conv(x, None if cache is None else cache.conv_states[self.layer_idx])
         x_dbl = self.x_proj(x.transpose(1, 2))                                   # (B, L, R + 2 G' N)
         dt, B, C = self._split_bc(x_dbl)
         dt = ops.linear_channels_first(dt, self.dt_proj.weight)                  # (B, Ds, L), bias later
@@ -233,14 +233,18 @@ class TripleTrackMixer(nn.Module):
         xs, zs = (x, z) if self.memory is None else (x[:, :self.d_scan], z[:, :self.d_scan])   # views
         y = ops.selective_scan(xs, delta, A, B, C, self.D.float(), z=zs, delta_bias=delta_bias,
                                delta_softplus=softplus, return_last_state=cache is not None,
-                               initial_state=ssm_state)
+                               initial_state=ssm_state,
+                               last_state_grad=None if cache is None or cache.state_grad else False)
         if cache is not None:
             y, last_state = y
-            ssm_state.copy_(last_state)
+            cache.set_layer_state(self.layer_idx, new_conv_state, last_state)
         y_memory = None
-        if self.memory is not None:
-            y_memory = self.memory(x[:, self.d_scan:], z[:, self.d_scan:],
-                                   None if cache is None else cache.mem_states[self.layer_idx])
+        if self.memory is not None and cache is None:
+            y_memory = self.memory(x[:, self.d_scan:], z[:, self.d_scan:])
+        elif self.memory is not None:
+            y_memory, last_memory = self.memory(x[:, self.d_scan:], z[:, self.d_scan:],
+                                                cache.mem_states[self.layer_idx], return_final_state=True)
+            cache.set_state("mem_states", self.layer_idx, last_memory)
         y = self._to_track_order(y, y_memory)                                    # (B, Di, L)
         y, weights = self._mix_tracks_channels_first(y, u, signal_logits)
         return self.out_proj(y.transpose(1, 2)), weights, gate

@@ -61,6 +61,61 @@ def test_scan_kernel_last_state_value():
     assert rel(last, last_ref) < 1e-4
 
 
+@needs_scan_kernel
+@pytest.mark.parametrize("groups", [None, 3])
+def test_scan_kernel_grad_through_last_state(groups):
+    """A carried state inside a window (stateful training): the last state's gradient goes through
+    mamba_ssm's kernel via the read-out steps (`_scan_with_state_readout`), equal to the reference's in
+    output, last state and every input gradient (fp32), and the kernel really runs (not PyTorch)."""
+    inputs = scan_inputs(groups)
+    calls = []
+    kernel = ops._ss_cuda
+    ops._ss_cuda = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        results = []
+        for fn in (ops.selective_scan, ops.selective_scan_ref):
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            out, last = fn(**leaves, delta_softplus=True, return_last_state=True)
+            (out.square().sum() + (last * 3).sin().sum()).backward()
+            results.append([out, last] + [leaves[k].grad for k in inputs])
+    finally:
+        ops._ss_cuda = kernel
+    assert calls == [1]
+    worst = max(rel(a, b) for a, b in zip(*results))
+    print(f"max relative difference {worst:.2e}")
+    assert worst < 3e-3
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "multitrack"])
+def test_stateful_window_on_kernels_matches_pytorch_path(model_type):
+    """forward_with_resets (carried state + a reset inside the window) on the kernels == on the PyTorch
+    path: logits, final states and gradients (fp32)."""
+    from mamba_lm.stateful import forward_with_resets
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    config = (mamba_config("tiny", vocab_size=VOCAB) if model_type == "mamba" else
+              __import__("multitrack.multitrack_config", fromlist=["x"]).multitrack_config("tiny", vocab_size=VOCAB))
+    model = build_model(model_type, config).cuda()
+    ids = torch.randint(0, VOCAB, (2, 96), device="cuda")
+    resets = torch.zeros(2, 48, dtype=torch.bool)
+    resets[1, 20] = True
+    results = []
+    for pytorch in (False, True):
+        model.zero_grad()
+        cache = model.allocate_cache(2)
+        ctx = ops.force_pytorch() if pytorch else torch.enable_grad()
+        with ctx:
+            with torch.no_grad():
+                forward_with_resets(model, ids[:, :48], cache)
+            logits, _ = forward_with_resets(model, ids[:, 48:], cache, resets, state_grad=False)
+            logits.float().square().mean().backward()
+        results.append([logits] + [t.float() for t in cache.state_tensors()] +
+                       [p.grad for p in model.parameters() if p.grad is not None])
+    worst = max(rel(a, b) for a, b in zip(*results))
+    print(f"max relative difference {worst:.2e}")
+    assert worst < 3e-3
+
+
 @pytest.mark.parametrize("model_type", ["mamba", "multitrack"])
 def test_kernels_match_pytorch_path_in_the_model(model_type):
     """Whole model on the kernels == the same weights on the PyTorch path: logits and gradients (fp32)."""

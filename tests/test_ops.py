@@ -138,10 +138,12 @@ def test_initial_state_by_linearity():
     torch.testing.assert_close(last, last_r, atol=1e-5, rtol=1e-5)
 
 
-def test_kernel_not_used_when_grad_must_flow_through_last_state(monkeypatch):
+def test_kernel_gives_exact_grad_through_last_state(monkeypatch):
     """mamba_ssm's SelectiveScanFn drops the gradient of its last_state output (seen on the H200:
-    7.5e-3 relative error in the grads). selective_scan must then take the exact PyTorch path, and use
-    the kernel otherwise. A stand-in kernel that detaches last_state plays mamba_ssm here."""
+    7.5e-3 relative error in the grads). When that state is differentiated, selective_scan reads it out
+    through the kernel (N extra read-out steps, `_scan_with_state_readout`): still the kernel, exact
+    gradient. last_state_grad=False returns it detached without read-out steps. A stand-in kernel that
+    detaches last_state plays mamba_ssm here."""
     calls = []
 
     def lossy_kernel(u, dl, A, B, C, D, z, db, sp, rls):
@@ -154,14 +156,16 @@ def test_kernel_not_used_when_grad_must_flow_through_last_state(monkeypatch):
     t = _scan_inputs(2, 4, 3, 9, None, True, True, requires_grad=True)
     args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
     out, last = ops.selective_scan(*args, return_last_state=True)
-    assert calls == [] and last.requires_grad           # gradient through the state: PyTorch path
+    assert calls == [True] and last.requires_grad       # gradient through the state: the kernel, read out
     grad = torch.autograd.grad(last.sum(), t["u"])[0]
     ref_grad = torch.autograd.grad(ops.selective_scan_ref(*args, return_last_state=True)[1].sum(), t["u"])[0]
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
     ops.selective_scan(*args)                            # no state requested: the kernel
     with torch.no_grad():
         ops.selective_scan(*args, return_last_state=True)  # no gradient: the kernel
-    assert calls == [False, True]
+    out, last = ops.selective_scan(*args, return_last_state=True, last_state_grad=False)
+    assert not last.requires_grad and out.requires_grad
+    assert calls == [True, False, True, True]
 
 
 @pytest.mark.parametrize("l", [1, 2, 11])
