@@ -91,10 +91,11 @@ def test_stateful_window_on_kernels_matches_pytorch_path(model_type):
     """forward_with_resets (carried state + a reset inside the window) on the kernels == on the PyTorch
     path: logits, final states and gradients (fp32)."""
     from mamba_lm.stateful import forward_with_resets
+    from multitrack.multitrack_config import multitrack_config
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     config = (mamba_config("tiny", vocab_size=VOCAB) if model_type == "mamba" else
-              __import__("multitrack.multitrack_config", fromlist=["x"]).multitrack_config("tiny", vocab_size=VOCAB))
+              multitrack_config("tiny", vocab_size=VOCAB))
     model = build_model(model_type, config).cuda()
     ids = torch.randint(0, VOCAB, (2, 96), device="cuda")
     resets = torch.zeros(2, 48, dtype=torch.bool)

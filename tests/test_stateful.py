@@ -1,10 +1,15 @@
 """Carried state across windows (mamba_lm/stateful.py, the cache helpers of mamba_lm/mamba.py) for the
 baseline and every multi-track ablation of tests/test_multitrack.py (new variants added there are covered
 here too): k windows equal one long forward, per-row resets equal a fresh start at the reset token,
-gradients inside a window with a detached carried state, and the kernel's differentiable last state."""
+gradients inside a window with a detached carried state, and the kernel's differentiable last state;
+and the book streams of mamba_lm/streams.py (every token once per epoch, rows never share a book, rows
+split over processes, exact resume)."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +17,9 @@ import torch.nn.functional as F
 from mamba_lm import ops
 from mamba_lm.mamba import mamba_config
 from mamba_lm.models import build_model
+from mamba_lm.errors import UserError
 from mamba_lm.stateful import forward_with_resets, reset_positions
+from mamba_lm.streams import BookStreams
 from multitrack.narrative import build_signal_tables
 from mamba_lm.tokenizer import load_tokenizer
 from test_multitrack import ABLATIONS, TEXT, make_model, tiny
@@ -241,3 +248,97 @@ def test_state_readout_gives_the_kernel_a_differentiable_last_state(groups, soft
     g_drop = torch.autograd.grad((last0.detach() * probe_last).sum() + (out * probe_out).sum(), inputs,
                                  allow_unused=True)
     assert any(x is not None and not torch.allclose(x, y) for x, y in zip(g_drop, g_ref))   # the read-out matters
+
+
+# ----------------------------------------------------------------------------------------------
+# book streams (mamba_lm/streams.py)
+
+
+LENGTHS = [5, 40, 13, 27, 64, 3, 33, 1, 18]          # books shorter and longer than a window
+
+
+def position_streams(lengths=LENGTHS, **kw):
+    """Streams over a split whose token at position p is p (so x shows where each token came from)."""
+    starts = np.cumsum([0] + lengths[:-1])
+    spans = [(i, int(s), n) for i, (s, n) in enumerate(zip(starts, lengths))]
+    return BookStreams(np.arange(sum(lengths)), spans, **kw), spans
+
+
+@pytest.mark.parametrize("rows, seq_len", [(3, 8), (4, 7), (9, 16)])
+def test_streams_read_every_token_once_per_epoch(rows, seq_len):
+    """Guards the stream bookkeeping: each row's x is exactly the concatenation of its books (whole, in the
+    order dealt); every book of an epoch is dealt to one row only; once `epoch` reaches 1 every token of the
+    split has been read exactly once (twice for none); resets sit exactly on each book's last token (its
+    eos); y is x shifted by one within the row's stream."""
+    streams, spans = position_streams(rows=rows, seq_len=seq_len, seed=3)
+    read = [[] for _ in range(rows)]
+    dealt = [[] for _ in range(rows)]                  # what the queue dealt to each row, in order
+    deal = streams._deal
+
+    def logged_deal(row):
+        deal(row)
+        dealt[row].append(tuple(streams.row_books[row][-1]))
+    streams._deal = logged_deal
+    last_tokens = {s + n - 1 for _, s, n in spans}
+    counts = np.zeros(sum(LENGTHS), dtype=int)
+    while streams.epoch < 1:
+        x, y, resets = streams.next_window()
+        for r in range(rows):
+            read[r].extend(x[r].tolist())
+            assert resets[r].tolist() == [p in last_tokens for p in x[r].tolist()]
+            assert torch.equal(y[r, :-1], x[r, 1:])
+    owners = {}
+    for r in range(rows):
+        for eb in dealt[r]:
+            assert eb not in owners, f"book {eb} dealt to rows {owners[eb]} and {r}"
+            owners[eb] = r
+        tagged = [(e, p) for e, book in dealt[r] for p in range(spans[book][1], spans[book][1] + spans[book][2])]
+        assert read[r] == [p for _, p in tagged[:len(read[r])]]
+        np.add.at(counts, [p for e, p in tagged[:len(read[r])] if e == 0], 1)
+    assert sorted(b for e, b in owners if e == 0) == list(range(len(spans)))
+    assert counts.min() == counts.max() == 1                   # epoch 0: every token read exactly once
+    assert sum(len(v) for v in read) == streams.windows * rows * seq_len
+
+
+def test_streams_rows_split_over_processes_and_resume():
+    """Guards DDP/grad_accum independence and exact resume: reading rows 0-1 and 2-3 in two instances
+    gives the same windows as reading all 4 rows in one; a position saved with state_dict and loaded into
+    fresh streams continues with the same windows; a position for other streams is refused."""
+    full, _ = position_streams(rows=4, seq_len=6, seed=1)
+    parts = [position_streams(rows=4, seq_len=6, seed=1)[0] for _ in range(2)]
+    for k in range(12):
+        x, y, r = full.next_window()
+        if k == 5:
+            saved = full.state_dict()
+            resumed, _ = position_streams(rows=4, seq_len=6, seed=1)
+            resumed.load_state_dict(saved)
+        if k > 5:
+            rx, ry, rr = resumed.next_window()
+            assert torch.equal(rx, x) and torch.equal(ry, y) and torch.equal(rr, r)
+        a, b = parts[0].next_window(rows=range(0, 2)), parts[1].next_window(rows=range(2, 4))
+        for got, want in zip((torch.cat([a[i], b[i]]) for i in range(3)), (x, y, r)):
+            assert torch.equal(got, want)
+    json.dumps(saved)                                            # JSON-able (checkpoints, logs)
+    other, _ = position_streams(rows=4, seq_len=7, seed=1)
+    with pytest.raises(UserError):
+        other.load_state_dict(saved)
+    with pytest.raises(UserError):
+        position_streams(rows=len(LENGTHS) + 1, seq_len=4)
+
+
+def test_streams_on_a_prepared_split(demo_data_dir):
+    """Guards the data contract: on a prepared split (byte tokens, eos after each book) the resets are
+    exactly the eos tokens of x, and the epoch's book order depends on the seed."""
+    from mamba_lm.data import TokenSplit
+    split = TokenSplit(demo_data_dir, "train")
+    eos = split.meta["tokenizer"]["eos_id"]
+    streams = BookStreams(split.tokens, split.book_spans(), rows=2, seq_len=64, seed=0)
+    n_eos = 0
+    for _ in range(streams.windows_per_epoch()):
+        x, y, resets = streams.next_window()
+        assert torch.equal(resets, x == eos)
+        n_eos += int(resets.sum())
+    assert n_eos >= 1
+    orders = {tuple(BookStreams(split.tokens, split.book_spans(), rows=1, seq_len=8, seed=s).next_window()[0][0].tolist())
+              for s in range(6)}
+    assert len(orders) > 1
