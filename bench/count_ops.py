@@ -107,7 +107,7 @@ def _as_kernels():
     scan, conv = ops.selective_scan, ops.causal_conv1d
 
     def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None, chunk_size=64):
+                       return_last_state=False, initial_state=None, chunk_size=64, last_state_grad=None):
         if return_last_state or initial_state is not None:
             raise ValueError("count_ops counts the training step (no cache)")
         return _OneKernel.apply("selective_scan", lambda *a: scan(*a, delta_softplus=delta_softplus),
