@@ -18,7 +18,8 @@ multitrack/multitrack_config.py) and adds the router hooks:
              with a plot clock, its open rate (all tokens, at and off boundaries) over the training
              steps since the previous eval -> metrics.jsonl / log.txt / TensorBoard; the full
              statistics (per token type and per layer) -> router_stats.jsonl
-    on_end   router_usage.png: track usage by token type, over training, and by layer
+    on_end   router_usage.png: track usage by token type, over training, and by layer; with a plot
+             clock also its open rate by token type and over training
 
 The model's `aux_loss()` (router load balancing, weight `router_aux_weight`) is added to the LM loss
 by the trainer. The narrative signal table is built from the data dir's tokenizer and saved in the
@@ -153,7 +154,8 @@ def on_end(model, out: str, history: list) -> None:
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     png = plot_router_usage(rows, os.path.join(out, "router_usage.png"), model.config.track_names, TOKEN_TYPES)
-    print(f"wrote {png}" if png else "no router statistics to plot (router=uniform or tracks=1, or no eval ran)")
+    print(f"wrote {png}" if png else "no router or plot-clock statistics to plot (router=uniform or tracks=1 "
+                                     "without a plot clock, or no eval ran)")
 
 
 if __name__ == "__main__":

@@ -142,30 +142,50 @@ def plot_losses(history: list[dict], path, title: str | None = None) -> Path | N
 
 
 def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str | None:
-    """PNG of router statistics. rows: plain dicts of router stats, each with a "step" (the
-    multi-track model's MultiTrackLM.stats() rows: "router/<type>/<track>", "router/frac/<type>",
-    "router/all/<track>", "router/layer<i>/<track>", "router/tokens").
+    """PNG of router and plot-clock statistics. rows: plain dicts, each with a "step" (the multi-track
+    model's MultiTrackLM.stats() rows: "router/<type>/<track>", "router/frac/<type>", "router/all/<track>",
+    "router/layer<i>/<track>", "router/tokens"; with a plot clock also "clock/<type>", "clock/layer<i>",
+    "clock/tokens").
 
-    Left: mean track weight by token type at the last row, as the difference from uniform mixing
-    (1/G), so that small preferences are visible (grouped bars, token share under each group).
-    Middle: mean weight of each track over all tokens across training steps. Right: per-layer mean
-    weights at the last row. Returns the path, or None when there is nothing to plot.
+    Router panels: mean track weight by token type at the last row, as the difference from uniform
+    mixing (1/G), so that small preferences are visible (grouped bars, token share under each group);
+    mean weight of each track over all tokens across training steps; per-layer mean weights at the last
+    row. Plot-clock panels: the gate's open rate by token type at the last row (its "boundary" /
+    "non_boundary" bars: where the boundary rule fires or not), and at and off boundaries across
+    training. Returns the path, or None when there is nothing to plot.
     """
-    by_step = {r["step"]: r for r in rows if "router/tokens" in r}          # a repeated step: keep the last
-    rows = [by_step[s] for s in sorted(by_step)]
-    if not rows:
+    def last_per_step(key):                                                  # a repeated step: keep the last
+        by_step = {r["step"]: r for r in rows if key in r}
+        return [by_step[s] for s in sorted(by_step)]
+
+    router_rows, clock_rows = last_per_step("router/tokens"), last_per_step("clock/tokens")
+    if not router_rows and not clock_rows:
         return None
     plt = pyplot()
     if plt is None:
         return None
     from matplotlib.ticker import MaxNLocator  # optional dependency, like pyplot itself
 
+    # router panels in the first row, plot-clock panels in the second (or alone)
+    n_rows = int(bool(router_rows)) + int(bool(clock_rows))
+    fig = plt.figure(figsize=(16 if router_rows else 11, 4.8 * n_rows), dpi=110)
+    grid = fig.add_gridspec(n_rows, 3, width_ratios=[1.6, 1, 1] if router_rows else [1.2, 0.5, 0.5])
+    if router_rows:
+        axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
+        _plot_router_panels(axes, router_rows, track_names, token_types, MaxNLocator)
+    if clock_rows:
+        row = n_rows - 1
+        axes = [fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1:])]
+        _plot_clock_panels(axes, clock_rows, MaxNLocator)
+    return str(save_figure(fig, path))
+
+
+def _plot_router_panels(axes, rows, track_names, token_types, MaxNLocator) -> None:
     last = rows[-1]
     n = len(track_names)
     uniform = 1 / n
     types = [t for t in token_types if f"router/{t}/{track_names[0]}" in last]
     colors = [f"C{g}" for g in range(n)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110, gridspec_kw={"width_ratios": [1.6, 1, 1]})
     width = 0.8 / n
     for g, track in enumerate(track_names):
         axes[0].bar([i + (g - (n - 1) / 2) * width for i in range(len(types))],
@@ -201,4 +221,25 @@ def plot_router_usage(rows: list[dict], path, track_names, token_types) -> str |
     axes[2].set_ylabel("mean router weight")
     axes[2].set_title(f"track usage by layer, step {last['step']}", fontsize=10)
     axes[2].legend(fontsize=9)
-    return str(save_figure(fig, path))
+
+
+def _plot_clock_panels(axes, rows, MaxNLocator) -> None:
+    last = rows[-1]
+    types = [k.split("/", 1)[1] for k in last
+             if k.startswith("clock/") and k != "clock/tokens" and not k.startswith("clock/layer")]
+    axes[0].bar(range(len(types)), [last[f"clock/{t}"] for t in types], color="C3")
+    axes[0].set_xticks(range(len(types)))
+    axes[0].set_xticklabels([t.replace("_", "\n") for t in types], fontsize=9)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_ylabel("plot-clock gate, mean (open rate)")
+    axes[0].set_title(f"plot clock open rate by token type, step {last['step']}", fontsize=10)
+    steps = [r["step"] for r in rows]
+    for t, style in (("boundary", "o-"), ("non_boundary", "s--"), ("all", ".-")):
+        if all(f"clock/{t}" in r for r in rows):
+            axes[1].plot(steps, [r[f"clock/{t}"] for r in rows], style, ms=4, label=t)
+    axes[1].set_ylim(-0.02, 1.05)
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("open rate")
+    axes[1].set_title("plot clock over training (at / off rule boundaries)", fontsize=10)
+    axes[1].legend(fontsize=9)

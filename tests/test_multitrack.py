@@ -522,3 +522,34 @@ def test_clock_stats_without_router(byte_table, story_ids):
         model(story_ids)
     st = model.stats()
     assert "clock/all" in st and not any(k.startswith("router/") for k in st)
+
+
+def test_router_usage_plot_covers_the_plot_clock(byte_table, story_ids, tmp_path):
+    """Guards router_usage.png with the new mechanisms: router + plot-clock panels for the revised model
+    (memory track included), the clock panels alone when the router is uniform, None without statistics."""
+    from mamba_lm.report import plot_router_usage
+
+    def rows_of(name):
+        model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
+        model.record_stats = True
+        rows = []
+        for step in (2, 4):
+            with torch.no_grad():
+                model(story_ids)
+            rows.append({"step": step, **model.stats()})
+            model.reset_stats()
+        return rows, model.config.track_names
+
+    for name, overrides in (("revised-learned-clock", {}), ("uniform-clock", None)):
+        if overrides is None:
+            model = make_model(tiny(router="uniform", plot_clock="signals"), byte_table).eval()
+            model.record_stats = True
+            with torch.no_grad():
+                model(story_ids)
+            rows, names = [{"step": 1, **model.stats()}], model.config.track_names
+            assert not any(k.startswith("router/") for k in rows[0])
+        else:
+            rows, names = rows_of(name)
+        png = plot_router_usage(rows, tmp_path / f"{name}.png", names, TOKEN_TYPES)
+        assert png is not None and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plot_router_usage([{"step": 1}], tmp_path / "none.png", ("a",), TOKEN_TYPES) is None
