@@ -54,6 +54,7 @@ from mamba_lm.runtime import DTYPES, resolve_device
 from mamba_lm.runtime import autocast as runtime_autocast
 from mamba_lm.tokenizer import load_tokenizer
 from mamba_lm.weights import check_data_tokenizer, describe_weights, load_weights
+from multitrack.narrative import TOKEN_TYPES, build_signal_tables, narrative_features
 
 # -----------------------------------------------------------------------------
 ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders
@@ -283,11 +284,25 @@ def evaluate_checkpoint(name, path, model, tokenizer, data, meta, dev, chosen, L
     return results
 
 
+def narrative_token_types(tokenizer, dev):
+    """(token type names, types_of(x, y) -> (B, L, n_types) bool) from multitrack.narrative, for the loss
+    stage's loss by token type. Types are computed over x[:, :1] + y (the sequence's first input gives the
+    first target its context); the dialogue state before each sequence is unknown and taken as outside."""
+    table = build_signal_tables(tokenizer).to(dev)                          # (V, columns)
+
+    def types_of(x, y):
+        ids = torch.cat([x[:, :1], y], dim=1)                                # (B, L + 1)
+        _, types, _ = narrative_features(table[ids])
+        return types[:, 1:]
+
+    return TOKEN_TYPES, types_of
+
+
 def run_stage(stage, model, tokenizer, data, meta, dev, win, progress) -> dict:
     """One stage's result dict (mamba_lm/evaluation.py) with this run's settings."""
     amp = lambda: autocast(dev)  # noqa: E731
     if stage == "loss":
-        return E.eval_loss(model, tokenizer, data, config, amp, progress)
+        return E.eval_loss(model, tokenizer, data, config, amp, progress, narrative_token_types(tokenizer, dev))
     if stage == "books":
         return E.eval_books(model, tokenizer, data, config, amp, win, progress)
     if stage == "generation":

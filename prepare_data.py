@@ -154,7 +154,7 @@ def _source_files(path: str) -> list[str]:
 
 
 def _parquet_columns(path):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: only --source=parquet reads parquet
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -223,7 +223,7 @@ def _load_hub_stream(dataset_id: str):
     """Streaming iterator over the hub dataset's train split (tests monkeypatch this)."""
     if not hub_reachable():
         raise ConnectionError("huggingface.co is not reachable")
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional: only hub datasets need the `datasets` package
     return iter(load_dataset(dataset_id, split="train", streaming=True))
 
 

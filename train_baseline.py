@@ -23,8 +23,13 @@ dt_proj.bias. The group sizes are printed at start.
 
 import sys
 
+import multitrack  # noqa: F401  (registers "multitrack": an --init_from of that type is refused by name)
 from mamba_lm.configurator import apply_overrides
+from mamba_lm.data import load_meta
 from mamba_lm.errors import user_errors
+from mamba_lm.mamba import mamba_config
+from mamba_lm.models import build_model as build
+from mamba_lm.trainer import train
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -70,17 +75,11 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 def build_model():
     """The baseline from its preset, with the data tokenizer's vocabulary."""
-    from mamba_lm.data import load_meta
-    from mamba_lm.mamba import mamba_config
-    from mamba_lm.models import build_model as build
-
     shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer)) if v}
     vocab_size = load_meta(data_dir)["tokenizer"]["vocab_size"]
     return build("mamba", mamba_config(preset, vocab_size=vocab_size, **shape))
 
 
 if __name__ == "__main__":
-    from mamba_lm.trainer import train
-
     with user_errors():
         train(config, build_model, script="train_baseline.py")

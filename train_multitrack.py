@@ -30,8 +30,16 @@ import json
 import os
 import sys
 
+import torch.distributed as tdist
+
 from mamba_lm.configurator import apply_overrides
+from mamba_lm.data import load_meta
 from mamba_lm.errors import UserError, user_errors
+from mamba_lm.models import build_model as build
+from mamba_lm.report import plot_router_usage
+from mamba_lm.trainer import data_tokenizer, train
+from multitrack.multitrack_model import multitrack_config, parameter_report  # registers "multitrack"
+from multitrack.narrative import TOKEN_TYPES, build_signal_tables
 
 # ----------------------------------------------------------------------------------------------
 # model
@@ -103,12 +111,6 @@ def parse_track_dt(spec: str) -> tuple[tuple, tuple]:
 
 def build_model():
     """The multi-track model from its preset and switches, with the data tokenizer's signal table."""
-    from mamba_lm.data import load_meta
-    from mamba_lm.models import build_model as build
-    from multitrack.multitrack_model import multitrack_config, parameter_report
-    from multitrack.narrative import build_signal_tables
-    from mamba_lm.trainer import data_tokenizer
-
     meta = load_meta(data_dir)
     dt_min, dt_max = parse_track_dt(track_dt)
     shape = {k: v for k, v in (("d_model", d_model), ("n_layer", n_layer), ("mem_heads", mem_heads),
@@ -125,7 +127,6 @@ def build_model():
 
 
 def _is_main() -> bool:
-    import torch.distributed as tdist
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 
@@ -145,9 +146,6 @@ def on_eval(model, step: int, out: str) -> dict:
 
 def on_end(model, out: str, history: list) -> None:
     """router_usage.png from router_stats.jsonl (rows of this run and of the runs it resumed)."""
-    from multitrack.narrative import TOKEN_TYPES
-    from mamba_lm.report import plot_router_usage
-
     path = os.path.join(out, "router_stats.jsonl")
     rows = []
     if os.path.exists(path):
@@ -159,7 +157,5 @@ def on_end(model, out: str, history: list) -> None:
 
 
 if __name__ == "__main__":
-    from mamba_lm.trainer import train
-
     with user_errors():
         train(config, build_model, script="train_multitrack.py", on_eval=on_eval, on_end=on_end)

@@ -20,6 +20,7 @@ import contextlib
 import os
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mamba_lm.checkpoint import clean_state_dict
 from mamba_lm.errors import UserError
@@ -70,7 +71,6 @@ def wrap_for_ranks(model, dist: Dist, fsdp: bool):
         return model
     if fsdp:
         return shard_fsdp(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 
@@ -84,7 +84,7 @@ def no_sync_unless(model, last: bool):
 
 def shard_fsdp(model):
     """FSDP2 (`fully_shard`): shard each block of `backbone.layers` (if any), then the root."""
-    try:
+    try:  # local: only --fsdp runs need it, and fully_shard exists only from torch 2.6
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:
         raise UserError(f"--fsdp=True needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}")
@@ -98,6 +98,7 @@ def shard_fsdp(model):
 def gather_model_state(model, raw, fsdp: bool) -> dict:
     """The full state dict on CPU with clean keys (FSDP: gathered from the shards; all ranks call this)."""
     if fsdp:
+        # local: only FSDP runs use the distributed state-dict API
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return clean_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                                      cpu_offload=True)))
@@ -106,6 +107,7 @@ def gather_model_state(model, raw, fsdp: bool) -> dict:
 
 def gather_optimizer_state(model, optimizer, fsdp: bool) -> dict:
     if fsdp:
+        # local: only FSDP runs use the distributed state-dict API
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
@@ -116,6 +118,7 @@ def load_optimizer_state(model, optimizer, state: dict | None, fsdp: bool) -> No
     if not state:
         return
     if fsdp:
+        # local: only FSDP runs use the distributed state-dict API
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -35,9 +34,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mamba_lm import demo_corpus
 from mamba_lm import longrange as LR
 from mamba_lm import metrics as M
 from mamba_lm.errors import UserError
+from mamba_lm.generation import generate
+from mamba_lm.runtime import atomic_write_json
 
 STAGES = ("loss", "books", "generation", "recall", "longrange", "chapters")
 STATE_FORMAT = "mamba-narrative-eval-state/1"
@@ -77,11 +79,8 @@ def load_state(path: Path, resume: bool) -> dict:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write a JSON file atomically (tmp file + rename); numpy numbers become JSON numbers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    """Write a JSON file atomically (runtime.atomic_write_json); numpy numbers become JSON numbers."""
+    atomic_write_json(path, state, indent=1, default=_json_default)
 
 
 def _json_default(x):
@@ -169,27 +168,6 @@ def book_arrays(data, eos: int, cap: int, min_len: int, limit: int) -> list[np.n
     return books
 
 
-def token_type_table(tokenizer, dev):
-    """(signal table (V, columns) on dev, token type names) from multitrack.narrative, or (None, ())."""
-    try:  # optional: the narrative signals live in the multi-track package
-        from multitrack.narrative import TOKEN_TYPES, build_signal_tables
-    except ImportError:
-        return None, ()
-    return build_signal_tables(tokenizer).to(dev), TOKEN_TYPES
-
-
-def target_token_types(signal_table, x, y):
-    """Narrative token types of the targets y: (B, L, n_types) bool (dialogue, narration, paragraph start, ...).
-
-    Types are computed over x[:, :1] + y (the sequence's first input gives the first target its context);
-    the dialogue state before each sequence is unknown and taken as outside dialogue."""
-    from multitrack.narrative import narrative_features  # optional, as in token_type_table
-
-    ids = torch.cat([x[:, :1], y], dim=1)                                    # (B, L + 1)
-    _, types, _ = narrative_features(signal_table[ids])
-    return types[:, 1:]
-
-
 def model_device(model) -> torch.device:
     """The device of a model's parameters (cpu for a model without any)."""
     p = next(model.parameters(), None)
@@ -205,9 +183,13 @@ def require_cache(model, what: str) -> None:
 # stage: token loss, bits per byte, word perplexity, per-position loss
 
 
-def eval_loss(model, tokenizer, data, cfg: dict, amp, progress: Progress | None = None) -> dict:
+def eval_loss(model, tokenizer, data, cfg: dict, amp, progress: Progress | None = None,
+              token_types=None) -> dict:
     """Token loss, bits per byte, word perplexity and per-position loss over (a cap of) the split's sequences.
 
+    token_types: optional (type names, types_of) with types_of(x, y) -> (B, L, n_types) bool, the types
+    of the targets y (evaluate.py passes multitrack.narrative's; the core does not import that package);
+    with it the loss is also reported by token type.
     cfg: split, data_dir, batch_size, max_sequences. Memory: one batch of logits (batch_size, L, V) at a
     time plus (L,) position sums. `progress`: partial sums are saved and a re-run continues from them.
     """
@@ -222,7 +204,7 @@ def eval_loss(model, tokenizer, data, cfg: dict, amp, progress: Progress | None 
     else:
         indices = np.arange(n)
     byte_len = M.token_byte_lengths(tokenizer, skip_ids=[tokenizer.eos_id])
-    signal_table, type_names = token_type_table(tokenizer, dev)
+    type_names, types_of = token_types if token_types is not None else ((), None)
     type_sum, type_count = np.zeros(len(type_names)), np.zeros(len(type_names))
     pos_sum, pos_count = np.zeros(L), np.zeros(L)
     total_nll, total_bytes, total_words = 0.0, 0, 0
@@ -247,8 +229,8 @@ def eval_loss(model, tokenizer, data, cfg: dict, amp, progress: Progress | None 
         pos_sum += nll64.sum(0)
         pos_count += len(batch)
         total_nll += float(nll64.sum())
-        if signal_table is not None:
-            types = target_token_types(signal_table, x, y).double()            # (B, L, n_types)
+        if types_of is not None:
+            types = types_of(x, y).double()                                    # (B, L, n_types)
             type_sum += torch.einsum("bl,blt->t", nll.double(), types).cpu().numpy()
             type_count += types.sum((0, 1)).cpu().numpy()
         y_np = y.cpu().numpy()
@@ -346,8 +328,6 @@ def eval_generation(model, tokenizer, data, cfg: dict, amp) -> dict:
 
     cfg: split, num_prompts, prompt_tokens, gen_tokens, gen_batch_size, the sampling settings
     (temperature, top_k, top_p, min_p, repetition_penalty, seed), loop_min_period, loop_repeats."""
-    from mamba_lm.generation import generate
-
     dev = model_device(model)
     eos = tokenizer.eos_id
     prompt_tokens, gen_tokens = cfg["prompt_tokens"], cfg["gen_tokens"]
@@ -390,8 +370,6 @@ def eval_generation(model, tokenizer, data, cfg: dict, amp) -> dict:
 def recall_books(meta: dict, cfg: dict) -> tuple[list[dict], str]:
     """Demo stories for the probe: the held-out split's books when the data is the demo corpus
     (regenerated from meta's source), else `recall_stories` fresh stories (seed `recall_seed`)."""
-    from mamba_lm import demo_corpus
-
     split, n = cfg["split"], cfg["recall_stories"]
     source = meta.get("source") or {}
     if source.get("kind") == "demo":
@@ -417,8 +395,6 @@ def eval_recall(model, tokenizer, meta: dict, cfg: dict, amp, win: int) -> dict:
     after the cue, and what is the mean log-prob of the answer tokens? Grouped by the token distance
     between the fact's introduction and the cue; state carried over windows of `win` tokens, and
     (control) reset at every window. cfg: split, recall_*, book_batch_size."""
-    from mamba_lm import demo_corpus
-
     require_cache(model, "the recall probe (it carries the recurrent state over windows)")
     dev = model_device(model)
     books, where = recall_books(meta, cfg)

@@ -97,7 +97,7 @@ def pyplot():
     try:  # optional dependency: without matplotlib the reports are written without figures
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional, as above
     except ImportError:
         return None
     return plt

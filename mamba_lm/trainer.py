@@ -183,7 +183,7 @@ class RunLog:
         self.tb = None
         if enabled and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
                 self.tb = SummaryWriter(str(out_dir / "tb"))
             except ImportError:
                 warnings.warn("tensorboard is not installed; no tb/ logs (pip install tensorboard)")
