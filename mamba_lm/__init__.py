@@ -10,7 +10,9 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; 
     gutenberg      Project Gutenberg header/footer stripping and text cleaning
     demo_corpus    procedural story generator: the offline demo corpus and long-range recall probe
     data           uint16 memmap datasets, batching, epoch order, data fingerprints
+    streams        book streams for stateful training: each batch row reads whole books, window after window
     mamba          the baseline Mamba LM (parameter names match mamba-ssm's MambaLMHeadModel)
+    stateful       state carried across windows with per-row resets (the model side of stateful training)
     metrics        evaluation metrics for long-form narrative
     report         markdown writing (sample files, epoch tables) and PNG plots (loss, router usage)
     generation     sampling and recurrent (constant-memory) generation, CUDA graphs on GPU
