@@ -60,6 +60,7 @@ from mamba_lm.configurator import apply_overrides, config_keys
 from mamba_lm.data import DATA_FORMAT as _DATA_FORMAT
 from mamba_lm.data import SPLITS, num_sequences
 from mamba_lm.errors import UserError, user_errors
+from mamba_lm.runtime import replace_folder
 from mamba_lm.tokenizer import NEOX_NAME as _NEOX_NAME
 from mamba_lm.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
@@ -543,7 +544,7 @@ def prepare(cfg: dict) -> str:
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent)
     try:
         meta = _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0)
-        _publish(tmp, out)
+        replace_folder(tmp, out)       # atomically: the old out_dir is removed only after the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -672,19 +673,6 @@ def dump_meta(meta: dict) -> str:
     """meta.json text: indented, but innermost lists (book ids, one book span) on one line."""
     text = json.dumps(meta, indent=1, ensure_ascii=False)
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
-
-
-def _publish(tmp, out):
-    """Atomically move the finished tmp dir to `out` (replacing an old one only after the new one is complete)."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".old-",
-                               dir=os.path.dirname(os.path.abspath(out)))
-        os.rmdir(old)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _exit_on_sigterm(signum, frame):
