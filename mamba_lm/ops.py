@@ -306,6 +306,21 @@ def _block_states(dt_t, dtu_t, Af, Bt, h0, chunk_size=64, method="loop"):
     return dA, _scan_affine(dA, dBu, h0, chunk_size, method)
 
 
+def _dot_n(X, Yt):
+    """Σ_n X[t,b,d,n] Yt[t,b,g(d),n] -> (t, b, d) as one vecdot over broadcast views: on the CPU's small
+    blocks about 2x faster than the batched matvec of `_contract_n`."""
+    t, b, d, n = X.shape
+    g = Yt.shape[2]
+    return torch.linalg.vecdot(X.view(t, b, g, d // g, n), Yt.unsqueeze(3)).view(t, b, d)
+
+
+def _dot_d(Y, X, g):
+    """Σ_{d in group} Y[t,b,d] X[t,b,d,n] -> (t, b, g, n): multiply and sum (about 2x faster than a
+    (1, d/g) x (d/g, n) batched matmul on the CPU's small blocks)."""
+    t, b, d, n = X.shape
+    return (X.view(t, b, g, d // g, n) * Y.view(t, b, g, d // g, 1)).sum(3)
+
+
 def _blocks(l: int, T: int) -> list[tuple[int, int]]:
     return [(s, min(s + T, l)) for s in range(0, l, T)]
 
@@ -320,7 +335,7 @@ def _scan_blocked_forward(dt_t, dtu_t, Af, Bt, Ct, h0, T):
     for s, e in _blocks(l, T):
         starts.append(h)
         _, hs = _block_states(dt_t[s:e], dtu_t[s:e], Af, Bt[s:e], h)
-        y_t[s:e] = _contract_n(hs, Ct[s:e])
+        y_t[s:e] = _dot_n(hs, Ct[s:e])
         h = hs[-1].clone()                                                 # not a view: frees the block
     return y_t, starts, (h if h is not None else dt_t.new_zeros(b, d, Af.shape[1]))
 
@@ -345,8 +360,8 @@ def _scan_blocked_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, starts, T, need
         h_start = starts[k]
         dA, hs = _block_states(dt_t[s:e], dtu_t[s:e], Af, Bt[s:e], h_start)
         if need_y:
-            y_t[s:e] = _contract_n(hs, Ct[s:e])
-        gC[s:e] = _contract_d(gy_t[s:e], hs, g)
+            y_t[s:e] = _dot_n(hs, Ct[s:e])
+        gC[s:e] = _dot_d(gy_t[s:e], hs, g)
         gs = (gy_t[s:e].view(e - s, b, g, d // g, 1) * Ct[s:e].unsqueeze(3)).view(e - s, b, d, n)  # gy C
         if carry is not None:
             gs[-1] += carry
@@ -360,8 +375,8 @@ def _scan_blocked_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, starts, T, need
             gdtA[0] = 0
         g_dtA_A[s:e] = torch.linalg.vecdot(gdtA, Af)                       # Σ_n (.) A
         gA += gdtA.mul_(dt_t[s:e].unsqueeze(-1)).sum((0, 1))
-        g_dtu[s:e] = _contract_n(gs, Bt[s:e])
-        gB[s:e] = _contract_d(dtu_t[s:e], gs, g)
+        g_dtu[s:e] = _dot_n(gs, Bt[s:e])
+        gB[s:e] = _dot_d(dtu_t[s:e], gs, g)
     return y_t, g_dtA_A, g_dtu, gA, gB, gC, carry
 
 
