@@ -2,6 +2,9 @@
 bench_multitrack_speed.py): the three models at one preset, one training step, and a random narrative
 signal table. Import after the script has put the repository root on sys.path."""
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +56,31 @@ def set_random_signals(model, density: float = 0.05, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     rows = torch.rand(model.config.vocab_size, model.signal_table.shape[1], generator=g) < density
     model.set_signal_table(rows.to(torch.uint8))
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages (os.getloadavg). Printed before and after every CPU benchmark:
+    on a shared machine a load above the core count means other jobs took the cores, and CPU figures
+    taken then are several times too low (2-thread OpenMP ops wait on a descheduled thread)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_setup(threads: int) -> dict:
+    """Set torch's CPU threads (0: keep torch's default) and describe the machine for the JSON line."""
+    if threads:
+        torch.set_num_threads(threads)
+    return {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": load_average()}
+
+
+def read_rate_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """The machine's rate of reading a large float32 tensor once (GB/s, best of `repeats`): `mib` MiB
+    summed, the access pattern of a batch-1 decode step that reads every weight once. Sets the decode
+    bound: parameter bytes / this rate = seconds per token at the very best."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9

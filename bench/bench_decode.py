@@ -3,6 +3,7 @@
     python bench/bench_decode.py                                        # GPU: mamba-130m, bf16
     python bench/bench_decode.py --model=multitrack                     # the multi-track model (multitrack-130m)
     python bench/bench_decode.py --preset=tiny --gen_lengths=1024,4096,16384 --decode_tokens=128   # CPU
+    python bench/bench_decode.py --device=cpu --batch_sizes=1 --gen_lengths= --repeats=5   # CPU: vs the bandwidth bound
 
 With --model=multitrack the model is the parameter-matched multi-track preset (multitrack-130m for
 mamba-130m, else the preset of the same name) with a sparse random narrative signal table, so the
@@ -12,6 +13,10 @@ Part 1, speed: greedy decoding of `decode_tokens` tokens at each batch size afte
 tokens/s = batch * tokens / seconds (torch.cuda.synchronize() around the timed loop). Ours runs
 model.step() captured as a CUDA graph (mamba_lm.generation.CUDAGraphStep) on GPU when available,
 else a plain Python loop; mamba-ssm runs its own `generate(..., cg=True)` with the same weights.
+On the CPU at batch 1 every weight is read once per token, so parameter bytes / the machine's read rate
+(a 512 MiB tensor summed, measured in the same run: bench_common.read_rate_gbs) bounds the speed; the
+bound and the fraction of it reached are printed. The speed run is repeated `repeats` times and the best
+kept; the load average is printed before and after (figures under load are several times too low).
 Part 2, memory: one long greedy generation at batch 1 with memory read at each length of
 `gen_lengths`; recurrent state is O(1), so the numbers must stay flat (GPU: max_memory_allocated since
 the start of the run; CPU: current RSS). Prints markdown tables and one JSON line.
@@ -28,7 +33,7 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from bench_common import build_impl, set_random_signals
+from bench_common import build_impl, cpu_setup, load_average, read_rate_gbs, set_random_signals
 
 from mamba_lm import ops
 from mamba_lm.configurator import apply_overrides
@@ -47,6 +52,9 @@ device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 dtype = "auto"           # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16"
 cuda_graph = True        # capture our step() as a CUDA graph when possible
 seed = 1337              # torch seed
+repeats = 1              # speed runs per batch size; the best is kept (noisy shared machines)
+threads = 0              # CPU threads for torch (0: torch's default, the core count)
+compile = False          # CPU: also time torch.compile(model.step) (inductor), next to the eager step
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -64,8 +72,12 @@ def memory_gib(dev) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def make_step(net, cache, batch, dev):
-    """(step function ids (B,) -> logits, description). CUDA graph via mamba_lm.generation if possible."""
+def make_step(net, cache, batch, dev, compiled=False):
+    """(step function ids (B,) -> logits, description). CUDA graph via mamba_lm.generation if possible;
+    compiled: torch.compile(model.step) (compiled on the warmup tokens)."""
+    if compiled:
+        step = torch.compile(net.step, dynamic=False)
+        return (lambda ids: step(ids, cache)), "step() torch.compile"
     if dev == "cuda" and cuda_graph:
         try:
             from mamba_lm.generation import CUDAGraphStep
@@ -77,12 +89,12 @@ def make_step(net, cache, batch, dev):
 
 
 @torch.inference_mode()
-def decode_ours(net, batch, n_tokens, dev, checkpoints=()):
+def decode_ours(net, batch, n_tokens, dev, checkpoints=(), compiled=False):
     """Greedy decode; returns (tokens/s, method, {length: memory at that length})."""
     cfg = net.config
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=dev)
     cache = net.allocate_cache(batch)
-    step, method = make_step(net, cache, batch, dev)
+    step, method = make_step(net, cache, batch, dev, compiled)
     logits = net(prompt, cache=cache)[:, -1]
     memory = {}
     for _ in range(3):  # warmup (graph replays / allocator)
@@ -126,8 +138,10 @@ with user_errors():
     dt_name = ("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype
     torch_dtype = getattr(torch, dt_name)
     torch.manual_seed(seed)
+    machine = cpu_setup(threads)
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
-    print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}")
+    print(f"device={dev} ({name})  torch={torch.__version__}  preset={preset}  dtype={dt_name}  "
+          f"threads={machine['threads']}/{machine['cpus']}  load average before: {machine['load_before']}")
     ops.log_kernels_once()
     if model == "mamba":
         net = MambaLMHeadModel(mamba_config(preset, vocab_size=vocab_size), device=dev, dtype=torch_dtype).eval()
@@ -137,12 +151,28 @@ with user_errors():
     else:
         raise UserError(f"--model={model!r}: expected 'mamba' or 'multitrack'")
 
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    bound = None
+    if dev == "cpu":
+        rate = read_rate_gbs()
+        bound = {"read_gb_per_s": rate, "param_mb": param_bytes / 1e6, "tokens_per_s": rate * 1e9 / param_bytes}
+        print(f"  batch-1 bound: {param_bytes / 1e6:,.0f} MB of weights read once per token at {rate:.1f} GB/s "
+              f"(a 512 MiB tensor summed) = {bound['tokens_per_s']:,.1f} tok/s")
     speed_rows = []
+    variants = [False, True] if compile and dev == "cpu" else [False]
     for batch in [int(b) for b in str(batch_sizes).split(",") if b.strip()]:
-        tps, method, _ = decode_ours(net, batch, decode_tokens, dev)
-        label = "ours" if model == "mamba" else model
-        speed_rows.append({"impl": label, "method": method, "batch": batch, "tokens_per_s": tps})
-        print(f"  {label:<10} batch {batch:>3}: {tps:>10,.0f} tok/s ({method})", flush=True)
+        for compiled in variants:
+            tps, method = 0.0, ""
+            for _ in range(max(1, repeats)):
+                run_tps, method, _ = decode_ours(net, batch, decode_tokens, dev, compiled=compiled)
+                tps = max(tps, run_tps)
+            label = "ours" if model == "mamba" else model
+            row = {"impl": label, "method": method, "batch": batch, "tokens_per_s": tps}
+            if bound and batch == 1:
+                row["fraction_of_bound"] = tps / bound["tokens_per_s"]
+            speed_rows.append(row)
+            of_bound = f", {row['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in row else ""
+            print(f"  {label:<10} batch {batch:>3}: {tps:>10,.0f} tok/s ({method}{of_bound})", flush=True)
         if model != "mamba":
             continue
         try:
@@ -182,6 +212,9 @@ with user_errors():
             print(f"| {n:,} | {m:.3f} |")
         growth = max(memory.values()) - min(memory.values())
         print(f"\nmemory growth between {min(memory):,} and {max(memory):,} tokens: {growth * 1024:.1f} MiB")
+    machine["load_after"] = load_average()
+    print(f"\nload average before: {machine['load_before']}  after: {machine['load_after']}")
     print(json.dumps({"bench": "decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "device": dev, "device_name": name, "torch": torch.__version__, "kernels": ops.KERNELS,
-                      "config": config, "speed": speed_rows, "memory_gib": memory}))
+                      "machine": machine, "config": config, "batch1_bound": bound, "speed": speed_rows,
+                      "memory_gib": memory}))

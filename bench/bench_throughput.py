@@ -3,7 +3,11 @@
     python bench/bench_throughput.py                                   # GPU: mamba-130m, batch 8 and 64 x 1024
     python bench/bench_throughput.py --model=multitrack                # also the multi-track model
     python bench/bench_throughput.py --model=multitrack --compile=True # the same under torch.compile
-    python bench/bench_throughput.py --preset=tiny --seq_len=256 --batch_sizes=8 --steps=3 --warmup=1   # CPU
+    python bench/bench_throughput.py --preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2   # CPU
+    python bench/bench_throughput.py ... --cpu_scan=compiled           # CPU: the scan's blocks compiled by inductor
+
+On the CPU the load average is printed before and after (and stored in the JSON line): figures taken while
+other jobs load the cores (load above the core count) are several times too low; re-run on an idle machine.
 
 With --compile=True the first warmup steps include the compilation; a model that does not compile runs
 eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step
@@ -25,11 +29,11 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from bench_common import build_impl, train_step
+from bench_common import build_impl, cpu_setup, load_average, train_step
 
 from mamba_lm import ops
 from mamba_lm.configurator import apply_overrides
-from mamba_lm.errors import user_errors
+from mamba_lm.errors import UserError, user_errors
 
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key (the multitrack model uses its matching preset)
@@ -43,6 +47,8 @@ device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 lr = 3e-4                # AdamW learning rate (speed does not depend on it)
 compile = False          # torch.compile each model first (trainer.try_compile: eager if compiling fails)
 seed = 1337              # torch seed
+cpu_scan = "eager"       # CPU scan: "eager" (blocked loop) or "compiled" (its blocks by torch.compile; ops.set_cpu_scan)
+threads = 0              # CPU threads for torch (0: torch's default, the core count)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -78,12 +84,16 @@ def bench_one(name, impl, batch, dev) -> dict:
             train_step(net, opt, ids, dev)
         sync(dev)
         t0 = time.perf_counter()
+        fastest = float("inf")
         for _ in range(steps):
+            t_step = time.perf_counter()
             loss = train_step(net, opt, ids, dev)
-        sync(dev)
+            sync(dev)
+            fastest = min(fastest, time.perf_counter() - t_step)
         seconds = time.perf_counter() - t0
         row.update(status="ok", tokens_per_s=batch * seq_len * steps / seconds,
-                   ms_per_step=1000 * seconds / steps, peak_mem_gib=peak_memory_gib(dev), loss=loss.item())
+                   ms_per_step=1000 * seconds / steps, ms_fastest_step=1000 * fastest,
+                   peak_mem_gib=peak_memory_gib(dev), loss=loss.item())
     except ImportError as e:
         row.update(status=f"not installed ({e.name or e})")
     except torch.cuda.OutOfMemoryError:
@@ -104,12 +114,17 @@ def fmt(row, key, spec):
 with user_errors():
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     sizes = [int(b) for b in str(batch_sizes).split(",") if b.strip()]
+    if cpu_scan not in ("eager", "compiled"):
+        raise UserError(f"--cpu_scan={cpu_scan!r}: expected 'eager' or 'compiled'")
+    ops.set_cpu_scan(cpu_scan)
+    machine = cpu_setup(threads)
     impls = [("ours (mamba_lm.mamba)", "ours"), ("mamba_ssm.MambaLMHeadModel", "mamba_ssm")]
     if model == "multitrack":
         impls.append(("multitrack (models.build_model)", "multitrack"))
     gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"device={dev} ({gpu})  torch={torch.__version__}  preset={preset}  seq_len={seq_len}  "
-          f"steps={steps} warmup={warmup}")
+          f"steps={steps} warmup={warmup}  threads={machine['threads']}/{machine['cpus']} cpu_scan={cpu_scan}  "
+          f"load average before: {machine['load_before']}")
     ops.log_kernels_once()
     rows = []
     for batch in sizes:
@@ -124,6 +139,8 @@ with user_errors():
     for r in rows:
         print(f"| {r['impl']} | {r['batch']} x {r['seq_len']} | {fmt(r, 'params', ',')} | {fmt(r, 'tokens_per_s', ',.0f')} "
               f"| {fmt(r, 'ms_per_step', '.1f')} | {fmt(r, 'peak_mem_gib', '.2f')} | {r['status']} |")
+    machine["load_after"] = load_average()
+    print(f"load average before: {machine['load_before']}  after: {machine['load_after']}")
     print(json.dumps({"bench": "throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "device": dev, "device_name": gpu, "torch": torch.__version__, "kernels": ops.KERNELS,
-                      "config": config, "rows": rows}))
+                      "machine": machine, "config": config, "rows": rows}))

@@ -227,8 +227,8 @@ def test_count_ops_counts_the_training_step_of_both_models():
 
 def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models():
     """--model=multitrack decodes the matching multi-track preset (its speed row named so, no mamba-ssm
-    row, since mamba-ssm has no such model) and reads memory at each requested length; an unknown
-    --model is a one-line error."""
+    row, since mamba-ssm has no such model) and reads memory at each requested length; on the CPU the
+    batch-1 bandwidth bound and the load average come with it; an unknown --model is a one-line error."""
     import json
 
     r = run_script("bench_decode.py", "--model=multitrack", "--preset=tiny", "--vocab_size=64",
@@ -238,5 +238,49 @@ def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models()
     assert [(row["impl"], row["batch"]) for row in result["speed"]] == [("multitrack", 1), ("multitrack", 2)]
     assert all(row["tokens_per_s"] > 0 for row in result["speed"])
     assert sorted(result["memory_gib"]) == ["16", "48"] and result["config"]["model"] == "multitrack"
+    bound = result["batch1_bound"]                      # CPU: weights / read rate, measured in the same run
+    assert bound["read_gb_per_s"] > 0 and bound["tokens_per_s"] > 0
+    assert result["speed"][0]["fraction_of_bound"] > 0 and len(result["machine"]["load_after"]) == 3
     bad = run_script("bench_decode.py", "--model=transformer", "--preset=tiny")
     assert bad.returncode != 0 and "expected 'mamba' or 'multitrack'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_count_ops_decode_mode_counts_one_step_without_no_op_conversions():
+    """--mode=decode counts the aten ops of one model.step() for each model (a positive count, the same twice,
+    JSON on the last line) and the baseline's step dispatches no dtype conversion, no repeat_interleave and
+    no exp of A_log (kept between tokens); an unknown mode is a one-line error."""
+    import re
+
+    args = ("--mode=decode", "--preset=tiny", "--vocab_size=64", "--batch_size=1", "--top=40")
+    r = run_script("count_ops.py", *args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "decode" and set(result["ops"]) == {"ours", "multitrack"}
+    assert all(n > 0 for n in result["ops"].values())
+    ours = re.search(r"^ours: .*$", r.stdout, re.M).group(0)
+    for absent in ("to ", "_to_copy", "repeat_interleave", "exp ", "neg "):
+        assert f"({absent}" not in ours and f", {absent}" not in ours, ours
+    again = run_script("count_ops.py", *args)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["ops"] == result["ops"]
+    bad = run_script("count_ops.py", "--mode=inference", "--preset=tiny")
+    assert bad.returncode == 2 and "expected 'train' or 'decode'" in bad.stderr + bad.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_throughput.py
+
+
+def test_bench_throughput_cpu_records_machine_state_and_rejects_unknown_scan():
+    """On the CPU the JSON line carries the thread count and the load average before and after the run (the
+    figures' context on a shared machine) and each row a fastest-step time; --cpu_scan accepts only eager /
+    compiled, with a one-line error."""
+    r = run_script("bench_throughput.py", "--preset=tiny", "--vocab_size=64", "--seq_len=16", "--batch_sizes=2",
+                   "--steps=2", "--warmup=1", "--device=cpu", "--threads=1")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    machine = result["machine"]
+    assert machine["threads"] == 1 and len(machine["load_before"]) == 3 and len(machine["load_after"]) == 3
+    ours = result["rows"][0]
+    assert ours["status"] == "ok" and 0 < ours["ms_fastest_step"] <= ours["ms_per_step"] * 2
+    bad = run_script("bench_throughput.py", "--cpu_scan=fast", "--device=cpu")
+    assert bad.returncode == 2 and "expected 'eager' or 'compiled'" in bad.stderr + bad.stdout
