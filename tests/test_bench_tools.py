@@ -246,8 +246,8 @@ def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models()
 
 
 def test_count_ops_decode_mode_counts_one_step_without_no_op_conversions():
-    """--mode=decode counts the aten ops of one model.step() for each model (a positive count, the same twice,
-    JSON on the last line) and the baseline's step dispatches no dtype conversion, no repeat_interleave and
+    """--mode=decode counts the aten ops of one model.step() for each model (a positive count, JSON on the
+    last line) and the baseline's step dispatches no dtype conversion, no repeat_interleave and
     no exp of A_log (kept between tokens); an unknown mode is a one-line error."""
     import re
 
@@ -260,8 +260,6 @@ def test_count_ops_decode_mode_counts_one_step_without_no_op_conversions():
     ours = re.search(r"^ours: .*$", r.stdout, re.M).group(0)
     for absent in ("to ", "_to_copy", "repeat_interleave", "exp ", "neg "):
         assert f"({absent}" not in ours and f", {absent}" not in ours, ours
-    again = run_script("count_ops.py", *args)
-    assert json.loads(again.stdout.strip().splitlines()[-1])["ops"] == result["ops"]
     bad = run_script("count_ops.py", "--mode=inference", "--preset=tiny")
     assert bad.returncode == 2 and "expected 'train' or 'decode'" in bad.stderr + bad.stdout
 
