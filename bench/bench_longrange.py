@@ -8,13 +8,15 @@
 A randomly initialised model of `preset` (the numbers are speed and memory, not quality) reads the first
 `books` books of `split`, each cut to every cap of `caps` (0 = the whole book), through
 mamba_lm.evaluation.eval_longrange and eval_chapters. The stages stream one window of logits at a time,
-so peak memory must stay flat as the cap grows (GPU: torch.cuda.max_memory_allocated, reset per row).
+so peak memory must stay flat as the cap grows (GPU: torch.cuda.max_memory_allocated, reset per row;
+CPU: the max RSS of the process so far).
 tokens/s counts the book tokens a stage reads once (longrange reads them twice: carried and reset).
 Prints a markdown table and one JSON line.
 """
 
 import json
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -67,8 +69,7 @@ def main() -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.time() - t0
-            row[stage] = {"seconds": round(seconds, 2),
-                          "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else None}
+            row[stage] = {"seconds": round(seconds, 2), "peak_mib": peak_mib(dev)}
             if stage == "longrange":
                 row.update(tokens=res["tokens"], longest=res["longest_book"], name_targets=res["name_targets"])
                 row[stage]["tok_per_s"] = round(2 * res["tokens"] / seconds)
@@ -86,6 +87,14 @@ def main() -> None:
               f"{r['longrange']['tok_per_s']:,} | {r['longrange']['peak_mib']} | {r['chapters']['seconds']} | "
               f"{r['breaks']} | {r['chapters']['peak_mib']} |")
     print(json.dumps({"config": config, "device": name, "rows": rows}))
+
+
+def peak_mib(dev) -> int:
+    """GPU: max_memory_allocated since the last reset; CPU: the process's max RSS so far (never decreases,
+    so rows with ascending caps show whether a longer book needed more)."""
+    if dev.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _tokenizer_json():
