@@ -14,7 +14,9 @@ epochs.csv, loss.png, tb/ (see mamba_lm/trainer.py, where the loop lives).
 
 Ctrl-C (SIGINT) or SIGTERM saves ckpt_latest.pt after the current step and exits with status 130 / 143
 (128 + signal, as shells and schedulers expect); a second Ctrl-C aborts at once without saving. A NaN/inf
-loss stops with `error: training diverged ...` (exit 2), leaving the last good checkpoint as it was.
+training or validation loss stops with `error: training diverged ...` (exit 2) without saving; the message names
+the step of the ckpt_latest.pt that is intact. Every flag, the data dir, --init_from and the model are checked
+before anything in out_dir is deleted or written (also with --overwrite=True).
 
 Weight decay applies only to the 2-D weights of nn.Linear layers (in_proj, x_proj, dt_proj, out_proj);
 no decay on the embedding (= the tied lm_head), RMSNorm weights, biases, the conv1d kernel, A_log, D,

@@ -304,3 +304,142 @@ def test_config_without_every_key_is_refused(demo_data_dir, tmp_path, train_conf
     with pytest.raises(UserError, match="lacks grad_clip, eval_batches"):
         trainer.train(cfg, builder(), script="test")
     assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# hardening: validate before acting, never call a broken result good, survive what kills leave behind
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", [
+    {"batch_size": 0}, {"batch_size": -2, "grad_accum": -1}, {"grad_accum": 0}, {"log_interval": 0}, {"lr": -1.0},
+    {"lr": float("nan")}, {"min_lr": 1e-2}, {"eval_batches": 0}, {"beta2": 1.0}, {"warmup_frac": 2.0},
+    {"seed": -1}, {"batch_size": True}, {"epochs": -1}, {"resume": True, "overwrite": True}, {"out_dir": "."},
+], ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+def test_out_of_range_config_is_refused_before_any_work(demo_data_dir, tmp_path, train_config, bad):
+    """The trainer's own invariants hold for Python callers too: each bad value is a UserError naming the flag,
+    raised before the out_dir is created (no ZeroDivisionError, no 'training' with loss 0.0, no ckpt_best)."""
+    cfg = {**train_config(demo_data_dir, tmp_path / "o"), **bad}
+    with pytest.raises(UserError, match="--(" + "|".join(bad) + ")"):
+        trainer.train(cfg, builder(), script="test")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_eval_is_an_error_not_a_loss_of_zero(demo_data_dir, tiny_model):
+    """An evaluation over zero sequences measures nothing: estimate_loss refuses it instead of returning 0.0
+    (the loop's evals refuse it too: eval_batches=0 is out of range, above)."""
+    from mamba_lm.data import TokenSplit
+    with pytest.raises(UserError, match="zero sequences"):
+        trainer.estimate_loss(tiny_model(), TokenSplit(demo_data_dir, "val"), np.arange(0))
+
+
+def test_overwrite_deletes_nothing_when_a_later_input_is_bad(demo_data_dir, tmp_path, train_config):
+    """--overwrite=True with a mistyped --init_from, a bad preset (build_model fails) or a resume-less run whose
+    data dir is missing is refused with every file of the old run byte-identical: the run validates all its
+    inputs and builds the model before it deletes anything."""
+    cfg = train_config(demo_data_dir, tmp_path / "old", max_steps=2, eval_interval=0, tensorboard=True)
+    trainer.train(cfg, builder(), script="test")
+    before = snapshot(tmp_path / "old")
+    assert "ckpt_latest.pt" in before and any(k.startswith("tb/") for k in before)
+
+    def bad_preset():
+        raise UserError("unknown preset 'tinny'; choose one of tiny, small-cpu, mamba-130m")
+
+    attempts = [({"init_from": str(tmp_path / "typo.pt")}, builder(), "no such file"),
+                ({}, bad_preset, "unknown preset"),
+                ({"data_dir": str(tmp_path / "nodata")}, builder(), "no prepared data")]
+    for overrides, build, message in attempts:
+        with pytest.raises(UserError, match=message):
+            trainer.train({**cfg, "overwrite": True, **overrides}, build, script="test")
+        assert snapshot(tmp_path / "old") == before, overrides
+
+
+def test_nan_eval_saves_nothing_and_names_the_intact_step(demo_data_dir, tmp_path, train_config, monkeypatch):
+    """A NaN val loss at an eval stops the run without replacing ckpt_latest.pt or ckpt_best.pt (both stay
+    byte-identical to the step-4 files), and the message names step 4, the checkpoint that really is intact."""
+    real = trainer.loss_sums
+    files = {}
+
+    def nan_from_step_8(model, split, idx, **kw):
+        total, count = real(model, split, idx, **kw)
+        return (float("nan"), count) if files else (total, count)
+
+    def on_eval(model, step, out_dir):
+        if step == 8:  # before the step-8 val loss: what is on disk is the step-4 checkpoints
+            files.update({n: (tmp_path / "n" / n).read_bytes() for n in ("ckpt_latest.pt", "ckpt_best.pt")})
+        return {}
+
+    monkeypatch.setattr(trainer, "loss_sums", nan_from_step_8)
+    cfg = train_config(demo_data_dir, tmp_path / "n", max_steps=12, eval_interval=4)
+    with pytest.raises(trainer.TrainingDiverged, match=r"val loss is nan at the eval of step 8.*ckpt_latest\.pt "
+                                                       r"\(step 4\) is intact"):
+        trainer.train(cfg, builder(), script="test", on_eval=on_eval)
+    assert files and all((tmp_path / "n" / n).read_bytes() == b for n, b in files.items())
+    assert load_checkpoint(tmp_path / "n" / "ckpt_latest.pt")["step"] == 4
+
+
+def test_resume_drops_a_log_line_cut_by_a_kill(demo_data_dir, tmp_path, train_config):
+    """A kill in the middle of a log write leaves a half line: the resume drops it (metrics.jsonl, a hook's
+    *.jsonl, log.txt), says so once, and goes on; a broken line that is not the last is refused, naming it."""
+    out = tmp_path / "c"
+
+    def stop_at_2(model, step, out_dir):
+        if step == 2:
+            trainer.request_stop()
+        return {}
+
+    cfg = train_config(demo_data_dir, out, max_steps=4, eval_interval=2)
+    trainer.train(cfg, builder(), script="test", on_eval=stop_at_2)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "train_lo')
+    (out / "hook.jsonl").write_text('{"step": 1}\n{"step": 2, "x": [1, 2')
+    with open(out / "log.txt", "a") as f:
+        f.write("step 3/4 | epoch 1 | lo")
+    done = trainer.train({**cfg, "resume": True}, builder(), script="test")
+    assert done["step"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # all whole rows
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert (out / "hook.jsonl").read_text() == '{"step": 1}\n'
+    log = (out / "log.txt").read_text()
+    assert log.count("dropped the half-written last line of hook.jsonl, metrics.jsonl, log.txt") == 1
+    assert "| lo\n" not in log and "| lostep" not in log
+    (out / "hook.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"hook\.jsonl line 2 is not a JSON row"):
+        trainer.train({**cfg, "resume": True, "max_steps": 5}, builder(), script="test")
+
+
+def test_next_run_removes_only_the_leftovers_of_killed_writes(demo_data_dir, tmp_path, train_config):
+    """Temporary files that a SIGKILL between write and rename leaves (checkpoint, step log, table, plot) are
+    removed by the next run in the same out_dir; files that merely look similar are kept."""
+    out = tmp_path / "l"
+    cfg = train_config(demo_data_dir, out, max_steps=2, eval_interval=0)
+    trainer.train(cfg, builder(), script="test")
+    leftovers = [".ckpt_latest.pt.tmp4242", ".ckpt_best.pt.tmp7", ".metrics.jsonl.tmp", ".epochs.csv.tmp99",
+                 ".loss.tmp12.png"]
+    kept = ["ckpt_latest.pt.tmp4242", ".notes.tmp1", "mine.pt", ".ckpt_latest.pt.bak"]
+    for name in leftovers + kept:
+        (out / name).write_bytes(b"partial")
+    trainer.train({**cfg, "resume": True, "max_steps": 3}, builder(), script="test")
+    assert not [n for n in leftovers if (out / n).exists()]
+    assert all((out / n).read_bytes() == b"partial" for n in kept)
+    assert "removed 5 temporary file(s) left by a killed write" in (out / "log.txt").read_text()
+
+
+def test_full_disk_while_checkpointing_is_one_line(demo_data_dir, tmp_path, train_config, monkeypatch):
+    """ENOSPC while writing a checkpoint: a UserError that says "no space left on device" and the path; the
+    temporary file is gone."""
+    import errno
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = train_config(demo_data_dir, tmp_path / "f", max_steps=2, eval_interval=0)
+    with pytest.raises(UserError, match=r"no space left on device while writing .*ckpt_latest\.pt") as e:
+        trainer.train(cfg, builder(), script="test")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "f").glob(".*tmp*"))
