@@ -303,7 +303,7 @@ RANGES = {
     "fsdp": (_BOOL, _any, "True or False"),
     "resume": (_BOOL, _any, "True or False"),
     "overwrite": (_BOOL, _any, "True or False"),
-    "init_from": (_STR, bool, "scratch, resume, or a path"),
+    "init_from": (_STR, _any, "scratch, resume, or a path"),
 }
 _BOOL_OK = {k for k, (types, _, _) in RANGES.items() if types is _BOOL}
 
