@@ -20,7 +20,8 @@ from mamba_lm.convert import MAMBA_SSM_CONFIG_KEYS, describe_folder, detect_layo
 from mamba_lm.errors import UserError  # noqa: E402
 from mamba_lm.mamba import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe  # noqa: E402
-from mamba_lm.weights import check_data_tokenizer, export_hf, export_mamba_ssm, load_weights  # noqa: E402
+from mamba_lm.weights import (WeightsInfo, check_data_tokenizer, describe_weights, export_hf,  # noqa: E402
+                              export_mamba_ssm, load_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -486,3 +487,28 @@ def test_mamba_ssm_model_takes_our_weights_unchanged(tmp_path, monkeypatch):
     theirs.load_state_dict(ours.state_dict(), strict=True)
     assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert theirs.lm_head.weight.data_ptr() == theirs.backbone.embedding.weight.data_ptr()
+
+
+def test_weights_info_is_one_shape_for_the_three_forms(tmp_path, bpe):
+    """load_weights returns a WeightsInfo for a repo .pt, an HF folder and a mamba-ssm folder (same model:
+    same parameter count, logits and tokenizer), with the repo-only facts (step, data fingerprint) where
+    known; describe_weights, which reads no tensor, reports the same vocabulary and tokenizer."""
+    model = our_tiny(bpe.vocab_size, seed=4)
+    ckpt = repo_ckpt(tmp_path / "a.pt", model, bpe)
+    export_hf(ckpt, tmp_path / "hf")
+    export_mamba_ssm(ckpt, tmp_path / "ssm")
+    ids = torch.tensor([bpe.encode(TEXTS[0])])
+    for path, layout in ((ckpt, "repo"), (tmp_path / "hf", "hf"), (tmp_path / "ssm", "mamba_ssm")):
+        loaded, tok, info = load_weights(path)
+        assert isinstance(info, WeightsInfo) and info.layout == layout and info.model_type == "mamba"
+        assert info.num_params == model.num_params() and tok.sha256 == bpe.sha256
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids), model(ids), atol=TOL)
+        described = describe_weights(path)
+        assert described.num_params is None and described.layout == layout
+        assert (described.vocab_size, described.padded_vocab_size, described.tokenizer) == \
+            (info.vocab_size, info.padded_vocab_size, info.tokenizer)
+        if layout == "repo":
+            assert info.step == 120 and info.data_fingerprint == "f" * 64 and info["script"] == "train_baseline.py"
+        else:
+            assert info.step is None and info.data_fingerprint is None and info.get("step", "none") == "none"
