@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every CPU figure of bench/results/cpu_model.md, one benchmark command each, printed as one JSON line
+# per benchmark (the scripts' last line) prefixed with the figure's name and the revision it ran at.
+#
+#   bench/cpu_figures.sh                  # this checkout
+#   bench/cpu_figures.sh 36406da          # also revision 36406da (exported to a temporary folder): for each
+#                                         # figure old, new, old, new, so both see the same machine state
+#   FIGURES="train-small decode-small" bench/cpu_figures.sh
+#
+# Figures: train-small train-small-compiled train-130m decode-small decode-130m decode-multitrack
+# ops-decode ops-train. A revision older than the figure's flags runs the figure with the flags it knows
+# (the *_NEW arguments are left out there); compiled and ops figures run at this checkout only.
+# Run on an idle machine: `cat /proc/loadavg` before (each JSON line stores the load average before and
+# after); with a load above the core count the figures come out several times too low.
+# Environment: PY (python, default .venv/bin/python if present, else python3), ROUNDS (old/new pairs, 2).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac   # absolute, venv kept: the old revision runs elsewhere
+ROUNDS=${ROUNDS:-2}
+FIGURES=${FIGURES:-train-small train-small-compiled train-130m decode-small decode-130m decode-multitrack ops-decode ops-train}
+OLD=${1:-}
+
+# figure -> "script|arguments every revision knows|arguments of this checkout only"
+declare -A FIG=(
+  [train-small]="bench_throughput.py|--preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2 --device=cpu|"
+  [train-small-compiled]="bench_throughput.py|--preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2 --device=cpu|--cpu_scan=compiled"
+  [train-130m]="bench_throughput.py|--preset=mamba-130m --seq_len=256 --batch_sizes=2 --steps=3 --warmup=1 --device=cpu|"
+  [decode-small]="bench_decode.py|--preset=small-cpu --vocab_size=4096 --device=cpu --batch_sizes=1 --decode_tokens=256 --gen_lengths=|--repeats=5"
+  [decode-130m]="bench_decode.py|--device=cpu --batch_sizes=1 --decode_tokens=64 --gen_lengths=|--repeats=3"
+  [decode-multitrack]="bench_decode.py|--model=multitrack --preset=small-cpu --vocab_size=4096 --device=cpu --batch_sizes=1 --decode_tokens=256 --gen_lengths=|--repeats=5"
+  [ops-decode]="count_ops.py|--mode=decode --preset=small-cpu --vocab_size=4096 --batch_size=1|"
+  [ops-train]="count_ops.py|--preset=small-cpu --vocab_size=4096|"
+)
+NEW_ONLY="train-small-compiled ops-decode ops-train"
+
+old_dir=""
+if [ -n "$OLD" ]; then
+  old_dir=$(mktemp -d)
+  trap 'rm -rf "$old_dir"' EXIT
+  git archive "$OLD" | tar -x -C "$old_dir" || { echo "cannot export revision $OLD" >&2; exit 2; }
+fi
+
+run() {  # run DIR REV FIGURE ARGS...
+  local dir=$1 rev=$2 name=$3; shift 3
+  local spec=${FIG[$name]} script
+  script=${spec%%|*}
+  local last
+  last=$(cd "$dir" && "$PY" "bench/$script" "$@" 2>/dev/null | tail -n 1)
+  echo "$name @ $rev: $last"
+}
+
+echo "# cpu_figures $(date -u +%FT%TZ)  $(nproc) cores  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+here=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
+for name in $FIGURES; do
+  spec=${FIG[$name]:-}
+  [ -n "$spec" ] || { echo "unknown figure $name (known: ${!FIG[*]})" >&2; exit 2; }
+  rest=${spec#*|}
+  common=${rest%%|*}
+  new_only=${rest#*|}
+  rounds=1
+  if [ -n "$old_dir" ] && [[ " $NEW_ONLY " != *" $name "* ]]; then rounds=$ROUNDS; fi
+  for _ in $(seq "$rounds"); do
+    if [ -n "$old_dir" ] && [[ " $NEW_ONLY " != *" $name "* ]]; then
+      # shellcheck disable=SC2086
+      run "$old_dir" "$OLD" "$name" $common
+    fi
+    # shellcheck disable=SC2086
+    run . "$here" "$name" $common $new_only
+  done
+done
+echo "# done $(date -u +%FT%TZ)  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
