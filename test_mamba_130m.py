@@ -6,9 +6,14 @@
 Prints a summary and exits 1 if a check fails: the parameter count is exactly 126,924,672, a
 forward/backward step gives finite gradients, greedy generation via step() reproduces the parallel
 forward's argmax, and peak memory / tokens per second are reported (no thresholds).
+
+On the 2-core development VM (AMD EPYC, fp32, idle) the CPU run reports about TRAIN_REF tokens/s training
+and DECODE_REF tokens/s decode (bench/results/cpu_model.md). The load average is printed before and after:
+above the core count other jobs share the cores and the figures come out several times lower.
 """
 
 import math
+import os
 import resource
 import sys
 import time
@@ -59,7 +64,9 @@ with user_errors():
     n_steps = max(2, train_steps or (3 if dev == "cuda" else 2))
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
     torch.manual_seed(seed)
-    print(f"device={dev}  torch={torch.__version__}  preset={preset}  batch={B} x {L} tokens")
+    load_before = os.getloadavg()
+    print(f"device={dev}  torch={torch.__version__}  preset={preset}  batch={B} x {L} tokens  "
+          f"threads={torch.get_num_threads()}  load average {load_before[0]:.2f} on {os.cpu_count()} cores")
 
     cfg = mamba_config(preset)
     model = MambaLMHeadModel(cfg, device=dev)
@@ -111,6 +118,10 @@ with user_errors():
     print(f"peak memory: {peak_memory(dev)}")
 
     failed = [r for r in results if not r[1]]
+    load_after = os.getloadavg()
+    loaded = dev == "cpu" and max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     print(f"\n{len(results) - len(failed)}/{len(results)} checks passed on {dev}; "
-          f"train {train_tps:,.0f} tok/s, decode {gen_tokens / gen_s:,.1f} tok/s")
+          f"train {train_tps:,.0f} tok/s, decode {gen_tokens / gen_s:,.1f} tok/s; load average before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores"
+          f"{' (other jobs shared the cores: these CPU figures are too low)' if loaded else ''}")
     sys.exit(1 if failed else 0)

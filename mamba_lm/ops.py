@@ -245,13 +245,15 @@ def _scan_chunks(a, x, h0, chunk_size, reverse=False):
 # CPU: the scan in time blocks of T steps whose (T, b, d, n) tensors stay in the cache. The blocks run one
 # after another (the state carried from block to block), the forward keeps only each block's starting
 # state, and the backward recomputes one block at a time, in reverse. Same arithmetic in the same order
-# as the whole-sequence loop; no (l, b, d, n) tensor is ever made (memory O(T b d n) + the inputs).
+# as the whole-sequence loop; no (l, b, d, n) tensor is ever made: memory O(T b d n) for the block, plus
+# l/T kept states of (b, d, n), no more than one more (b, d, l) input when T >= n.
 _CPU_BLOCK_ELEMENTS = 1 << 18   # elements per (T, b, d, n) block tensor (1 MiB fp32, cache-sized)
 
 
 def cpu_block_length(b: int, d: int, n: int, l: int) -> int:
-    """T of the CPU blocked scan: as many steps as fit `_CPU_BLOCK_ELEMENTS`, at least 1, at most l."""
-    return max(1, min(l, _CPU_BLOCK_ELEMENTS // max(1, b * d * n)))
+    """T of the CPU blocked scan: as many steps as fit `_CPU_BLOCK_ELEMENTS`, but at least n (so that the
+    l/T kept block states take no more memory than the (b, d, l) input), at most l."""
+    return max(1, min(l, max(n, _CPU_BLOCK_ELEMENTS // max(1, b * d * n))))
 
 
 def _pick(method: str, x: torch.Tensor) -> str:

@@ -81,6 +81,18 @@ def test_compiled_cpu_scan_logic_matches_reference(monkeypatch, l, groups):
             torch.testing.assert_close(g_f[k], g_r[k], atol=1e-4, rtol=1e-4, msg=f"grad {k}")
 
 
+def test_cpu_block_length_bounds_the_kept_states():
+    """The CPU blocked scan keeps l/T block states of (b, d, n): T >= n keeps them within one (b, d, l)
+    input's size even at the 130M shape (b 8, d 1792, l 1024), where a cache-sized block would be 1 step
+    and the kept states the whole (l, b, d, n) tensor; small shapes get cache-sized blocks; T <= l."""
+    assert ops.cpu_block_length(8, 1792, 16, 1024) == 16
+    assert ops.cpu_block_length(1, 64, 4, 3) == 3
+    assert ops.cpu_block_length(1, 64, 4, 4096) == (1 << 18) // 256
+    for b, d, n, l in ((8, 1792, 16, 1024), (8, 512, 16, 256), (2, 8, 4, 37)):
+        T = ops.cpu_block_length(b, d, n, l)
+        assert -(-l // T) * b * d * n <= b * d * l + b * d * n
+
+
 def test_scan_ref_matches_hand_written_recurrence():
     """The reference itself: one channel, one state, checked against the recurrence written out by hand."""
     u = torch.tensor([[[1.0, 2.0, -1.0]]])
