@@ -12,7 +12,9 @@
 # (the *_NEW arguments are left out there); compiled and ops figures run at this checkout only.
 # Run on an idle machine: `cat /proc/loadavg` before (each JSON line stores the load average before and
 # after); with a load above the core count the figures come out several times too low.
-# Environment: PY (python, default .venv/bin/python if present, else python3), ROUNDS (old/new pairs, 2).
+# Environment: PY (python, default .venv/bin/python if present, else python3), ROUNDS (old/new pairs, 2),
+# THREADS (OMP_NUM_THREADS / MKL_NUM_THREADS for both revisions; default: torch's, the core count. On a
+# loaded machine THREADS=1 gives the steadier before/after ratio: a 2-thread op waits on a descheduled thread).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -20,6 +22,7 @@ case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esa
 ROUNDS=${ROUNDS:-2}
 FIGURES=${FIGURES:-train-small train-small-compiled train-130m decode-small decode-130m decode-multitrack ops-decode ops-train}
 OLD=${1:-}
+if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; fi
 
 # figure -> "script|arguments every revision knows|arguments of this checkout only"
 declare -A FIG=(
@@ -50,7 +53,7 @@ run() {  # run DIR REV FIGURE ARGS...
   echo "$name @ $rev: $last"
 }
 
-echo "# cpu_figures $(date -u +%FT%TZ)  $(nproc) cores  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# cpu_figures $(date -u +%FT%TZ)  $(nproc) cores  threads: ${THREADS:-default}  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 here=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
 for name in $FIGURES; do
   spec=${FIG[$name]:-}
