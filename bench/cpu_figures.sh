@@ -53,7 +53,7 @@ run() {  # run DIR REV FIGURE ARGS...
   echo "$name @ $rev: $last"
 }
 
-echo "# cpu_figures $(date -u +%FT%TZ)  $(nproc) cores  threads: ${THREADS:-default}  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# cpu_figures $(date -u +%FT%TZ)  $(getconf _NPROCESSORS_ONLN) cores  threads: ${THREADS:-default}  load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 here=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
 for name in $FIGURES; do
   spec=${FIG[$name]:-}
