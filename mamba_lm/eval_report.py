@@ -26,6 +26,8 @@ def fmt(x, digits=4) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
+        if abs(x) < 0.5 * 10 ** -digits:
+            x = 0.0                                                     # no "-0.0000"
         if abs(x) >= 1e6:
             return f"{x:.3e}"
         return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.{digits}f}"
