@@ -62,6 +62,7 @@ mem_head_dim = 0              # key size per head of that memory (0: the preset'
 data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tokenizer come from its meta.json)
 out_dir = "out/multitrack"    # checkpoints and logs
 seq_len = 0                   # 0: the data's seq_len (1024 for the reference run)
+stateful = False              # each row reads whole books in order, its state carried between steps (truncated BPTT) and reset at each book's eos
 # optimization
 batch_size = 8                # sequences per micro-batch
 grad_accum = 1                # micro-batches per optimizer step (global batch = batch_size * grad_accum)

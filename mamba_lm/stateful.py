@@ -34,14 +34,15 @@ def reset_positions(resets: torch.Tensor) -> list[int]:
 
 
 def forward_with_resets(model, input_ids: torch.Tensor, cache, resets: torch.Tensor | None = None, *,
-                        state_grad: bool = True):
+                        state_grad: bool = True, aux_from=None):
     """One window from the state in `cache`, with per-row resets; leaves the final state in `cache`.
 
     model: any LM of this repository (forward(input_ids, cache=...) -> logits, allocate_cache);
     input_ids: (B, L) long; cache: the model's cache for these B rows (updated: rebound under grad
     mode, in place otherwise); resets: (B, L) bool or None (see the module docstring for the
     convention). state_grad=False: the window's final state will be detached (truncated BPTT), which
-    lets the last segment's scan skip making it differentiable.
+    lets the last segment's scan skip making it differentiable. aux_from: the module whose `aux_loss()` is
+    read after each segment (default: model; pass the bare model when `model` is a DDP / FSDP wrapper).
 
     Returns (logits (B, L, V_pad), aux): aux is the model's `aux_loss()` (router balance) averaged
     over the segments weighted by their length, or None when the model has none. The segments' own
@@ -57,13 +58,14 @@ def forward_with_resets(model, input_ids: torch.Tensor, cache, resets: torch.Ten
     resets = resets.to("cpu", torch.bool)
     bounds = [0, *reset_positions(resets), l]
     logits, aux_terms = [], []
+    aux_from = model if aux_from is None else aux_from
     try:
         for start, end in zip(bounds[:-1], bounds[1:]):
             if resets[:, start].any():
                 cache.reset_rows_(resets[:, start])
             cache.state_grad = state_grad if end == l else True
             logits.append(model(input_ids[:, start:end], cache=cache))
-            aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+            aux = aux_from.aux_loss() if hasattr(aux_from, "aux_loss") else None
             if aux is not None:
                 aux_terms.append(aux * ((end - start) / l))
     finally:

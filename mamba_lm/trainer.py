@@ -46,6 +46,7 @@ import contextlib
 import errno
 import json
 import math
+import resource
 import signal
 import threading
 import time
@@ -70,6 +71,8 @@ from mamba_lm.report import plot_losses, write_epoch_tables
 from mamba_lm.rundir import (BEST, LATEST, check_out_dir, check_resume_batches, check_resume_data, check_same_model,
                              checkpoint_to_resume, clear_outputs, refuse_replacing, remove_leftovers, trim_step_logs)
 from mamba_lm.runtime import autocast, count_params, resolve_device, resolve_dtype
+from mamba_lm.stateful import forward_with_resets
+from mamba_lm.stream_training import CarriedTraining, carried_val_loss
 from mamba_lm.tokenizer import load_tokenizer
 from mamba_lm.weights import check_data_tokenizer, load_weights
 
@@ -264,7 +267,7 @@ class TrainingDiverged(UserError):
 TRAIN_KEYS = ("data_dir", "out_dir", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
               "warmup_frac", "epochs", "max_steps", "max_tokens", "weight_decay", "beta1", "beta2", "grad_clip",
               "eval_interval", "eval_batches", "eval_max_batches", "log_interval", "tensorboard", "seed", "device",
-              "dtype", "compile", "fsdp", "resume", "overwrite", "init_from")
+              "dtype", "compile", "fsdp", "resume", "overwrite", "init_from", "stateful")
 
 _INT, _NUM, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 
@@ -304,6 +307,7 @@ RANGES = {
     "resume": (_BOOL, _any, "True or False"),
     "overwrite": (_BOOL, _any, "True or False"),
     "init_from": (_STR, _any, "scratch, resume, or a path"),
+    "stateful": (_BOOL, _any, "True or False"),
 }
 _BOOL_OK = {k for k, (types, _, _) in RANGES.items() if types is _BOOL}
 
@@ -323,6 +327,9 @@ def check_config(config: dict) -> dict:
     if config["min_lr"] > config["lr"]:
         raise UserError(f"--min_lr={config['min_lr']!r} is above --lr={config['lr']!r}; the cosine decays from lr "
                         "to min_lr, so lower --min_lr")
+    if config["stateful"] and config["compile"]:
+        raise UserError("--stateful=True does not run under --compile=True yet (the carried cache changes between "
+                        "calls and would recompile); drop --compile")
     if config["resume"] and config["overwrite"]:
         raise UserError("--resume=True and --overwrite=True contradict each other: resume continues the run in "
                         "out_dir, overwrite starts it over; pass one of them")
@@ -376,6 +383,7 @@ class Run:
     eval_idx: np.ndarray           # the fixed val subset of the periodic evals
     log: RunLog
     init_note: str = ""            # "initialised from ..." for the header
+    carried: CarriedTraining | None = None   # --stateful=True: streams and carried caches of this rank
 
     @property
     def fsdp(self) -> bool:
@@ -400,6 +408,7 @@ class RunState:
     elapsed_s: float = 0.0         # training seconds of earlier sessions of this run
     init_from: str = "scratch"
     saved_step: int | None = None  # step of the ckpt_latest.pt on disk (None: none yet); not saved
+    first_step: int = 0            # the step this session started at (peak memory is logged after it); not saved
     t_start: float = field(default_factory=time.time)
 
     @classmethod
@@ -408,7 +417,7 @@ class RunState:
                    tokens_seen=ckpt["tokens_seen"], best_val_loss=ckpt["best_val_loss"],
                    history=list(ckpt.get("history", [])), metrics=dict(ckpt.get("metrics", {})),
                    epoch_loss=list(ckpt.get("epoch_loss", [0.0, 0])), elapsed_s=float(ckpt.get("elapsed_s", 0.0)),
-                   init_from=ckpt.get("init_from", "scratch"), saved_step=ckpt["step"])
+                   init_from=ckpt.get("init_from", "scratch"), saved_step=ckpt["step"], first_step=ckpt["step"])
 
     def to_checkpoint(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -473,13 +482,12 @@ def loop(run: Run, state: RunState, on_eval=None, on_end=None) -> dict:
         lr = get_lr(state.step, budget.warmup, budget.total_steps, cfg["lr"], cfg["min_lr"])
         loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)   # of the global batch
         aux_sum, has_aux = torch.zeros((), device=run.device, dtype=torch.float64), False
-        micro_batches = get_batch(run, order, state.step_in_epoch)
-        for j, (x, y, weight) in enumerate(micro_batches):
+        micro_batches = run.carried.micro_batches() if run.carried else get_batch(run, order, state.step_in_epoch)
+        for j, (x, y, weight, carry) in enumerate(micro_batches):
             with no_sync_unless(run.model, last=j == len(micro_batches) - 1):
                 with autocast(run.device, run.dtype):
-                    logits = run.model(x)                 # forward; a stateful run would pass and carry its state here
+                    logits, aux = forward(run, x, carry)
                     loss = lm_loss(logits, y, run.data.vocab_size)
-                    aux = run.raw.aux_loss() if hasattr(run.raw, "aux_loss") else None
                 total = loss if aux is None else loss + aux
                 # DDP averages gradients over ranks: scale by world so the sum matches one process
                 run.scaler.scale(total * weight * dist.world).backward()
@@ -493,6 +501,10 @@ def loop(run: Run, state: RunState, on_eval=None, on_end=None) -> dict:
         if not math.isfinite(grad_norm) and run.dtype != torch.float16:  # fp16: the scaler skips the step
             diverged(run, state, f"gradient norm is {grad_norm}", lr)
         optimizer_step(run, lr)
+        if run.carried:
+            run.carried.detach_()                 # truncated BPTT: the next window starts from a constant state
+        if state.step == state.first_step:
+            log_peak_memory(run)
         state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
         state.tokens_seen += budget.tokens_per_step(run.data.seq_len)
         state.epoch_loss = [state.epoch_loss[0] + loss, state.epoch_loss[1] + 1]
@@ -530,16 +542,26 @@ def loop(run: Run, state: RunState, on_eval=None, on_end=None) -> dict:
 # the pieces of a step
 
 
-def get_batch(run: Run, order: np.ndarray, step_in_epoch: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+def get_batch(run: Run, order: np.ndarray, step_in_epoch: int) -> list[tuple[torch.Tensor, torch.Tensor, float, None]]:
     """This rank's share of global batch `step_in_epoch` of the epoch's `order`, as micro-batches of at most
-    batch_size sequences: [(x (b, l), y (b, l), weight)], weight = the micro-batch's share of the global batch."""
+    batch_size sequences: [(x (b, l), y (b, l), weight, None)], weight = the micro-batch's share of the global
+    batch (None: no carried state; a stateful run's batches come from `run.carried.micro_batches()`)."""
     global_batch, dist = run.budget.global_batch, run.dist
     batch = batch_indices(order, global_batch, step_in_epoch)
     share = global_batch // dist.world
     local = batch[dist.rank * share:(dist.rank + 1) * share]
     size = run.cfg["batch_size"]
     micro = [local[i:i + size] for i in range(0, len(local), size)]
-    return [(*run.data.train.get_batch(idx, device=run.device), len(idx) / global_batch) for idx in micro]
+    return [(*run.data.train.get_batch(idx, device=run.device), len(idx) / global_batch, None) for idx in micro]
+
+
+def forward(run: Run, x: torch.Tensor, carry) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, the model's aux loss | None) of a micro-batch: from a zero state, or (stateful) from the rows'
+    carried state with their resets, leaving the final state in carry.cache."""
+    if carry is None:
+        logits = run.model(x)
+        return logits, (run.raw.aux_loss() if hasattr(run.raw, "aux_loss") else None)
+    return forward_with_resets(run.model, x, carry.cache, carry.resets, state_grad=False, aux_from=run.raw)
 
 
 def all_reduce_mean(dist: Dist, weighted_sum: torch.Tensor) -> float:
@@ -628,15 +650,33 @@ def subset_eval(run: Run, state: RunState, on_eval=None) -> float:
     """The periodic eval on the fixed val subset (after the hook); logged; returns the val loss."""
     extra = (on_eval(run.raw, state.step, str(run.out_dir)) or {}) if on_eval else {}
     loss = val_loss(run, run.eval_idx)
+    carried = carried_eval(run)
     if hasattr(run.raw, "reset_stats"):
         run.raw.reset_stats()
     extra = {k: v for k, v in extra.items() if _scalar(v)}
     run.log.metrics({"kind": "eval", "step": state.step, "epoch": state.epoch, "tokens": state.tokens_seen,
                      "val_loss": loss, "val_ppl": _ppl(loss), "eval_sequences": len(run.eval_idx),
-                     "minutes": state.minutes(), **extra})
+                     **(carried or {}), "minutes": state.minutes(), **extra})
     run.log.line(f"eval step {state.step} | val loss {loss:.4f} | val ppl {_ppl(loss):.2f} "
-                 f"| {len(run.eval_idx)} sequences" + "".join(f" | {k} {v:.4g}" for k, v in extra.items()))
+                 f"| {len(run.eval_idx)} sequences"
+                 + (f" | carried {carried['val_loss_carried']:.4f} vs window reset {carried['val_loss_window_reset']:.4f}"
+                    f" ({carried['val_carried_tokens']:,} tokens)" if carried else "")
+                 + "".join(f" | {k} {v:.4g}" for k, v in extra.items()))
     return loss
+
+
+def carried_eval(run: Run) -> dict | None:
+    """Stateful runs: the val loss with the state carried over consecutive val windows, and on the same
+    windows from a zero state (`stream_training.carried_val_loss`; as many tokens as the subset eval)."""
+    if run.carried is None:
+        return None
+    rows = run.cfg["batch_size"]
+    result = carried_val_loss(run.model if run.fsdp else run.raw, run.raw, run.data.val, rows=rows,
+                              windows=run.cfg["eval_batches"], dist=run.dist, device=run.device, dtype=run.dtype,
+                              vocab_size=run.data.vocab_size)
+    if result is None:
+        run.log.line(f"note: the val split has fewer books than processes; no carried-state eval")
+    return result
 
 
 def eval_and_save(run: Run, state: RunState, on_eval=None, extra_metrics: dict | None = None) -> None:
@@ -688,13 +728,15 @@ def save(run: Run, state: RunState, name: str) -> None:
     """Write checkpoint `name` in out_dir (all ranks gather the state, rank 0 writes it atomically)."""
     model_state = gather_model_state(run.model, run.raw, run.fsdp)
     optim_state = gather_optimizer_state(run.model, run.optimizer, run.fsdp)
+    carried = run.carried.state_dict() if run.carried else None    # a gather: every rank
     if run.dist.main:
-        write_checkpoint(run, state, name, model_state, optim_state)
+        write_checkpoint(run, state, name, model_state, optim_state, carried)
     if name == LATEST:
         state.saved_step = state.step
 
 
-def write_checkpoint(run: Run, state: RunState, name: str, model_state: dict, optim_state: dict) -> None:
+def write_checkpoint(run: Run, state: RunState, name: str, model_state: dict, optim_state: dict,
+                     carried: dict | None = None) -> None:
     cfg, data, budget = run.cfg, run.data, run.budget
     ckpt = {
         "model_type": run.model_type, "model_config": model_config_dict(run.raw), "model": model_state,
@@ -704,6 +746,7 @@ def write_checkpoint(run: Run, state: RunState, name: str, model_state: dict, op
         **state.to_checkpoint(), "rng": rng_state(), "script": run.script,
         "schedule": {"warmup": budget.warmup, "total": budget.total_steps, "lr": cfg["lr"], "min_lr": cfg["min_lr"]},
         "global_batch": budget.global_batch, "world_size": run.dist.world,
+        "carried": carried,        # --stateful=True: stream positions and every row's carried state
     }
     path = run.out_dir / name
     try:
@@ -748,12 +791,28 @@ def log_header(run: Run, state: RunState) -> None:
         f"warmup {budget.warmup} | lr {cfg['lr']:g} -> {cfg['min_lr']:g} cosine",
         f"optimizer AdamW betas ({cfg['beta1']}, {cfg['beta2']}) | {describe_groups(run.groups)}",
     ]
+    if run.carried:
+        lines.append(run.carried.describe())
     if run.init_note:
         lines.append(run.init_note)
     for line in lines:
         run.log.line(line)
     run.log.metrics({"kind": "config", "step": state.step, "config": cfg, "num_params": n_params,
                      "total_steps": budget.total_steps, "warmup": budget.warmup})
+
+
+def log_peak_memory(run: Run) -> None:
+    """After this session's first optimizer step: peak memory so far (CUDA: max_memory_allocated of this rank's
+    GPU; CPU: the process's peak resident set), in log.txt and metrics.jsonl (kind "memory")."""
+    if run.device.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(run.device), "CUDA max_memory_allocated"
+    else:
+        peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak process RSS"
+    tokens = run.budget.tokens_per_step(run.data.seq_len)
+    run.log.metrics({"kind": "memory", "step": 1, "peak_bytes": peak, "what": what, "seq_len": run.data.seq_len,
+                     "tokens_per_step": tokens})
+    run.log.line(f"memory after the first step: {peak / 2**30:.2f} GiB ({what}; {run.data.seq_len}-token windows, "
+                 f"{tokens:,} tokens per step{', stateful' if run.carried else ''})")
 
 
 def log_train(run: Run, state: RunState, loss, aux, lr, grad_norm, tok_s, ms_per_step) -> None:
@@ -800,6 +859,9 @@ def setup(cfg: dict, build_model, script: str, dist: Dist) -> tuple[Run, RunStat
     else:
         check_resume_data(ckpt, script=script, meta=data.meta, data_dir=data.dir, out_dir=out_dir)
         check_resume_batches(ckpt, global_batch=budget.global_batch, seq_len=data.seq_len, seed=cfg["seed"])
+        if bool(ckpt.get("carried")) != cfg["stateful"]:
+            raise UserError(f"the checkpoint was trained with --stateful={not cfg['stateful']}; resume with the "
+                            "same mode")
 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
@@ -808,6 +870,10 @@ def setup(cfg: dict, build_model, script: str, dist: Dist) -> tuple[Run, RunStat
     check_vocab(raw, data.vocab_size)
     model = try_compile(raw, device, data.seq_len) if cfg["compile"] else raw
     model = wrap_for_ranks(model, dist, cfg["fsdp"])
+    carried = (CarriedTraining(raw, data.train, budget.global_batch, cfg["batch_size"], data.seq_len, cfg["seed"],
+                               dist, device) if cfg["stateful"] else None)
+    if carried is not None and ckpt is not None:
+        carried.load_state_dict(ckpt["carried"])
     groups = param_groups(raw, cfg["weight_decay"])  # after FSDP sharding: the optimizer holds the shards
     optimizer = make_optimizer(groups, cfg, device)
     if ckpt is not None:
@@ -828,7 +894,7 @@ def setup(cfg: dict, build_model, script: str, dist: Dist) -> tuple[Run, RunStat
               budget=budget, raw=raw, model=model, optimizer=optimizer,
               scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16), groups=groups,
               eval_idx=eval_subset(data.val.num_sequences, cfg["eval_batches"] * cfg["batch_size"], cfg["seed"]),
-              log=log, init_note=init_note)
+              log=log, init_note=init_note, carried=carried)
     if leftovers:
         log.line(f"note: removed {len(leftovers)} temporary file(s) left by a killed write: {', '.join(leftovers)}")
     if cut_files:
