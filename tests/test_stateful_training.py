@@ -86,9 +86,10 @@ def test_stateful_grad_accum_matches_one_big_batch(demo_data_dir, tmp_path, trai
     assert_same_run(tmp_path / "big", tmp_path / "acc", 4)
 
 
-def test_stateful_two_gloo_processes_match_single(demo_data_dir, tmp_path, train_config):
-    """Guards stateful DDP: torchrun with 2 CPU (gloo) processes, each running its own 2 rows with their own
-    carried state, gives the single-process losses, weights, and (gathered) carried states."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_stateful_two_gloo_processes_match_single(demo_data_dir, tmp_path, train_config, fsdp):
+    """Guards stateful DDP / FSDP: torchrun with 2 CPU (gloo) processes, each running its own 2 rows with their
+    own carried state, gives the single-process losses, weights, and (gathered) carried states."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     trainer.train(train_config(demo_data_dir, tmp_path / "single", batch_size=4, max_steps=4, eval_interval=0,
@@ -97,11 +98,11 @@ def test_stateful_two_gloo_processes_match_single(demo_data_dir, tmp_path, train
             "--d_model=32", f"--data_dir={demo_data_dir}", f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4",
             "--epochs=1", "--max_steps=4", "--eval_interval=0", "--eval_batches=2", "--log_interval=1",
             "--lr=3e-3", "--warmup_steps=2", "--device=cpu", "--dtype=float32", "--tensorboard=False",
-            "--stateful=True"]
+            "--stateful=True", f"--fsdp={fsdp}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "x2" in (tmp_path / "ddp" / "log.txt").read_text()
+    assert "x2" + (" fsdp" if fsdp else "") in (tmp_path / "ddp" / "log.txt").read_text()
     assert_same_run(tmp_path / "single", tmp_path / "ddp", 4)
 
 
