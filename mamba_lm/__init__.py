@@ -23,6 +23,7 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; 
     weights        the one door for weights: load_weights(repo .pt | HF folder | mamba-ssm folder)
     distributed    DDP / FSDP wrapping and full-state gather / load for the training loop
     rundir         a run's out_dir: checks before touching it, resume checks, step-log trimming
+    stream_training  the trainer's stateful mode: rows' book streams, carried caches, carried-state val loss
     trainer        the training loop and its pieces: optimizer, LR schedule, evaluation, logging
     evaluation     evaluate.py's stages and their resumable accumulators (resume cache)
     eval_report    evaluate.py's markdown report: tables, verdicts, PNGs

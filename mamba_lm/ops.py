@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
@@ -702,18 +703,30 @@ def _scan_with_state_readout(scan, u, delta, A, B, C, D, delta_bias, delta_softp
 
 def _add_initial_state(out0, last0, u, delta, A, C, z, delta_bias, delta_softplus, return_last_state,
                        initial_state):
-    d = u.shape[1]
     y = out0.float()
     if initial_state is not None:
-        _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
-        decay = torch.exp(torch.cumsum(dt.permute(2, 0, 1).unsqueeze(-1) * A.float(), dim=0))   # (l, b, d, n)
-        carried = decay * initial_state.float()                                                # (l, b, d, n)
-        y = y + _contract_n(carried, _bc_time_major(C, d)).permute(1, 2, 0)
-        last0 = last0.float() + carried[-1]
+        args = (delta, A, C, initial_state, delta_bias, delta_softplus)
+        if torch.is_grad_enabled():
+            # recomputed in backward: autograd would otherwise keep two (l, b, d, n) float32 tensors per
+            # layer (about 1 GB per row and layer at l = 4096, d = 1792), where the scan kernel keeps none
+            y_h0, last_h0 = torch.utils.checkpoint.checkpoint(_initial_state_terms, *args, use_reentrant=False)
+        else:
+            y_h0, last_h0 = _initial_state_terms(*args)
+        y, last0 = y + y_h0, last0.float() + last_h0
     if z is not None:
         y = y * F.silu(z.float())
     out = y.to(u.dtype)
     return (out, last0.float()) if return_last_state else out
+
+
+def _initial_state_terms(delta, A, C, initial_state, delta_bias, delta_softplus):
+    """What the initial state h0 adds, by linearity: y_t += C_t . (exp(S_t) h0) and h_l += exp(S_l) h0,
+    S_t = Σ_{s<=t} Δ'_s A. Returns (y (b, d, l), last (b, d, n)) float32."""
+    d = initial_state.shape[1]
+    _, dt = _softplus_delta(delta, delta_bias, delta_softplus)
+    decay = torch.exp(torch.cumsum(dt.permute(2, 0, 1).unsqueeze(-1) * A.float(), dim=0))   # (l, b, d, n)
+    carried = decay * initial_state.float()                                                # (l, b, d, n)
+    return _contract_n(carried, _bc_time_major(C, d)).permute(1, 2, 0), carried[-1]
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

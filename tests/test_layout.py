@@ -29,7 +29,7 @@ LAYERS = {
     "multitrack.cross_track": 4, "multitrack.triple_track": 4, "multitrack.plot_clock": 4,
     "multitrack.delta_rule": 4, "multitrack.char_memory": 4, "multitrack.multitrack_model": 4,
     "mamba_lm.convert": 5, "mamba_lm.checkpoint": 5,
-    "mamba_lm.weights": 6, "mamba_lm.rundir": 6, "mamba_lm.distributed": 6,
+    "mamba_lm.weights": 6, "mamba_lm.rundir": 6, "mamba_lm.distributed": 6, "mamba_lm.stream_training": 6,
     "mamba_lm.trainer": 7, "mamba_lm.evaluation": 7, "mamba_lm.eval_report": 7,
 }
 
