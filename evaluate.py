@@ -57,51 +57,51 @@ from mamba_lm.weights import check_data_tokenizer, describe_weights, load_weight
 from multitrack.narrative import TOKEN_TYPES, build_signal_tables, narrative_features
 
 # -----------------------------------------------------------------------------
-ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders
+ckpts = "out/baseline/ckpt_best.pt"    # comma-separated: repo .pt checkpoints and/or HF / mamba-ssm folders [input paths]
 names = ""                  # comma-separated display names, one per checkpoint (default: from the paths)
-data_dir = "data/gutenberg-neox" # prepared data dir (prepare_data.py); its tokenizer must match every checkpoint
+data_dir = "data/gutenberg-neox" # prepared data dir (prepare_data.py); its tokenizer must match every checkpoint [input folder]
 split = "test"              # split to evaluate: val | test
 stages = "loss,books,generation,recall"  # which stages to run (see the docstring)
-out = ""                    # report path (.md); default reports/eval_<UTC timestamp>.md
-state_dir = "reports/.eval_state"  # partial results per checkpoint+data+settings (for --resume)
+out = ""                    # report path (.md); default reports/eval_<UTC timestamp>.md [output file]
+state_dir = "reports/.eval_state"  # partial results per checkpoint+data+settings (for --resume) [output folder]
 resume = False              # reuse finished stages from state_dir whose checkpoint, data and settings match,
                             # and continue an interrupted loss/books stage from its last partial save
-save_every = 60.0           # seconds between partial saves inside the loss, books and long-range stages (0 = always)
+save_every = 60.0           # seconds between partial saves inside the loss, books and long-range stages (0 = always) [>=0]
 device = "auto"             # auto | cpu | cuda | cuda:1 ...
 dtype = "float32"           # float32 | bfloat16 (autocast; losses are always computed in float32)
-seed = 1337                 # sampling seed (generation) and probe-story seed offset (recall)
+seed = 1337                 # sampling seed (generation) and probe-story seed offset (recall) [>=0]
 # loss stage
-seq_len = 0                 # evaluation context length; 0 = the data's seq_len (the training length)
-batch_size = 4              # sequences per forward
-max_sequences = 512         # cap on evaluated sequences, evenly spaced over the split (0 = all)
+seq_len = 0                 # evaluation context length; 0 = the data's seq_len (the training length) [>=0]
+batch_size = 4              # sequences per forward [>=1]
+max_sequences = 512         # cap on evaluated sequences, evenly spaced over the split (0 = all) [>=0]
 # books stage (beyond the training length)
-book_tokens = 16384         # tokens scored per book (its first book_tokens tokens; 0 = whole books)
-window = 0                  # window length for carried/reset evaluation; 0 = seq_len
-max_books = 32              # books evaluated (the first ones of the split longer than one window; 0 = all)
-book_batch_size = 4         # books per forward
+book_tokens = 16384         # tokens scored per book (its first book_tokens tokens; 0 = whole books) [>=0]
+window = 0                  # window length for carried/reset evaluation; 0 = seq_len [>=0]
+max_books = 32              # books evaluated (the first ones of the split longer than one window; 0 = all) [>=0]
+book_batch_size = 4         # books per forward [>=1]
 # generation stage
-num_prompts = 16            # book openings used as prompts (books long enough for prompt + continuation)
-prompt_tokens = 256         # prompt: the first prompt_tokens tokens of the book
-gen_tokens = 256            # generated tokens per prompt
-gen_batch_size = 8          # prompts generated together
-temperature = 1.0           # sampling settings, the same for every checkpoint
-top_k = 0                   # 0 = off
-top_p = 0.9                 # nucleus sampling (Holtzman et al. 2020); 1.0 = off
-min_p = 0.0                 # 0 = off
-repetition_penalty = 1.0    # 1.0 = off (CTRL-style penalty would hide degeneration)
-loop_min_period = 4         # a loop: a block of >= loop_min_period tokens ...
-loop_repeats = 3            # ... repeated loop_repeats times back to back
+num_prompts = 16            # book openings used as prompts (books long enough for prompt + continuation) [>=1]
+prompt_tokens = 256         # prompt: the first prompt_tokens tokens of the book [>=1]
+gen_tokens = 256            # generated tokens per prompt [>=1]
+gen_batch_size = 8          # prompts generated together [>=1]
+temperature = 1.0           # sampling settings, the same for every checkpoint [>=0]
+top_k = 0                   # 0 = off [>=0]
+top_p = 0.9                 # nucleus sampling (Holtzman et al. 2020); 1.0 = off (0, 1]
+min_p = 0.0                 # 0 = off [0, 1]
+repetition_penalty = 1.0    # 1.0 = off (CTRL-style penalty would hide degeneration) [>0]
+loop_min_period = 4         # a loop: a block of >= loop_min_period tokens ... [>=1]
+loop_repeats = 3            # ... repeated loop_repeats times back to back [>=2]
 # recall stage
-recall_stories = 16         # procedural demo stories generated for the probe
-recall_story_words = 6000   # approximate length of each story in words (when not using the demo data's own books)
-recall_seed = 271828        # seed of the fresh stories (never the demo data's training books)
+recall_stories = 16         # procedural demo stories generated for the probe [>=1]
+recall_story_words = 6000   # approximate length of each story in words (when not using the demo data's own books) [>=1]
+recall_seed = 271828        # seed of the fresh stories (never the demo data's training books) [>=0]
 recall_distance_edges = "0,256,1024,2048,4096,8192"  # distance buckets (tokens between fact and cue)
 # long-range stages (longrange, chapters): whole books, the state carried through the book vs reset every window
-longrange_books = 16        # books read (the split's first ones; 0 = all)
-longrange_tokens = 0        # tokens read per book (its first ones; 0 = the whole book)
-position_tokens = 65536     # longrange: per-position loss up to this many tokens into each book (log2 buckets)
-chapter_tokens = 128        # chapters: tokens of each chapter opening that are scored
-chapter_candidates = 6      # chapters: candidates per break (the true opening + openings of later chapters)
+longrange_books = 16        # books read (the split's first ones; 0 = all) [>=0]
+longrange_tokens = 0        # tokens read per book (its first ones; 0 = the whole book) [>=0]
+position_tokens = 65536     # longrange: per-position loss up to this many tokens into each book (log2 buckets) [>=1]
+chapter_tokens = 128        # chapters: tokens of each chapter opening that are scored [>=2]
+chapter_candidates = 6      # chapters: candidates per break (the true opening + openings of later chapters) [>=2]
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

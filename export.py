@@ -28,8 +28,8 @@ from mamba_lm.runtime import replace_folder
 from mamba_lm.weights import export_source
 
 # -----------------------------------------------------------------------------
-ckpt = "out/baseline/ckpt_best.pt"   # repo checkpoint (.pt) to export (or an HF / mamba-ssm folder)
-out = "exports/baseline"             # destination folder
+ckpt = "out/baseline/ckpt_best.pt"   # repo checkpoint (.pt) to export (or an HF / mamba-ssm folder) [input path]
+out = "exports/baseline"             # destination folder [output folder]
 format = "hf"                        # "hf" | "mamba_ssm" | "both"
 tokenizer = ""                       # tokenizer spec to bundle when the source has none ("" = the source's)
 overwrite = False                    # replace a non-empty destination folder

@@ -31,24 +31,24 @@ from mamba_lm.runtime import resolve_device, resolve_dtype
 from mamba_lm.weights import load_weights
 
 # ----------------------------------------------------------------------------------------------
-ckpt = "out/baseline/ckpt_best.pt"   # a repo checkpoint (.pt) or an HF / mamba-ssm Mamba folder
+ckpt = "out/baseline/ckpt_best.pt"   # a repo checkpoint (.pt) or an HF / mamba-ssm Mamba folder [input path]
 tokenizer = ""                       # tokenizer for folders that have none (tokenizer.json path or hub id)
 prompt = "It was late in the evening when"  # the prompt ("" = start a new book)
-prompt_file = ""                     # file of more prompts, separated by lines of ---
-num_samples = 2                      # samples per prompt (generated as one batch)
-max_new_tokens = 400                 # tokens to generate per sample
-temperature = 0.8                    # 0 = greedy
-top_k = 0                            # keep the k most likely tokens (0 = off)
-top_p = 0.95                         # nucleus sampling mass (1.0 = off)
-min_p = 0.0                          # drop tokens below min_p * p(best token) (0 = off)
-repetition_penalty = 1.1             # CTRL penalty on tokens already in prompt or output (1.0 = off)
+prompt_file = ""                     # file of more prompts, separated by lines of --- [input file]
+num_samples = 2                      # samples per prompt (generated as one batch) [>=1]
+max_new_tokens = 400                 # tokens to generate per sample [>=1]
+temperature = 0.8                    # 0 = greedy [>=0]
+top_k = 0                            # keep the k most likely tokens (0 = off) [>=0]
+top_p = 0.95                         # nucleus sampling mass (1.0 = off) (0, 1]
+min_p = 0.0                          # drop tokens below min_p * p(best token) (0 = off) [0, 1]
+repetition_penalty = 1.1             # CTRL penalty on tokens already in prompt or output (1.0 = off) [>0]
 stop_at_eos = True                   # end a sample at the end-of-text token
-seed = 1337                          # sampling seed
+seed = 1337                          # sampling seed [>=0]
 device = "auto"                      # auto | cpu | cuda | cuda:N
 dtype = "auto"                       # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
 cuda_graph = True                    # run the decode step as a CUDA graph (CUDA only)
 stream = True                        # print the first sample of each prompt as it is generated
-generations_dir = "generations"      # where generations_YYYYMMDD.md goes
+generations_dir = "generations"      # where generations_YYYYMMDD.md goes [output folder]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -65,23 +65,23 @@ from mamba_lm.tokenizer import NEOX_NAME as _NEOX_NAME
 from mamba_lm.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
 # -----------------------------------------------------------------------------
-source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books
+source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books [input path, or hub | demo]
 tokenizer = "auto"               # "auto" (NeoX; demo-bpe for --source=demo) | hub id | tokenizer.json path | "byte" | "demo-bpe"
-out_dir = ""                     # "" -> data/<source>-<tokenizer>, e.g. data/gutenberg-neox, data/demo
-num_books = 5000                 # books to keep after filtering, in source order (0 = all)
-seq_len = 1024                   # training context length L (stored in meta.json)
+out_dir = ""                     # "" -> data/<source>-<tokenizer>, e.g. data/gutenberg-neox, data/demo [output folder]
+num_books = 5000                 # books to keep after filtering, in source order (0 = all) [>=0]
+seq_len = 1024                   # training context length L (stored in meta.json) [>=1]
 fiction_only = False             # keep only books whose metadata says fiction (books without metadata are kept)
 unwrap = True                    # join hard-wrapped prose lines into one line per paragraph (verse kept)
-min_chars = 2000                 # skip books shorter than this after cleaning
-english_threshold = 0.2          # stop-word density below which a book without language metadata is skipped
-val_permille = 50                # sha256(str(id)) % 1000 < this -> val (about 5%)
-test_permille = 50               # next this many per mille -> test (about 5%)
-num_workers = 0                  # processes for cleaning + tokenizing (0 = all cores)
+min_chars = 2000                 # skip books shorter than this after cleaning [>=0]
+english_threshold = 0.2          # stop-word density below which a book without language metadata is skipped [0, 1]
+val_permille = 50                # sha256(str(id)) % 1000 < this -> val (about 5%) [0, 999]
+test_permille = 50               # next this many per mille -> test (about 5%) [0, 999]
+num_workers = 0                  # processes for cleaning + tokenizing (0 = all cores) [>=0]
 hub_dataset = "sedthh/gutenberg_english"  # dataset id for --source=hub
-demo_num_books = 40              # --source=demo: number of generated books
-demo_words_per_book = 6000       # --source=demo: words per book
-demo_seed = 1337                 # --source=demo: generator seed
-demo_vocab_size = 2048           # --tokenizer=demo-bpe: BPE vocabulary size (at most; the demo text saturates near 1.8k)
+demo_num_books = 40              # --source=demo: number of generated books [>=3]
+demo_words_per_book = 6000       # --source=demo: words per book [>=1]
+demo_seed = 1337                 # --source=demo: generator seed [>=0]
+demo_vocab_size = 2048           # --tokenizer=demo-bpe: BPE vocabulary size (at most; the demo text saturates near 1.8k) [257, 65536]
 force = False                    # overwrite an out_dir prepared with different options
 # -----------------------------------------------------------------------------
 
@@ -682,7 +682,7 @@ def _exit_on_sigterm(signum, frame):
 def main(argv=None) -> str:
     """Run with `--key=value` overrides of the constants above (tests call this; the CLI goes through it too)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so a killed run removes its tmp dir too
-    namespace = {k: globals()[k] for k in config_keys(globals())}
+    namespace = {k: globals()[k] for k in config_keys(globals())} | {"__file__": __file__, "__doc__": __doc__}
     cfg = apply_overrides(namespace, sys.argv[1:] if argv is None else argv)
     with user_errors():
         try:

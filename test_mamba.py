@@ -22,10 +22,10 @@ from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 # ----------------------------------------------------------------------------------------------
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 preset = "tiny"          # mamba_lm.mamba.PRESETS key
-vocab_size = 1000        # vocabulary of the test model
-batch_size = 2           # sequences per test batch
-seq_len = 67             # tokens per sequence (odd: crosses scan chunk boundaries)
-seed = 1337              # torch seed
+vocab_size = 1000        # vocabulary of the test model [>=2]
+batch_size = 2           # sequences per test batch [>=1]
+seq_len = 67             # tokens per sequence (odd: crosses scan chunk boundaries) [>=1]
+seed = 1337              # torch seed [>=0]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

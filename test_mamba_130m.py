@@ -28,12 +28,12 @@ from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 # ----------------------------------------------------------------------------------------------
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key
-expected_params = 126_924_672  # parameter count of mamba-130m (measured with mamba-ssm)
-batch_size = 0           # 0: 8 on GPU, 2 on CPU
-seq_len = 0              # 0: 1024 on GPU, 256 on CPU
-train_steps = 0          # 0: 3 on GPU, 2 on CPU (the first one is warmup, not timed)
-gen_tokens = 32          # greedy tokens generated with step()
-seed = 1337              # torch seed
+expected_params = 126_924_672  # parameter count of mamba-130m (measured with mamba-ssm) [>=0]
+batch_size = 0           # 0: 8 on GPU, 2 on CPU [>=0]
+seq_len = 0              # 0: 1024 on GPU, 256 on CPU [>=0]
+train_steps = 0          # 0: 3 on GPU, 2 on CPU (the first one is warmup, not timed) [>=0]
+gen_tokens = 32          # greedy tokens generated with step() [>=1]
+seed = 1337              # torch seed [>=0]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -36,42 +36,42 @@ from mamba_lm.trainer import train
 # ----------------------------------------------------------------------------------------------
 # model
 preset = "mamba-130m"         # mamba_lm.mamba.PRESETS: mamba-130m | mamba-130m-ssm | small-cpu | tiny
-d_model = 0                   # override the preset's width (0: keep)
-n_layer = 0                   # override the preset's depth (0: keep)
+d_model = 0                   # override the preset's width (0: keep) [>=0]
+n_layer = 0                   # override the preset's depth (0: keep) [>=0]
 # data and output
-data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tokenizer come from its meta.json)
-out_dir = "out/baseline"      # checkpoints and logs
-seq_len = 0                   # 0: the data's seq_len (1024 for the reference run)
+data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tokenizer come from its meta.json) [input folder]
+out_dir = "out/baseline"      # checkpoints and logs [output folder]
+seq_len = 0                   # 0: the data's seq_len (1024 for the reference run) [>=0]
 stateful = False              # each row reads whole books in order, its state carried between steps (truncated BPTT) and reset at each book's eos
 # optimization
-batch_size = 8                # sequences per micro-batch
-grad_accum = 1                # micro-batches per optimizer step (global batch = batch_size * grad_accum)
-lr = 6e-4                     # peak learning rate
-min_lr = 1e-5                 # cosine decay floor (mamba recipe)
-warmup_steps = 0              # 0: warmup_frac of the run
-warmup_frac = 0.02            # 2% linear warmup
-epochs = 3                    # passes over the train split
-max_steps = 0                 # stop after this many optimizer steps (0: epochs decide); the LR schedule spans the budget
-max_tokens = 0                # stop after this many training tokens (0: no limit)
-weight_decay = 0.1            # on 2-D Linear weights only
-beta1 = 0.9                   # AdamW beta1
-beta2 = 0.95                  # AdamW beta2
-grad_clip = 1.0               # max global gradient norm (0: off)
+batch_size = 8                # sequences per micro-batch [>=1]
+grad_accum = 1                # micro-batches per optimizer step (global batch = batch_size * grad_accum) [>=1]
+lr = 6e-4                     # peak learning rate [>0]
+min_lr = 1e-5                 # cosine decay floor (mamba recipe) [>=0]
+warmup_steps = 0              # 0: warmup_frac of the run [>=0]
+warmup_frac = 0.02            # 2% linear warmup [0, 1]
+epochs = 3                    # passes over the train split [>=0]
+max_steps = 0                 # stop after this many optimizer steps (0: epochs decide); the LR schedule spans the budget [>=0]
+max_tokens = 0                # stop after this many training tokens (0: no limit) [>=0]
+weight_decay = 0.1            # on 2-D Linear weights only [>=0]
+beta1 = 0.9                   # AdamW beta1 [0, 1)
+beta2 = 0.95                  # AdamW beta2 [0, 1)
+grad_clip = 1.0               # max global gradient norm (0: off) [>=0]
 # evaluation and logging
-eval_interval = 500           # steps between evals on a fixed val subset (and ckpt_latest.pt)
-eval_batches = 20             # batches in that fixed subset
-eval_max_batches = 0          # cap for the full val pass at each epoch end (0: whole split)
-log_interval = 10             # steps between log lines (log.txt, metrics.jsonl)
+eval_interval = 500           # steps between evals on a fixed val subset and ckpt_latest.pt (0: epoch ends only) [>=0]
+eval_batches = 20             # batches in that fixed subset [>=1]
+eval_max_batches = 0          # cap for the full val pass at each epoch end (0: whole split) [>=0]
+log_interval = 10             # steps between log lines (log.txt, metrics.jsonl) [>=1]
 tensorboard = True            # write tb/ event files
 # system
-seed = 1337                   # init and data order
+seed = 1337                   # init and data order [>=0]
 device = "auto"               # auto | cpu | cuda | cuda:N
 dtype = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU | float32 | bfloat16 | float16
 compile = False               # torch.compile (falls back to eager with a warning)
 fsdp = False                  # under torchrun: FSDP instead of DDP (for larger models)
 resume = False                # continue from out_dir/ckpt_latest.pt
 overwrite = False             # allow starting over in an out_dir that holds a checkpoint
-init_from = "scratch"         # scratch | resume | a repo .pt or an HF / mamba-ssm folder of this model type (fine-tune)
+init_from = "scratch"         # scratch | resume | a repo .pt or an HF / mamba-ssm folder of this model type (fine-tune) [input path, or scratch | resume]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

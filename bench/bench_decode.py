@@ -44,16 +44,16 @@ from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key
 model = "mamba"          # "mamba" (ours, compared with mamba-ssm) or "multitrack" (its matching preset)
 batch_sizes = "1,16"     # comma-separated decode batch sizes
-decode_tokens = 256      # timed tokens per speed run
-prompt_len = 16          # prompt tokens (one parallel forward fills the cache)
+decode_tokens = 256      # timed tokens per speed run [>=1]
+prompt_len = 16          # prompt tokens (one parallel forward fills the cache) [>=1]
 gen_lengths = "1024,16384,65536"  # memory checkpoints of the long generation (batch 1); "" skips it
-vocab_size = 50277       # vocabulary (GPT-NeoX)
+vocab_size = 50277       # vocabulary (GPT-NeoX) [>=2]
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
 dtype = "auto"           # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16"
 cuda_graph = True        # capture our step() as a CUDA graph when possible
-seed = 1337              # torch seed
-repeats = 1              # speed runs per batch size; the best is kept (noisy shared machines)
-threads = 0              # CPU threads for torch (0: torch's default, the core count)
+seed = 1337              # torch seed [>=0]
+repeats = 1              # speed runs per batch size; the best is kept (noisy shared machines) [>=1]
+threads = 0              # CPU threads for torch (0: torch's default, the core count) [>=0]
 compile = False          # CPU: also time torch.compile(model.step) (inductor), next to the eager step
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])

@@ -31,11 +31,11 @@ multitrack = "multitrack-130m"  # multitrack.multitrack_config.PRESETS name
 ablation = ""                 # extra MultiTrackConfig overrides, e.g. "router=uniform,cross_track=False"
 device = "cuda"               # cuda | cpu
 dtype = "bfloat16"            # autocast dtype for training: bfloat16 | float32
-batch_size = 8                # training micro-batch
-seq_len = 1024                # training sequence length
-train_steps = 10              # timed training steps (after 3 warmup steps)
-decode_tokens = 256           # generated tokens per decode measurement
-decode_batch = 8              # second decode batch size (the first is 1)
+batch_size = 8                # training micro-batch [>=1]
+seq_len = 1024                # training sequence length [>=1]
+train_steps = 10              # timed training steps (after 3 warmup steps) [>=1]
+decode_tokens = 256           # generated tokens per decode measurement [>=1]
+decode_batch = 8              # second decode batch size (the first is 1) [>=1]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -22,11 +22,11 @@ from mamba_lm.data import load_meta  # noqa: E402
 from mamba_lm.errors import user_errors  # noqa: E402
 
 # -----------------------------------------------------------------------------
-source = "../shared/data/gutenberg"                                  # corpus to prepare
+source = "../shared/data/gutenberg"                                  # corpus to prepare [input path, or hub | demo]
 tokenizer = "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json"  # tokenizer spec (see prepare_data.py)
-num_books = 100                                                      # books to prepare (0 = all)
-num_workers = 0                                                      # worker processes (0 = all cores)
-out_dir = ""                                                         # "" = temporary dir, deleted afterwards
+num_books = 100                                                      # books to prepare (0 = all) [>=0]
+num_workers = 0                                                      # worker processes (0 = all cores) [>=0]
+out_dir = ""                                                         # "" = temporary dir, deleted afterwards [output folder]
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -38,17 +38,17 @@ from mamba_lm.errors import UserError, user_errors
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"    # mamba_lm.mamba.PRESETS key (the multitrack model uses its matching preset)
 batch_sizes = "8,64"     # comma-separated batch sizes
-seq_len = 1024           # tokens per sequence
-steps = 10               # timed training steps per run
-warmup = 3               # untimed steps before timing (kernel autotuning, allocator warmup)
+seq_len = 1024           # tokens per sequence [>=1]
+steps = 10               # timed training steps per run [>=1]
+warmup = 3               # untimed steps before timing (kernel autotuning, allocator warmup) [>=0]
 model = "mamba"          # "mamba": ours vs mamba-ssm; "multitrack": additionally the multi-track model
-vocab_size = 50277       # vocabulary (GPT-NeoX)
+vocab_size = 50277       # vocabulary (GPT-NeoX) [>=2]
 device = "auto"          # "auto" (cuda if available), "cpu" or "cuda"
-lr = 3e-4                # AdamW learning rate (speed does not depend on it)
+lr = 3e-4                # AdamW learning rate (speed does not depend on it) [>0]
 compile = False          # torch.compile each model first (trainer.try_compile: eager if compiling fails)
-seed = 1337              # torch seed
+seed = 1337              # torch seed [>=0]
 cpu_scan = "eager"       # CPU scan: "eager" (blocked loop) or "compiled" (its blocks by torch.compile; ops.set_cpu_scan)
-threads = 0              # CPU threads for torch (0: torch's default, the core count)
+threads = 0              # CPU threads for torch (0: torch's default, the core count) [>=0]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

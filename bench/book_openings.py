@@ -19,12 +19,12 @@ from mamba_lm.configurator import apply_overrides  # noqa: E402
 from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py
+data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py [input folder]
 split = "test"                    # val | test: books the models never trained on
-num_books = 4                     # prompts to write (one per book)
-skip_tokens = 300                 # skip the book's first tokens (title page, contents)
-prompt_tokens = 120               # at most this many tokens per prompt
-out = "generations/prompts_test_openings.txt"  # the prompt file (prompts separated by lines of ---)
+num_books = 4                     # prompts to write (one per book) [>=1]
+skip_tokens = 300                 # skip the book's first tokens (title page, contents) [>=0]
+prompt_tokens = 120               # at most this many tokens per prompt [>=1]
+out = "generations/prompts_test_openings.txt"  # the prompt file (prompts separated by lines of ---) [output file]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

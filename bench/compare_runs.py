@@ -22,11 +22,11 @@ from mamba_lm.configurator import apply_overrides  # noqa: E402
 from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-runs = ""          # comma-separated training out_dirs or metrics.jsonl files
-out = ""           # PNG path ("" = compare_runs.png beside the first run's metrics)
-tail = 10          # logged train losses averaged for the final train loss
-skip = 5           # first logged train lines left out of the median tokens/s
-ema = 0.9          # smoothing of the plotted train loss (0 = raw)
+runs = ""          # comma-separated training out_dirs or metrics.jsonl files [input paths]
+out = ""           # PNG path ("" = compare_runs.png beside the first run's metrics) [output file]
+tail = 10          # logged train losses averaged for the final train loss [>=1]
+skip = 5           # first logged train lines left out of the median tokens/s [>=0]
+ema = 0.9          # smoothing of the plotted train loss (0 = raw) [0, 1)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -42,10 +42,10 @@ from mamba_lm.errors import UserError, user_errors  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"          # mamba_lm.mamba.PRESETS key (the multi-track model: its matching preset)
 impls = "ours,multitrack"      # models to count (bench_common.IMPLS without mamba_ssm)
-batch_size = 2                 # the count does not depend on it
-seq_len = 64                   # nor on this
-vocab_size = 1000              # nor on this (the LM head is one matmul either way)
-top = 12                       # most frequent ops listed per model
+batch_size = 2                 # the count does not depend on it [>=1]
+seq_len = 64                   # nor on this [>=1]
+vocab_size = 1000              # nor on this (the LM head is one matmul either way) [>=2]
+top = 12                       # most frequent ops listed per model [>=1]
 mode = "train"                 # "train": one training step (fwd + bwd); "decode": one model.step() (batch_size 1 advised)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])

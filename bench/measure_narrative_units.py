@@ -35,9 +35,9 @@ from mamba_lm.tokenizer import load_tokenizer  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 data_glob = "../shared/data/gutenberg/train-*.parquet"                      # parquet shards (TEXT column)
 tokenizer = "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json"         # tokenizer.json path
-n_books = 40                                                                # books sampled uniformly at random
-seed = 0                                                                    # sampling seed
-min_name_mentions = 30                                                      # a "character" = capitalised word seen this often
+n_books = 40                                                                # books sampled uniformly at random [>=1]
+seed = 0                                                                    # sampling seed [>=0]
+min_name_mentions = 30                                                      # a "character" = capitalised word seen this often [>=1]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 

@@ -31,13 +31,13 @@ from mamba_lm.errors import user_errors  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 preset = "mamba-130m"      # mamba_lm.mamba.PRESETS key (the multi-track model uses multitrack-130m, else the same name)
 batch_sizes = "8,64"       # comma-separated batch sizes
-seq_len = 1024             # tokens per sequence
-steps = 3                  # profiled steps (after warmup)
-warmup = 3                 # unprofiled steps first (autotuning, allocator)
+seq_len = 1024             # tokens per sequence [>=1]
+steps = 3                  # profiled steps (after warmup) [>=1]
+warmup = 3                 # unprofiled steps first (autotuning, allocator) [>=0]
 impls = "ours,mamba_ssm,multitrack"  # which models
-top = 12                   # kernels listed per run
-csv_dir = ""               # if set, every kernel of each run into <csv_dir>/profile-<impl>-b<batch>.csv
-vocab_size = 50277         # GPT-NeoX
+top = 12                   # kernels listed per run [>=1]
+csv_dir = ""               # if set, every kernel of each run into <csv_dir>/profile-<impl>-b<batch>.csv [output folder]
+vocab_size = 50277         # GPT-NeoX [>=2]
 device = "auto"            # auto | cuda | cpu
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
