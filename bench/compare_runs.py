@@ -22,7 +22,7 @@ from mamba_lm.configurator import apply_overrides  # noqa: E402
 from mamba_lm.errors import UserError, user_errors  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-runs = ""          # comma-separated training out_dirs or metrics.jsonl files [input paths]
+runs = ""          # comma-separated training out_dirs or metrics.jsonl files
 out = ""           # PNG path ("" = compare_runs.png beside the first run's metrics) [output file]
 tail = 10          # logged train losses averaged for the final train loss [>=1]
 skip = 5           # first logged train lines left out of the median tokens/s [>=0]

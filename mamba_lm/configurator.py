@@ -44,6 +44,7 @@ config that is saved in checkpoints and sample files.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import math
 import os
@@ -135,7 +136,7 @@ class PathRule:
             why = (_input_error if self.role == "input" else _output_error)(Path(p), self.kind)
             if why:
                 alt = f" (or one of: {', '.join(self.words)})" if self.words else ""
-                return f"{p}: {why}{alt}" if self.many else f"{why}{alt}"
+                return f"{p}: {why}{alt}" if len(paths) > 1 else f"{why}{alt}"
         return None
 
 
@@ -204,10 +205,22 @@ class Declaration:
     rule: Range | PathRule | None = field(default=None)
 
 
+_HEAD_END = re.compile(r"^(?:def |class |async def |@|if __name__)", re.M)
+
+
 def read_declarations(path: str) -> dict[str, Declaration]:
-    """Every top-level `name = value  # comment [tag]` of a script's source, in source order."""
+    """Every top-level `name = value  # comment [tag]` of a script's head (the source before its first
+    top-level def, class or `if __name__`: where the hyperparameters live), in source order."""
+    stat = os.stat(path)
+    return _read_declarations(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_declarations(path: str, mtime_ns: int, size: int) -> dict[str, Declaration]:
     with open(path, encoding="utf-8") as f:
         source = f.read()
+    head_end = _HEAD_END.search(source)
+    source = source[:head_end.start()] if head_end else source
     comments: dict[int, tuple[int, str]] = {}   # line -> (column, text without '#')
     code_lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -238,7 +251,9 @@ def read_declarations(path: str) -> dict[str, Declaration]:
             last_line = n
             n += 1
         comment = " ".join(parts)
-        src = ast.get_source_segment(source, node.value) or lines[node.lineno - 1]
+        value = node.value
+        src = (lines[value.lineno - 1].encode()[value.col_offset:value.end_col_offset].decode()  # byte offsets
+               if value.lineno == value.end_lineno else lines[node.lineno - 1])
         out[node.targets[0].id] = Declaration(node.targets[0].id, src, comment, section, parse_rule(comment))
     return out
 
