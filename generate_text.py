@@ -16,6 +16,7 @@ appended to generations/generations_YYYYMMDD.md (a new dated section per run, ne
 
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 import multitrack  # noqa: F401  (registers the "multitrack" model type: --ckpt may be any model)
 from mamba_lm.configurator import apply_overrides
 from mamba_lm.errors import UserError, user_errors
-from mamba_lm.generation import TextStreamer, check_sampling_options, generate, read_prompts
+from mamba_lm.generation import NonFiniteLogits, TextStreamer, generate, read_prompts
 from mamba_lm.report import as_paragraphs, blockquote, write_markdown
 from mamba_lm.runtime import resolve_device, resolve_dtype
 from mamba_lm.weights import load_weights
@@ -54,19 +55,15 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 
 def main():
-    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                           num_samples=num_samples)
-    if not Path(ckpt).exists():
-        raise UserError(f"--ckpt={ckpt}: no such file or folder; train one with train_baseline.py or pass the path "
-                        f"of a repo checkpoint (.pt) or an HF / mamba-ssm folder")
+    prompts = read_prompts(prompt, prompt_file)                 # a bad prompt file or an unwritable day file
+    check_output_file(datetime.datetime.now(datetime.timezone.utc))  # fail before the model loads
     run_device = resolve_device(device)
     model, tok, info = load_weights(ckpt, device=run_device, tokenizer=tokenizer or None)
     if tok is None:
         raise UserError(f"{ckpt} comes without a tokenizer; pass --tokenizer=<tokenizer.json path or hub id>")
+    check_finite_weights(model)
     weights_dtype = resolve_dtype(dtype, run_device)
     model = model.to(weights_dtype).eval()
-    prompts = read_prompts(prompt, prompt_file)
     generator = torch.Generator(device=run_device).manual_seed(seed)
     summary = model_summary(info)
     print(f"{summary}\nsampling {num_samples} x {max_new_tokens} tokens for {len(prompts)} prompt(s) on "
@@ -80,10 +77,16 @@ def main():
         if streamer:
             print(f"\n--- prompt {i + 1}/{len(prompts)}, sample 1/{num_samples} ---\n{text}", end="", flush=True)
         t0 = time.time()
-        out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p, repetition_penalty=repetition_penalty,
-                       eos_id=tok.eos_id if stop_at_eos else None, generator=generator, on_token=streamer,
-                       cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+        try:
+            out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, repetition_penalty=repetition_penalty,
+                           eos_id=tok.eos_id if stop_at_eos else None, generator=generator, on_token=streamer,
+                           cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+        except NonFiniteLogits as e:
+            if streamer:
+                print(file=sys.stderr)
+            hint = "; --dtype=float32 may avoid the overflow" if weights_dtype != torch.float32 else ""
+            raise UserError(f"{ckpt}: {e} (prompt {i + 1}){hint}; nothing was written") from None
         seconds = time.time() - t0
         if streamer:
             streamer.end()
@@ -96,6 +99,7 @@ def main():
         results.append((text, samples, new_tokens / max(seconds, 1e-9)))
 
     stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = check_output_file(stamp)
     body = [f"- **model**: {summary}\n- **checkpoint**: `{ckpt}`{checkpoint_line(info)}\n"
             f"- **tokenizer**: {tok.name} (vocab {tok.vocab_size})\n- **settings**:",
             "```json\n" + json.dumps(config) + "\n```"]
@@ -105,10 +109,31 @@ def main():
         for j, (sample, n) in enumerate(samples):
             body.append(f"**Sample {j + 1}** ({n} tokens, {tok_s:,.0f} tok/s for the batch)\n\n"
                         f"{as_paragraphs(text + sample) if text else as_paragraphs(sample)}")
-    path = Path(generations_dir) / f"generations_{stamp:%Y%m%d}.md"
     heading = f"{stamp:%Y-%m-%d %H:%M:%S} UTC — {Path(ckpt).parent.name}/{Path(ckpt).name}"
-    write_markdown(path, "Generated samples", [(heading, "\n\n".join(body))])
+    try:
+        write_markdown(path, "Generated samples", [(heading, "\n\n".join(body))])
+    except OSError as e:  # checked before sampling, but a disk can fill up meanwhile: keep the samples
+        print(f"## {heading}\n\n" + "\n\n".join(body))
+        raise UserError(f"cannot write {e.filename or path} ({e.strerror}); the samples are printed above") from None
     print(f"wrote {path}", file=sys.stderr)
+
+
+def check_output_file(stamp) -> Path:
+    """generations_YYYYMMDD.md of `stamp`; UserError before any work when it cannot be written.
+    (--generations_dir itself, writable and not the working directory, is checked by apply_overrides.)"""
+    path = Path(generations_dir) / f"generations_{stamp:%Y%m%d}.md"
+    if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path} ({'a folder' if path.is_dir() else 'permission denied'}); "
+                        "choose another --generations_dir")
+    return path
+
+
+def check_finite_weights(model) -> None:
+    """Refuse weights that hold NaN / inf (a diverged run's checkpoint) before sampling from them."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"{ckpt} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                        "it cannot generate text: use an earlier checkpoint (e.g. ckpt_best.pt)")
 
 
 def model_summary(info) -> str:

@@ -40,6 +40,7 @@ Expected output on the shared corpus (2-core CPU shared with other jobs, see ben
 # (the skipped book is #45265, "The Story of a Fierce Bad Rabbit": 1,219 characters once cleaned)
 # Running it again prints: reusing data/gutenberg-neox (same source, options and tokenizer; --force=True rebuilds it)
 
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -47,22 +48,25 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
 
-from mamba_lm import demo_corpus, gutenberg
-from mamba_lm.configurator import apply_overrides, config_keys
+from mamba_lm import gutenberg
+from mamba_lm.configurator import PathRule, apply_overrides, config_keys
 from mamba_lm.data import DATA_FORMAT as _DATA_FORMAT
 from mamba_lm.data import SPLITS, num_sequences
 from mamba_lm.errors import UserError, user_errors
 from mamba_lm.runtime import replace_folder
+from mamba_lm.sources import BAD_BYTES_NOTE, book_title, is_english_metadata, is_fiction_metadata, open_source
 from mamba_lm.tokenizer import NEOX_NAME as _NEOX_NAME
-from mamba_lm.tokenizer import TextTokenizer, hub_reachable, load_tokenizer, tokenizer_from_dict, train_demo_bpe
+from mamba_lm.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
 # -----------------------------------------------------------------------------
 source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books [input path, or hub | demo]
@@ -87,204 +91,13 @@ force = False                    # overwrite an out_dir prepared with different 
 
 _OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "english_threshold",
                 "val_permille", "test_permille")
+_PID_FILE = ".prepare-pid"        # in a build folder: "<host> <pid>" of the run writing it
 _DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md"}  # what --force may replace
+BAD_BYTES_TOTAL = f"{BAD_BYTES_NOTE}: bytes in all"  # meta.json "notes": books per note, and this total
 _CLEANING_VERSION = 2            # bump when mamba_lm/gutenberg.py changes its output
-_FICTION_WORDS = ("fiction", "drama", "stories", "story", "tales", "novel", "romance", "fairy", "comedies",
-                  "tragedies", "fables", "legends", "folklore", "plays")
-
-
-# ---- reading sources -----------------------------------------------------------------------------------
-def _parse_metadata(raw) -> dict:
-    if isinstance(raw, dict):
-        return raw
-    if not raw:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
-        return {"_bad_metadata": True}
-    return meta if isinstance(meta, dict) else {"_bad_metadata": True}
-
-
-def _decode(raw: bytes) -> tuple[str, str | None]:
-    """(text, note): UTF-8, else latin-1 (every byte decodes; old PG files are often latin-1), with a note."""
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("latin-1"), "not UTF-8: decoded as latin-1"
-
-
-def _title(meta: dict) -> str:
-    """A book's title for report.md: first line only (a table row), at most 60 characters."""
-    return str(meta.get("title") or "").split("\n")[0].strip()[:60]
-
-
-def _record(text, metadata, origin, note=None) -> dict:
-    """One book record. Bytes (a binary TEXT column) are decoded; problems become a per-book `note`,
-    counted in meta.json's "notes" when the book is kept."""
-    notes = [note] if note else []
-    if isinstance(text, (bytes, bytearray)):
-        text, n = _decode(bytes(text))
-        notes += [n] if n else []
-    if isinstance(metadata, (bytes, bytearray)):
-        metadata = metadata.decode("utf-8", errors="replace")
-    meta = _parse_metadata(metadata)
-    if meta.get("_bad_metadata"):
-        notes.append("unreadable METADATA")
-    book_id = meta.get("text_id", meta.get("id"))
-    try:
-        book_id = int(book_id) if book_id is not None else None
-    except (TypeError, ValueError):
-        book_id = None
-    if book_id is None and isinstance(text, str):
-        book_id = gutenberg.gutenberg_id_from_header(text)
-    return {"id": book_id, "text": text, "meta": meta, "origin": origin, "note": "; ".join(notes) or None}
-
-
-def _source_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"--source={path}: no such file or folder (expected 'hub', 'demo', a .parquet/.jsonl file "
-                        "or a folder of .parquet/.jsonl/.txt files)")
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.endswith((".parquet", ".jsonl", ".txt")) and f.lower() not in ("readme.txt",))
-    if not files:
-        raise UserError(f"--source={path} holds no .parquet, .jsonl or .txt files")
-    return files
-
-
-def _parquet_columns(path):
-    import pyarrow.parquet as pq  # optional: only --source=parquet reads parquet
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise UserError(f"cannot read parquet file {path}: {e}") from None
-    names = pf.schema_arrow.names
-    if "TEXT" not in names:
-        raise UserError(f"{path} has no TEXT column (columns: {', '.join(names)}); expected the columns of "
-                        "sedthh/gutenberg_english: TEXT, SOURCE, METADATA")
-    return pf, [c for c in ("TEXT", "METADATA") if c in names]
-
-
-def _read_parquet(path):
-    pf, cols = _parquet_columns(path)
-    for rg in range(pf.metadata.num_row_groups):
-        table = pf.read_row_group(rg, columns=cols)
-        texts = table.column("TEXT").to_pylist()
-        metas = table.column("METADATA").to_pylist() if "METADATA" in cols else [None] * len(texts)
-        for i, (t, m) in enumerate(zip(texts, metas)):
-            yield _record(t, m, f"{os.path.basename(path)}:rg{rg}:{i}")
-
-
-def _read_jsonl(path):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            note = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:  # JSON is UTF-8: keep the row, mark the bad bytes, count it
-                line, note = raw.decode("utf-8", errors="replace"), "invalid UTF-8 bytes replaced by U+FFFD"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                yield {"id": None, "text": None, "meta": {}, "origin": f"{path}:{lineno}", "note": "bad json line"}
-                continue
-            if not isinstance(row, dict) or "TEXT" not in row:
-                raise UserError(f"{path}:{lineno} has no TEXT field; expected the columns of "
-                                "sedthh/gutenberg_english: TEXT, SOURCE, METADATA")
-            yield _record(row["TEXT"], row.get("METADATA"), f"{os.path.basename(path)}:{lineno}", note)
-
-
-def _read_txt(path):
-    with open(path, "rb") as f:
-        rec = _record(f.read(), None, os.path.basename(path))
-    if rec["id"] is None:
-        digits = "".join(ch if ch.isdigit() else " " for ch in os.path.basename(path)).split()
-        rec["id"] = int(digits[0]) if digits else None
-    return rec
-
-
-def _count_rows(files) -> int:
-    total = 0
-    for f in files:
-        if f.endswith(".parquet"):
-            total += _parquet_columns(f)[0].metadata.num_rows
-        elif f.endswith(".jsonl"):
-            with open(f, "rb") as fh:
-                total += sum(1 for line in fh if line.strip())
-        else:
-            total += 1
-    return total
-
-
-def _load_hub_stream(dataset_id: str):
-    """Streaming iterator over the hub dataset's train split (tests monkeypatch this)."""
-    if not hub_reachable():
-        raise ConnectionError("huggingface.co is not reachable")
-    from datasets import load_dataset  # optional: only hub datasets need the `datasets` package
-    return iter(load_dataset(dataset_id, split="train", streaming=True))
-
-
-def open_source(cfg) -> tuple[dict, object, int | None]:
-    """(source descriptor for meta.json, iterator of book records, expected number of rows or None)."""
-    src = cfg["source"]
-    if src == "demo":
-        desc = {"kind": "demo", "num_books": cfg["demo_num_books"], "seed": cfg["demo_seed"],
-                "words_per_book": cfg["demo_words_per_book"], "generator": "mamba_lm/demo_corpus.py"}
-        books = demo_corpus.generate_books(cfg["demo_num_books"], cfg["demo_seed"], cfg["demo_words_per_book"])
-        return desc, (_record(b["TEXT"], b["METADATA"], f"demo:{i}") for i, b in enumerate(books)), len(books)
-    if src == "hub":
-        try:
-            stream = _load_hub_stream(cfg["hub_dataset"])
-            first = next(stream)
-        except Exception as e:  # offline, DNS, missing `datasets`: all mean "pass a local path"
-            raise UserError(f"cannot stream {cfg['hub_dataset']} from the Hugging Face hub ({type(e).__name__}); "
-                            "pass a local copy, e.g. --source=../shared/data/gutenberg") from None
-
-        def rows():
-            yield _record(first.get("TEXT"), first.get("METADATA"), "hub:0")
-            for i, row in enumerate(stream, 1):
-                yield _record(row.get("TEXT"), row.get("METADATA"), f"hub:{i}")
-        return {"kind": "hub", "dataset": cfg["hub_dataset"], "split": "train"}, rows(), None
-    files = _source_files(src)
-    desc = {"kind": "files", "path": os.path.abspath(src),
-            "files": [[os.path.basename(f), os.path.getsize(f)] for f in files]}
-    total = _count_rows(files)
-
-    def rows():
-        for f in files:
-            if f.endswith(".parquet"):
-                yield from _read_parquet(f)
-            elif f.endswith(".jsonl"):
-                yield from _read_jsonl(f)
-            else:
-                yield _read_txt(f)
-    return desc, rows(), total
 
 
 # ---- selection ------------------------------------------------------------------------------------------
-def is_english_metadata(meta: dict) -> bool | None:
-    """True/False from the metadata's language, None when it has none."""
-    lang = meta.get("language")
-    if not lang:
-        return None
-    langs = [l.strip().lower() for l in str(lang).replace(";", ",").split(",")]
-    return any(l in ("en", "eng", "english") for l in langs)
-
-
-def is_fiction_metadata(meta: dict) -> bool | None:
-    """True/False from subjects / LoCC (PZ) / bookshelves, None when the metadata has none of them."""
-    fields = [meta.get(k) for k in ("subjects", "locc", "bookshelves")]
-    if not any(fields):
-        return None
-    subjects = " ".join(str(f) for f in (fields[0], fields[2]) if f).lower()
-    locc = [c.strip().upper() for c in str(fields[1] or "").split(";")]
-    return "PZ" in locc or any(w in subjects for w in _FICTION_WORDS)
-
-
 def assign_split(book_id: int, val_pm: int, test_pm: int) -> str:
     """Deterministic split of a book: sha256(str(book_id)) mod 1000 against the per-mille thresholds."""
     h = split_hash(book_id)
@@ -311,8 +124,8 @@ def process_book(rec: dict) -> dict:
     """Clean, check and tokenize one book. Returns a result dict with status 'ok' or a skip reason."""
     cfg, tok = _WORKER["cfg"], _WORKER["tok"]
     text, report = gutenberg.clean_book(rec["text"], unwrap=cfg["unwrap"])
-    out = {"id": rec["id"], "title": _title(rec["meta"]),
-           "report": report.as_dict(), "note": rec["note"], "raw_chars": len(rec["text"])}
+    out = {"id": rec["id"], "title": book_title(rec["meta"]), "report": report.as_dict(), "note": rec["note"],
+           "bad_bytes": rec.get("bad_bytes", 0), "raw_chars": len(rec["text"])}
     if len(text) < cfg["min_chars"]:
         return {**out, "status": "empty" if not text.strip() else "too short"}
     if rec["english_meta"] is None and not gutenberg.looks_english(text, cfg["english_threshold"]):
@@ -354,7 +167,8 @@ class SplitWriter:
 
     def add(self, split, book_id, chars, tokens: np.ndarray):
         st = self.stats[split]
-        self.files[split].write(tokens.tobytes())
+        with _naming_the_file(self.files[split].name):
+            self.files[split].write(tokens.tobytes())
         st["book_spans"].append([book_id, st["tokens"], int(tokens.size)])
         st["book_ids"].append(book_id)
         st["book_chars"].append(chars)
@@ -364,7 +178,19 @@ class SplitWriter:
 
     def close(self):
         for f in self.files.values():
-            f.close()
+            with _naming_the_file(f.name):
+                f.close()
+
+
+@contextmanager
+def _naming_the_file(path):
+    """An OSError of a write (ENOSPC, EIO, ...) carries the path it was writing, for prepare()'s one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 
 def rebalance(writer: SplitWriter, split_of: dict) -> list:
@@ -428,6 +254,11 @@ def cleaning_totals(rows) -> dict:
     return tot
 
 
+def _note_of(row) -> str:
+    """A book's note for report.md, with the number of bytes that were not UTF-8."""
+    return (row.get("note") or "") + (f" ({row['bad_bytes']:,} bytes)" if row.get("bad_bytes") else "")
+
+
 def write_report(path, name, meta, rows, elapsed):
     """report.md: totals, skips and the per-book cleaning table (totals from meta's "cleaning", "skipped",
     "notes" and "rebalanced")."""
@@ -461,7 +292,7 @@ def write_report(path, name, meta, rows, elapsed):
         lines.append(f"| {r['id']} | {title} | {r.get('split', '')} | {r['status']} | {c['chars_in']:,} | "
                      f"{c['chars_out']:,} | {r.get('n_tokens', 0):,} | {c['header_chars']:,} | {c['footer_chars']:,} | "
                      f"{c['credit_chars']:,} | {c['illustration_chars']:,} | {c['note_chars']:,} | {c['head']} | "
-                     f"{c['tail']} | {r.get('note') or ''} |")
+                     f"{c['tail']} | {_note_of(r)} |")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -480,9 +311,10 @@ def resolve_tokenizer(cfg):
 
 
 def check_vocab(tok):
+    """Every id of the tokenizer (not only their count: ids may be sparse) must fit the uint16 .bin files."""
     if tok.vocab_size > 2 ** 16:
-        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens; ids must fit uint16 (at most 65,536): "
-                        "use a smaller vocabulary")
+        raise UserError(f"tokenizer {tok.name} has token ids up to {tok.vocab_size - 1:,}; the .bin files store "
+                        "uint16 (ids 0..65,535): use a tokenizer with a smaller vocabulary")
 
 
 def request_of(cfg, desc, tok_spec, tok) -> dict:
@@ -522,14 +354,78 @@ def check_existing(out, request, force) -> bool:
                     "overwrite it or choose another --out_dir")
 
 
+def clean_leftovers(out: str) -> list[str]:
+    """Remove what a killed run (SIGKILL, power loss) of this script left beside `out`, nothing else.
+
+    <name>.tmp-XXXXXXXX: a build folder; removed when the run that made it is gone (its .prepare-pid names a
+    process that no longer exists here, or it has none) and it holds only data files. .<name>.old-<pid>
+    (runtime.replace_folder): the previous data dir, moved aside while the new one was renamed into place;
+    when its run is gone, put back as `out` if the kill came between the two renames (`out` missing), else
+    removed. Returns the paths handled."""
+    parent = os.path.dirname(os.path.abspath(out))
+    name = re.escape(os.path.basename(os.path.abspath(out)))
+    pattern = re.compile(rf"{name}\.(tmp)-[A-Za-z0-9_]{{8}}|\.{name}\.(old)-(\d+)")
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    handled = []
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if not m or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        files = set(os.listdir(path))
+        alive = _run_alive(path) if m.group(1) else _pid_alive(int(m.group(3)))
+        if not files <= _DATA_FILES | {_PID_FILE} or alive:
+            continue  # not ours, or a run still at work on it
+        if m.group(2) and not os.path.exists(out):
+            os.rename(path, out)
+            print(f"restored {out} from {entry} (a run was killed while replacing it)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a killed run")
+        handled.append(path)
+    return handled
+
+
+def _run_alive(tmp: str) -> bool:
+    """True when the .prepare-pid of a build folder names a live process on this machine."""
+    try:
+        with open(os.path.join(tmp, _PID_FILE)) as f:
+            host, pid = f.read().split()
+    except (OSError, ValueError):
+        return False  # no pid file, or unreadable: the run that made it is gone
+    return host != socket.gethostname() or _pid_alive(int(pid))  # another machine's run: not ours to judge
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when process `pid` exists on this machine (also when it is another user's)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False  # ProcessLookupError: gone
+    return True
+
+
 def prepare(cfg: dict) -> str:
     """Run the pipeline for config `cfg`; returns the data dir."""
     t0 = time.time()
     if cfg["val_permille"] < 0 or cfg["test_permille"] < 0 or cfg["val_permille"] + cfg["test_permille"] >= 1000:
         raise UserError("--val_permille and --test_permille must be >= 0 and sum to less than 1000")
     tok_spec, tok = resolve_tokenizer(cfg)
-    desc, records, total_rows = open_source(cfg)
+    desc, records, total_rows = open_source(cfg["source"], hub_dataset=cfg["hub_dataset"],
+                                            demo_num_books=cfg["demo_num_books"], demo_seed=cfg["demo_seed"],
+                                            demo_words_per_book=cfg["demo_words_per_book"])
     out = cfg["out_dir"] or default_out_dir(cfg, tok_spec, tok)
+    why = PathRule("output", "folder").error(out)  # --out_dir was checked already; the default name is now known
+    if why:
+        raise UserError(f"out_dir {out}: {why}")
+    clean_leftovers(out)
     request = request_of(cfg, desc, tok_spec, tok)
     if check_existing(out, request, cfg["force"]):
         print(f"reusing {out} (same source, options and tokenizer; --force=True rebuilds it)")
@@ -543,8 +439,16 @@ def prepare(cfg: dict) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent)
     try:
+        with open(os.path.join(tmp, _PID_FILE), "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
         meta = _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0)
+        os.remove(os.path.join(tmp, _PID_FILE))
         replace_folder(tmp, out)       # atomically: the old out_dir is removed only after the rename
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
+        raise UserError(f"{what} while writing {e.filename or tmp}; {out} is unchanged"
+                        + (": free some space or choose another --out_dir" if e.errno == errno.ENOSPC else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -571,7 +475,7 @@ def _selected(records, cfg, skipped, rows):
                 reason = "not fiction (metadata)"
         if reason:
             skipped[reason] += 1
-            rows.append({"id": rec["id"], "title": _title(rec["meta"]), "status": reason,
+            rows.append({"id": rec["id"], "title": book_title(rec["meta"]), "status": reason,
                          "report": gutenberg.CleanReport().as_dict(), "note": rec["note"]})
             continue
         if rec["id"] is None:
@@ -603,6 +507,8 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
             for note in (res["note"] or "").split("; "):
                 if note:
                     notes[note] += 1
+            if res["bad_bytes"]:
+                notes[BAD_BYTES_TOTAL] += res["bad_bytes"]
             split = assign_split(res["id"], cfg["val_permille"], cfg["test_permille"])
             split_of[res["id"]] = split
             writer.add(split, res["id"], res["chars"], res.pop("tokens"))

@@ -136,7 +136,9 @@ class PathRule:
             why = (_input_error if self.role == "input" else _output_error)(Path(p), self.kind)
             if why:
                 alt = f" (or one of: {', '.join(self.words)})" if self.words else ""
-                return f"{p}: {why}{alt}" if len(paths) > 1 else f"{why}{alt}"
+                if len(paths) == 1:
+                    return f"{why}{alt}"
+                return f"{p} not found{alt}" if why.startswith("no such") else f"{p}: {why}{alt}"
         return None
 
 

@@ -30,6 +30,18 @@ from mamba_lm.errors import UserError
 NEG_INF = float("-inf")
 
 
+class NonFiniteLogits(UserError):
+    """The model produced NaN / +inf logits (or a row with no finite logit): nothing is sampled from them."""
+
+
+def check_logits(logits, where: str) -> None:
+    """Raise NonFiniteLogits unless every row of `logits` (B, V) is usable: no NaN, no +inf, and at least one
+    finite value (a -inf logit alone is a masked token). One host sync, like the eos check of `generate`."""
+    bad = torch.isnan(logits).any() | torch.isposinf(logits).any() | torch.isneginf(logits).all(-1).any()
+    if bool(bad):
+        raise NonFiniteLogits(f"the model produced non-finite logits (NaN or inf) {where}; nothing was sampled")
+
+
 # ----------------------------------------------------------------------------------------------
 # logits filters; logits: (B, V) float
 
@@ -196,6 +208,9 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature=1.0, top_k=0
     early once every row has. `on_token(t, ids)` is called with each new column ids (B,) (for
     streaming). `vocab_size` defaults to `model.config.vocab_size`; padded logits are never sampled.
     """
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                           num_samples=max(1, prompt_ids.size(0)))
     model.eval()
     device = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
@@ -209,6 +224,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature=1.0, top_k=0
     cache = model.allocate_cache(batch, device=device)
     step = _make_step(model, cache, batch, device, cuda_graph)
     logits = model(prompt_ids, cache=cache)[:, -1]                    # (B, V_padded)
+    check_logits(logits[:, :vocab or logits.size(-1)], "for the prompt")
     if isinstance(step, CUDAGraphStep) and not step.addresses_unchanged():
         warnings.warn("model.forward replaced the cache tensors instead of updating them in place; "
                       "CUDA graph decoding disabled")
@@ -233,6 +249,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature=1.0, top_k=0
             break
         if t + 1 < max_new_tokens:
             logits = step(ids)
+            check_logits(logits[:, :vocab], f"at generated token {t + 2}")
     return out[:, :end]
 
 
@@ -273,6 +290,7 @@ def read_prompts(prompt: str, prompt_file: str = "") -> list[str]:
     """The prompt plus those of `prompt_file` (separated by lines containing only `---`).
 
     Prompt-file entries are stripped of surrounding blank lines; `\\n` in `prompt` becomes a newline.
+    A prompt file that holds no prompt is an error (a wrong or empty file, not "generate nothing").
     """
     prompts = [prompt.replace("\\n", "\n")] if prompt or not prompt_file else []
     if prompt_file:
@@ -292,5 +310,9 @@ def read_prompts(prompt: str, prompt_file: str = "") -> list[str]:
             else:
                 current.append(line)
         entries.append("\n".join(current))
-        prompts += [e.strip("\n") for e in entries if e.strip()]
+        from_file = [e.strip("\n") for e in entries if e.strip()]
+        if not from_file:
+            raise UserError(f"--prompt_file={prompt_file} holds no prompt (it is empty or only blank lines and "
+                            "---); write prompts separated by lines containing only ---")
+        prompts += from_file
     return prompts

@@ -73,7 +73,8 @@ def canonical_sha256(json_text: str) -> str:
 class TextTokenizer:
     """Picklable tokenizer wrapper. kind "hf": a `tokenizers` JSON definition; kind "byte": UTF-8 bytes.
 
-    Attributes: name, kind, vocab_size (incl. added tokens; NeoX 50277), eos_id (NeoX 0, byte 256),
+    Attributes: name, kind, vocab_size (the size of the id space: largest id + 1, added tokens included;
+    NeoX 50277; at least the number of tokens, more when a tokenizer's ids have gaps), eos_id (NeoX 0, byte 256),
     sha256 (see module docstring), json (the tokenizer.json text, or None for "byte").
     """
 
@@ -86,7 +87,8 @@ class TextTokenizer:
             self.vocab_size, self.eos_id, self.sha256 = 257, 256, BYTE_SHA256
             return
         tok = self._backend()
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        ids = tok.get_vocab(with_added_tokens=True).values()   # ids may be sparse: the size is the largest + 1
+        self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         eos = next((tok.token_to_id(t) for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
         if eos is None:
             raise UserError(f"tokenizer {name!r} has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")

@@ -1,6 +1,7 @@
 """Sampling filters, recurrent generation (step == forward, constant memory), generate_text.py CLI."""
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,121 @@ def test_check_sampling_options_accepts_the_edges():
                            max_new_tokens=0, num_samples=1)
     with pytest.raises(UserError, match="min_p"):
         check_sampling_options(min_p=1.5)
+
+
+# ---- broken results are never called good -------------------------------------------------------------------
+class ConstantLogits(torch.nn.Module):
+    """A stand-in model whose logits are `value` at token `bad_at` of generation (0: the prompt forward)."""
+
+    def __init__(self, value, bad_at=0, vocab=11):
+        super().__init__()
+        self.value, self.bad_at, self.vocab, self.calls = value, bad_at, vocab, 0
+
+    def allocate_cache(self, batch, device=None):
+        return object()
+
+    def _logits(self, batch):
+        logits = torch.zeros(batch, self.vocab)
+        if self.calls == self.bad_at:
+            logits[0, 3] = self.value
+        self.calls += 1
+        return logits
+
+    def forward(self, ids, cache=None):
+        return self._logits(ids.size(0))[:, None].expand(-1, ids.size(1), -1)
+
+    def step(self, ids, cache):
+        return self._logits(ids.size(0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad_at", [0, 3])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_are_refused_not_sampled(value, bad_at, temperature):
+    """NaN or +inf logits (from the prompt forward or a later step, greedy or sampled) raise
+    NonFiniteLogits saying where, instead of a crash inside torch.multinomial or a silent argmax."""
+    from mamba_lm.generation import NonFiniteLogits
+    where = "for the prompt" if bad_at == 0 else f"at generated token {bad_at + 1}"
+    with pytest.raises(NonFiniteLogits, match=f"non-finite logits .*{where}"):
+        generate(ConstantLogits(value, bad_at), torch.tensor([[1, 2], [1, 2]]), 8, temperature=temperature,
+                 vocab_size=11)
+
+
+def test_masked_neg_inf_logits_are_fine():
+    """A -inf logit is a masked token, not a broken model: generation goes on and never samples it."""
+    out = generate(ConstantLogits(float("-inf"), bad_at=0), torch.tensor([[1]]), 4, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0), vocab_size=11)
+    assert out.shape == (1, 5) and out[0, 1].item() != 3
+
+
+def test_prompt_file_without_prompts_is_an_error(tmp_path):
+    """An empty prompt file, or one of blank lines and --- only, is a UserError (not a run that samples
+    nothing, nor one that silently falls back to --prompt)."""
+    from mamba_lm.errors import UserError
+    for text in ("", "\n\n", "---\n\n---\n"):
+        (tmp_path / "p.txt").write_text(text)
+        with pytest.raises(UserError, match="holds no prompt"):
+            read_prompts("Hello", str(tmp_path / "p.txt"))
+
+
+def _checkpoint(tmp_path, tiny_model, scale=None, nan=False):
+    from mamba_lm.checkpoint import save_checkpoint
+    from mamba_lm.models import model_config_dict
+    from mamba_lm.tokenizer import load_tokenizer
+
+    model = tiny_model()
+    state = model.state_dict()
+    if scale is not None:  # finite weights whose logits overflow float32: ~scale * scale**0.5 * 0.02
+        state = {k: v * scale if k.endswith("norm_f.weight") else v * scale ** 0.5
+                 if k.endswith(("embedding.weight", "lm_head.weight")) else v for k, v in state.items()}
+    if nan:
+        first = next(k for k in state if k.endswith("mixer.out_proj.weight"))  # not the tied embedding
+        state[first] = state[first].clone().fill_(float("nan"))
+    path = tmp_path / f"ckpt-{scale}-{nan}.pt"
+    save_checkpoint(path, {"model_type": "mamba", "model_config": model_config_dict(model), "model": state,
+                           "optimizer": None, "train_config": {}, "tokenizer": load_tokenizer("byte").to_dict(),
+                           "data": {}, "step": 3, "tokens_seen": 96, "metrics": {}})
+    return path
+
+
+def _generate_text(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "generate_text.py"), "--device=cpu", "--max_new_tokens=4",
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_generate_text_refuses_broken_checkpoints_naming_them(tmp_path, tiny_model):
+    """NaN weights, and finite weights whose logits overflow to inf/NaN: exit 2, one line naming the
+    checkpoint, nothing written to the generations folder."""
+    gen = tmp_path / "gen"
+    for ckpt, message in ((_checkpoint(tmp_path, tiny_model, nan=True), "holds non-finite weights"),
+                          (_checkpoint(tmp_path, tiny_model, scale=1e30), "non-finite logits")):
+        r = _generate_text(f"--ckpt={ckpt}", f"--generations_dir={gen}", "--stream=False")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert lines[-1].startswith("error: ") and str(ckpt) in lines[-1] and message in lines[-1], r.stderr
+        assert not gen.exists()
+
+
+def test_generate_text_fails_before_sampling_when_it_cannot_write(tmp_path, tiny_model):
+    """A generations folder that cannot be written (below a file; read-only when not root) or a read-only
+    day file: exit 2 with one line before the model is loaded or sampled, the day file unchanged."""
+    ckpt = _checkpoint(tmp_path, tiny_model)
+    (tmp_path / "a_file").write_text("x")
+    cases = [(f"--generations_dir={tmp_path / 'a_file' / 'gen'}", "is a file")]
+    if os.geteuid() != 0:  # root writes anywhere: permissions cannot be tested as root
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cases.append((f"--generations_dir={ro / 'gen'}", "permission denied"))
+        day = tmp_path / "day"
+        day.mkdir()
+        import datetime
+        stamp = datetime.datetime.now(datetime.timezone.utc)
+        (day / f"generations_{stamp:%Y%m%d}.md").write_text("# old\n")
+        (day / f"generations_{stamp:%Y%m%d}.md").chmod(0o444)
+        cases.append((f"--generations_dir={day}", "permission denied"))
+    for arg, message in cases:
+        r = _generate_text(f"--ckpt={ckpt}", arg)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+        assert "sampling" not in r.stderr and r.stdout == ""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import prepare_data
+from mamba_lm import sources
 from mamba_lm.data import (TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta,
                              num_sequences)
 from mamba_lm.demo_corpus import generate_books
@@ -228,7 +230,7 @@ def test_bad_books_are_skipped_and_counted(tmp_path):
 
 
 def test_jsonl_and_txt_folder_sources(tmp_path):
-    """jsonl files and folders of raw .txt books (utf-8, or latin-1 with a counted note) both work."""
+    """jsonl files and folders of raw .txt books (utf-8, or latin-1 read byte by byte, counted) both work."""
     bodies = demo_bodies(4, seed=4)
     with open(tmp_path / "books.jsonl", "w", encoding="utf-8") as f:
         for i, t in enumerate(bodies):
@@ -246,12 +248,13 @@ def test_jsonl_and_txt_folder_sources(tmp_path):
     meta = load_meta(run(tmp_path, f"--source={txt}", name="t"))
     ids = sorted(i for s in ("train", "val", "test") for i in meta["splits"][s]["book_ids"])
     assert ids == [300, 301, 302, 303]
-    assert "decoded as latin-1" in open(tmp_path / "t" / "report.md", encoding="utf-8").read()
+    assert "invalid UTF-8 bytes read as cp1252" in open(tmp_path / "t" / "report.md", encoding="utf-8").read()
+    assert meta["notes"] == {"invalid UTF-8 bytes read as cp1252": 1, prepare_data.BAD_BYTES_TOTAL: 3}
 
 
 def test_undecodable_bytes_are_kept_with_a_counted_note(tmp_path):
     """Non-UTF-8 bytes (a binary TEXT column, a jsonl line with invalid bytes) never vanish silently:
-    the book is decoded (latin-1 / U+FFFD), kept, and counted in meta.json's "notes" and report.md."""
+    the book is decoded (each bad byte as cp1252), kept, and counted in meta.json's "notes" and report.md."""
     rows = pg_rows(4)
     latin = pg_file(demo_bodies(1, seed=11)[0] + " Café déjà vu.", 150).encode("latin-1")
     table = pa.table({"TEXT": pa.array([r["TEXT"].encode() for r in rows] + [latin], pa.binary()),
@@ -259,7 +262,7 @@ def test_undecodable_bytes_are_kept_with_a_counted_note(tmp_path):
     pq.write_table(table, tmp_path / "b.parquet")
     meta = load_meta(run(tmp_path, f"--source={tmp_path / 'b.parquet'}", name="b"))
     assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 5 and meta["skipped"] == {}
-    assert meta["notes"] == {"not UTF-8: decoded as latin-1": 1}
+    assert meta["notes"] == {"invalid UTF-8 bytes read as cp1252": 1, prepare_data.BAD_BYTES_TOTAL: 3}
     split = next(s for s in ("train", "val", "test") if 150 in meta["splits"][s]["book_ids"])
     ts = TokenSplit(tmp_path / "b", split)
     _, start, n = next(sp for sp in ts.book_spans() if sp[0] == 150)
@@ -271,7 +274,7 @@ def test_undecodable_bytes_are_kept_with_a_counted_note(tmp_path):
                 .encode().replace(b" XY", b" \xff\xfe") + b"\n")
     meta = load_meta(run(tmp_path, f"--source={tmp_path / 'j.jsonl'}", name="j"))
     assert sum(meta["splits"][s]["books"] for s in ("train", "val", "test")) == 4
-    assert meta["notes"] == {"invalid UTF-8 bytes replaced by U+FFFD": 1}
+    assert meta["notes"] == {"invalid UTF-8 bytes read as cp1252": 1, prepare_data.BAD_BYTES_TOTAL: 2}
     assert "Kept with a note: invalid UTF-8" in open(tmp_path / "j" / "report.md", encoding="utf-8").read()
 
 
@@ -323,7 +326,7 @@ def test_hub_offline_is_user_error(tmp_path, monkeypatch):
     """--source=hub without network: one-line UserError that says how to pass a local path."""
     def offline(dataset_id):
         raise ConnectionError("no network")
-    monkeypatch.setattr(prepare_data, "_load_hub_stream", offline)
+    monkeypatch.setattr(sources, "load_hub_stream", offline)
     with pytest.raises(UserError, match="--source=") as e:
         prepare_data.prepare({**defaults(), "source": "hub", "tokenizer": "byte", "out_dir": str(tmp_path / "o")})
     assert "\n" not in str(e.value)
@@ -402,3 +405,127 @@ def test_report_rows_stay_one_line_for_multiline_titles(tmp_path):
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "| 9 | Premier |  | non-English (metadata) |" in report
     assert not any(line.startswith("Second") for line in report.splitlines())
+
+
+# ---- bad bytes, sparse ids, leftovers of killed runs, full disk ------------------------------------------
+def test_decode_text_keeps_valid_utf8_and_counts_bad_bytes():
+    """Valid UTF-8 stays as it is around a few bad bytes; each bad byte is read alone (cp1252) and counted."""
+    raw = "Café “déjà” vu — naïve. ".encode("utf-8") + b"\x92bad\xff" + "Ça va.".encode("utf-8")
+    text, bad = sources.decode_text(raw)
+    assert text == "Café “déjà” vu — naïve. ’badÿÇa va." and bad == 2
+    assert sources.decode_text("plain é".encode("utf-8")) == ("plain é", 0)
+    assert sources.decode_text("latin-1 é à".encode("latin-1")) == ("latin-1 é à", 2)
+    assert sources.decode_text(b"\xe2\x80 cut")[0].endswith(" cut")
+
+
+def test_partial_utf8_book_keeps_its_utf8_text_in_every_reader(tmp_path):
+    """A book that is UTF-8 except for a few bad bytes keeps all its valid text (é, curly quotes) in the .txt,
+    parquet (binary TEXT) and jsonl readers; only the bad bytes change, and meta.json counts them."""
+    body = demo_bodies(1, seed=21)[0] + " Café “déjà” vu, naïve. "
+    raw = pg_file(body, 180).encode("utf-8").replace("naïve".encode(), b"na\xefve \x9d")
+    good = [pg_file(t, 181 + i).encode("utf-8") for i, t in enumerate(demo_bodies(3, seed=22))]
+    (tmp_path / "txt").mkdir()
+    for i, data in enumerate([raw, *good]):
+        (tmp_path / "txt" / f"pg{180 + i}.txt").write_bytes(data)
+    meta_of = lambda i: json.dumps({"text_id": 180 + i, "language": "en"})  # noqa: E731
+    pq.write_table(pa.table({"TEXT": pa.array([raw, *good], pa.binary()),
+                             "METADATA": [meta_of(i) for i in range(4)]}), tmp_path / "b.parquet")
+    with open(tmp_path / "j.jsonl", "wb") as f:
+        for i, text in enumerate([pg_file(body, 180), *(g.decode() for g in good)]):
+            line = json.dumps({"TEXT": text, "METADATA": meta_of(i)}, ensure_ascii=False).encode("utf-8")
+            f.write(line.replace("naïve".encode(), b"na\xefve \x9d") + b"\n")  # the same bytes in a JSON string
+    for name, src in (("t", tmp_path / "txt"), ("p", tmp_path / "b.parquet"), ("j", tmp_path / "j.jsonl")):
+        meta = load_meta(run(tmp_path, f"--source={src}", name=name))
+        assert meta["notes"] == {"invalid UTF-8 bytes read as cp1252": 1, prepare_data.BAD_BYTES_TOTAL: 2}, name
+        split = next(s for s in ("train", "val", "test") if 180 in meta["splits"][s]["book_ids"])
+        ts = TokenSplit(tmp_path / name, split)
+        _, start, n = next(sp for sp in ts.book_spans() if sp[0] == 180)
+        text = load_tokenizer("byte").decode(ts.tokens[start:start + n])
+        assert "Café “déjà” vu, naïve \x9d." in text, name
+        assert "(2 bytes)" in (tmp_path / name / "report.md").read_text(encoding="utf-8")
+
+
+def test_sparse_id_tokenizer_refused_before_writing(tmp_path, monkeypatch):
+    """A tokenizer with only 3 tokens but an id of 70,000 (uint16 cannot hold it) is refused by its ids,
+    before any folder is created (it used to pass the count check and crash while writing the .bin)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mamba_lm.tokenizer import TextTokenizer
+    wl = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "the": 70000}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "sparse.json").write_text(wl.to_str())
+    assert TextTokenizer("sparse", "hf", wl.to_str()).vocab_size == 70001
+    write_parquet(tmp_path / "a.parquet", pg_rows(3))
+    with pytest.raises(UserError, match="ids up to 70,000"):
+        prepare_data.prepare({**defaults(), "source": str(tmp_path / "a.parquet"),
+                              "tokenizer": str(tmp_path / "sparse.json"), "out_dir": str(tmp_path / "o")})
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "sparse.json"]
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_up_and_nothing_else(tmp_path):
+    """What a SIGKILL leaves beside out_dir (build folders of dead runs, the moved-aside old data dir) is
+    removed by the next run on the same out_dir; a live run's build folder, other runs' leftovers, a
+    look-alike folder with foreign files and unrelated files stay untouched."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    run(tmp_path, src)
+    dead = tmp_path / "out.tmp-dead1234"
+    dead.mkdir()
+    (dead / "train.bin").write_bytes(b"\0" * 10)
+    (dead / ".prepare-pid").write_text(f"{socket.gethostname()} {2 ** 22 + 12345}\n")  # no such process
+    nopid = tmp_path / "out.tmp-nopid123"
+    nopid.mkdir()
+    (nopid / "meta.json").write_text("{")
+    old = tmp_path / ".out.old-4194999"  # runtime.replace_folder's name, of a pid that does not exist
+    old.mkdir()
+    (old / "val.bin").write_bytes(b"\1\0")
+    live = tmp_path / "out.tmp-live1234"
+    live.mkdir()
+    (live / ".prepare-pid").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    foreign = tmp_path / "out.tmp-foreign1"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    other = tmp_path / "other.tmp-dead1234"
+    other.mkdir()
+    (tmp_path / "out.tmp-file1234").write_text("a file")
+    run(tmp_path, src)  # reuses out, and cleans up first
+    assert not dead.exists() and not nopid.exists() and not old.exists()
+    assert live.is_dir() and (foreign / "notes.txt").read_text() == "mine" and other.is_dir()
+    assert (tmp_path / "out.tmp-file1234").read_text() == "a file"
+    assert load_meta(tmp_path / "out")["splits"]["train"]["books"] >= 1
+
+
+def test_kill_between_the_two_renames_restores_the_old_data(tmp_path):
+    """Killed after out_dir was moved aside and before the new one took its place: the next run puts the
+    old data dir back (then reuses it), instead of deleting the only copy."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    run(tmp_path, src)
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+    os.rename(tmp_path / "out", tmp_path / ".out.old-4194998")
+    run(tmp_path, src)
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "out"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    """ENOSPC while writing a .bin: 'no space left on device while writing <path>', no tmp folder left,
+    an existing out_dir unchanged."""
+    write_parquet(tmp_path / "a.parquet", pg_rows(4))
+    src = f"--source={tmp_path / 'a.parquet'}"
+    run(tmp_path, src)
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+    real_init = prepare_data.SplitWriter.__init__
+
+    def full_train_bin(self, tmp_dir):
+        real_init(self, tmp_dir)
+        self.files["train"].close()
+        self.files["train"] = open("/dev/full", "wb", buffering=0)
+    monkeypatch.setattr(prepare_data.SplitWriter, "__init__", full_train_bin)
+    with pytest.raises(UserError, match="no space left on device while writing /dev/full") as e:
+        prepare_data.prepare({**defaults(), "source": str(tmp_path / "a.parquet"), "tokenizer": "byte",
+                              "seq_len": 64, "min_chars": 500, "force": True, "out_dir": str(tmp_path / "out")})
+    assert "unchanged" in str(e.value) and "\n" not in str(e.value)
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "out"]

@@ -88,3 +88,17 @@ def test_unknown_kind_rejected():
     """Only 'hf' and 'byte' kinds exist."""
     with pytest.raises(UserError):
         TextTokenizer("x", "sentencepiece")
+
+
+def test_vocab_size_is_the_id_space_not_the_token_count():
+    """A tokenizer with 3 tokens whose ids are 0, 1 and 70,000 has vocab_size 70,001 (largest id + 1), so
+    every check against vocab_size (uint16 .bin files, embedding rows) sees its real ids; dense tokenizers
+    keep their count (byte 257, BPE <= its target)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    wl = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "the": 70000}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert wl.get_vocab_size(with_added_tokens=True) == 3
+    tok = TextTokenizer("sparse", "hf", wl.to_str())
+    assert tok.vocab_size == 70001 and max(tok.encode("the the x")) == 70000
+    assert tokenizer_from_dict(tok.to_dict()).vocab_size == 70001
