@@ -35,6 +35,7 @@ Stages and their resume cache: mamba_lm/evaluation.py; the report: mamba_lm/eval
 definitions: mamba_lm/metrics.py and mamba_lm/longrange.py.
 """
 
+import math
 import os
 import sys
 import time
@@ -232,6 +233,9 @@ def main() -> None:
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if not any(not r.get("skipped") for res in results.values() for r in res.values()):
+        raise UserError("no stage produced a result for any checkpoint (" + "; ".join(notes)[:400]
+                        + "); no report written")
     pngs = R.write_plots(results, out_md, split)
     infos_json = {n: {k: v for k, v in i.to_dict().items() if k not in ("train_config", "model_config", "source_config")}
                   for n, i in infos.items()}
@@ -272,6 +276,11 @@ def evaluate_checkpoint(name, path, model, tokenizer, data, meta, dev, chosen, L
         except (UserError, ImportError) as e:
             notes.append(f"{name}: stage {stage} skipped: {e}")
             print(f"   {stage}: skipped ({e})")
+            continue
+        broken = [k for k in ("loss", "carried_beyond", "accuracy") if not math.isfinite(res.get(k, 0.0))]
+        if broken:                                          # never report (or cache) a NaN as a result
+            notes.append(f"{name}: stage {stage} skipped: non-finite {broken[0]} (NaN or inf): broken weights")
+            print(f"   {stage}: skipped (non-finite {broken[0]})")
             continue
         res["seconds"] = round(time.time() - t0, 2)
         if res.get("skipped"):

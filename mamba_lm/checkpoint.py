@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mamba_lm.errors import UserError
+from mamba_lm.errors import UserError, unpickling_refused
 from mamba_lm.models import build_model
 from mamba_lm.runtime import atomic_torch_save
 
@@ -53,6 +53,10 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, pickle with foreign objects, not a torch file at all
+        refused = unpickling_refused(e)
+        if refused:
+            raise UserError(f"cannot read checkpoint {path}: {refused}; load only checkpoints written by this "
+                            "repository (plain tensors and containers)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a mamba-narrative checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 
@@ -18,3 +19,15 @@ def user_errors():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def unpickling_refused(e: BaseException) -> str | None:
+    """Why `torch.load(..., weights_only=True)` refused a file, in words for a one-line error (None when
+    `e` is another failure). Replaces torch's several-line advice to pass weights_only=False."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    example = f" (e.g. {found.group(1)})" if found else ""
+    return (f"it holds objects that are not plain tensors{example}, and they will not be unpickled "
+            "(unpickling them could run code from the file)")

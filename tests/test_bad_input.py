@@ -185,3 +185,69 @@ def test_real_command_line_refuses(script, workspace):
                        cwd=cwd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"error: --{key}=")
+
+
+# ---- refused unpickling -----------------------------------------------------------------------------------
+class _RunsCode:
+    """An object whose unpickling would run code (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_refused_torch_load_explains_in_one_line(tmp_path):
+    """A .pt / pytorch_model.bin holding non-tensor objects: a one-line UserError saying the file holds
+    objects that are not plain tensors and will not be unpickled (not torch's advice to pass
+    weights_only=False), naming the file; the object's code never runs."""
+    import torch
+
+    from mamba_lm.checkpoint import load_checkpoint
+    from mamba_lm.errors import UserError
+    from mamba_lm.interop import load_weight_file
+
+    marker = tmp_path / "marker.txt"
+    for name, load in (("ckpt.pt", load_checkpoint), ("pytorch_model.bin", load_weight_file)):
+        path = tmp_path / name
+        torch.save({"format": "mamba-narrative-ckpt/1", "model": {"w": torch.zeros(2)}, "x": _RunsCode(marker)}, path)
+        with pytest.raises(UserError) as e:
+            load(path)
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message, message
+        assert "not plain tensors" in message and "will not be unpickled" in message
+        assert "weights_only" not in message and "add_safe_globals" not in message
+        assert not marker.exists()
+
+
+# ---- evaluate.py: no result is an error, a NaN is no result ---------------------------------------------------
+def test_evaluate_without_any_result_exits_nonzero(tmp_path, demo_data_dir):
+    """A checkpoint with NaN weights (loss stage: non-finite loss) and a stage that has nothing to score
+    (generation on books shorter than prompt + continuation): no report is written and evaluate.py
+    exits 2 with one line, instead of a report of NaNs or of skips that looks like a success."""
+    import torch
+
+    from mamba_lm.checkpoint import save_checkpoint
+    from mamba_lm.mamba import mamba_config
+    from mamba_lm.models import build_model, model_config_dict
+    from mamba_lm.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model("mamba", mamba_config("tiny", vocab_size=257, d_model=16, n_layer=1, d_state=4))
+    state = {k: (v.clone().fill_(float("nan")) if k.endswith("out_proj.weight") else v)
+             for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "nan.pt"
+    save_checkpoint(ckpt, {"model_type": "mamba", "model_config": model_config_dict(model), "model": state,
+                           "optimizer": None, "train_config": {}, "tokenizer": load_tokenizer("byte").to_dict(),
+                           "data": {}, "step": 1, "tokens_seen": 32, "metrics": {}})
+    common = [str(ROOT / "evaluate.py"), f"--ckpts={ckpt}", f"--data_dir={demo_data_dir}", "--device=cpu",
+              f"--state_dir={tmp_path / 'state'}", "--max_sequences=4", "--prompt_tokens=100000"]
+    out = tmp_path / "eval.md"
+    r = subprocess.run([sys.executable, *common, "--stages=loss,generation", f"--out={out}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[-1].startswith("error: no stage produced a result"), lines[-1]
+    assert "non-finite loss" in lines[-1] and "has 100256 tokens" in lines[-1], lines[-1]
+    assert not out.exists() and not out.with_suffix(".json").exists()
