@@ -43,6 +43,10 @@ def check_destination(dest: Path) -> None:
     """Refuse a non-empty destination unless --overwrite=True (nothing is touched before this passes)."""
     if dest.is_file():
         raise UserError(f"--out={dest} is a file; pass a folder path")
+    source = Path(ckpt).resolve()
+    if dest.resolve() == source or dest.resolve() in source.parents:
+        raise UserError(f"--out={dest} holds the checkpoint it would export (--ckpt={ckpt}); replacing it would "
+                        "delete the source: choose another --out")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise UserError(f"--out={dest} exists and is not empty; pass --overwrite=True to replace it, "
                         f"or choose another --out")

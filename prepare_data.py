@@ -11,18 +11,21 @@ Sources (--source=):
   PATH     a .parquet or .jsonl file, or a folder of them, with the columns TEXT, SOURCE, METADATA (a JSON
            string: title, authors, text_id, language, subjects, locc, bookshelves); parquet is read row
            group by row group with pyarrow. Or a folder of raw Gutenberg .txt books (id from the header's
-           "[EBook #N]" / "[Etext #N]" or from the file name; utf-8, else latin-1, counted).
-Pipeline: select (English, not seen before by Gutenberg id, optionally fiction) -> clean (multitrack/
+           "[EBook #N]" / "[Etext #N]" or from the file name). The readers live in mamba_lm/sources.py.
+Pipeline: select (English, not seen before by Gutenberg id, optionally fiction) -> clean (mamba_lm/
 gutenberg.py: header/footer, credits, illustrations, transcriber's notes, unwrap) -> drop duplicates by
 sha256 of the cleaned text and books under `min_chars` -> tokenize on all cores, eos after each book ->
 split BY BOOK: sha256(str(book_id)) mod 1000 < val_permille -> val, < val_permille + test_permille ->
 test, else train (if val or test gets no book, the train books with the smallest hashes move there) ->
 train.bin / val.bin / test.bin (uint16), meta.json, tokenizer.json, report.md, written atomically.
 Re-running with the same source, options and tokenizer reuses the result; other options need --force=True.
-An interrupted run (Ctrl-C, SIGTERM, an error) removes its tmp dir and leaves out_dir as it was.
+An interrupted run (Ctrl-C, SIGTERM, an error) removes its tmp dir and leaves out_dir as it was; what a
+SIGKILL leaves beside out_dir (<name>.tmp-*, <name>.old-*) is removed, or put back, by the next run on it.
+A full disk is one line naming the file; out_dir is unchanged.
 Bad input: missing TEXT column -> error; empty / too short / non-English / duplicate books -> counted skips
-(meta.json "skipped", report.md); non-UTF-8 bytes -> decoded (latin-1, or U+FFFD inside jsonl) and counted
-(meta.json "notes"); books without header/footer markers are kept by the rule in mamba_lm/gutenberg.py
+(meta.json "skipped", report.md); bytes that are not UTF-8 -> each read alone as cp1252, the valid UTF-8
+around them kept, counted per book and in total (meta.json "notes", report.md); a tokenizer whose ids do
+not fit uint16 -> error before anything is written; books without header/footer markers are kept by the rule in mamba_lm/gutenberg.py
 and counted (meta.json "cleaning": head/tail found by marker, precleaned or heuristic).
 
 Expected output on the shared corpus (2-core CPU shared with other jobs, see bench/results/prepare_cpu.md):
@@ -304,6 +307,9 @@ def resolve_tokenizer(cfg):
     if spec == "auto":
         spec = "demo-bpe" if cfg["source"] == "demo" else _NEOX_NAME
     if spec.startswith("demo-bpe"):
+        if spec not in ("demo-bpe", f"demo-bpe-{cfg['demo_vocab_size']}"):
+            raise UserError(f"--tokenizer={spec}: the demo BPE is named demo-bpe; set its size with "
+                            f"--demo_vocab_size (now {cfg['demo_vocab_size']})")
         return f"demo-bpe-{cfg['demo_vocab_size']}", None
     tok = load_tokenizer(spec)
     check_vocab(tok)

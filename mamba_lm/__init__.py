@@ -9,6 +9,7 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; 
     tokenizer      tokenizer loading (hub id, local tokenizer.json, byte-level, demo BPE)
     gutenberg      Project Gutenberg header/footer stripping and text cleaning
     demo_corpus    procedural story generator: the offline demo corpus and long-range recall probe
+    sources        book sources of prepare_data.py: hub, demo, parquet / jsonl / .txt readers, decoding
     data           uint16 memmap datasets, batching, epoch order, data fingerprints
     streams        book streams for stateful training: each batch row reads whole books, window after window
     mamba          the baseline Mamba LM (parameter names match mamba-ssm's MambaLMHeadModel)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mamba_lm.errors import UserError, unpickling_refused
+from mamba_lm.errors import UserError, torch_load_problem, unpickling_refused
 from mamba_lm.models import build_model
 from mamba_lm.runtime import atomic_torch_save
 
@@ -57,8 +57,8 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
         if refused:
             raise UserError(f"cannot read checkpoint {path}: {refused}; load only checkpoints written by this "
                             "repository (plain tensors and containers)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a mamba-narrative checkpoint")
+        raise UserError(f"cannot read checkpoint {path} ({torch_load_problem(e)}); it is corrupt or not a "
+                        "mamba-narrative checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a mamba-narrative checkpoint (format {found!r}, expected {FORMAT!r})")

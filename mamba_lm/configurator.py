@@ -100,9 +100,11 @@ class Range:
 
     def describe(self) -> str:
         """'>= 1', '> 0', 'in [0, 1)'."""
-        inner = self.text.strip("[]()")
-        return f"in {self.text}" if "," in inner else inner.replace(">=", ">= ").replace("<=", "<= ") \
-            if "=" in inner else inner.replace(">", "> ").replace("<", "< ")
+        if "," in self.text:
+            return f"in {self.text}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
 
     def invalid_examples(self, default) -> list:
         """Values just outside the range, of the default's type (tests generate their cases from these)."""
@@ -159,8 +161,8 @@ def _output_error(p: Path, kind: str) -> str | None:
     if kind == "folder":
         cwd = Path.cwd().resolve()
         if target == cwd or target in cwd.parents:
-            return ("is the working directory or one of its parents; scripts replace what they own in their "
-                    "output folder: give it a folder of its own, e.g. out/run1")
+            return ("is the working directory or one of its parents; scripts create, replace and clean up files "
+                    "in their output folder: give it a folder of its own, e.g. out/run1")
         if p.exists() and not p.is_dir():
             return "is a file, expected a folder"
     elif p.is_dir():

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_lm.errors import UserError, unpickling_refused
+from mamba_lm.errors import UserError, torch_load_problem, unpickling_refused
 from mamba_lm.mamba import MambaConfig, MambaLMHeadModel
 from mamba_lm.runtime import count_params
 from mamba_lm.tokenizer import bytes_to_unicode, canonical_sha256, load_tokenizer, tokenizer_from_dict
@@ -159,7 +159,7 @@ def load_weight_file(path) -> dict:
         if refused:
             raise UserError(f"cannot read {path}: {refused}; use the folder's model.safetensors, or a "
                             "pytorch_model.bin that holds only tensors") from None
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); {fix}") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {torch_load_problem(e, first_line)}); {fix}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and "format" in state:
         raise UserError(f"{path} is a repo checkpoint, not a bare state dict; pass the .pt file itself")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

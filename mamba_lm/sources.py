@@ -26,6 +26,7 @@ import threading
 
 from mamba_lm import demo_corpus, gutenberg
 from mamba_lm.errors import UserError
+from mamba_lm.tokenizer import hub_reachable
 
 FICTION_WORDS = ("fiction", "drama", "stories", "story", "tales", "novel", "romance", "fairy", "comedies",
                  "tragedies", "fables", "legends", "folklore", "plays")
@@ -132,7 +133,7 @@ def source_files(path: str) -> list[str]:
 
 def parquet_columns(path):
     """(pyarrow ParquetFile, the columns to read); UserError for an unreadable file or no TEXT column."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency: only parquet sources need it
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
@@ -198,7 +199,6 @@ def count_rows(files) -> int:
 
 def load_hub_stream(dataset_id: str):
     """Streaming iterator over the hub dataset's train split (tests monkeypatch this)."""
-    from mamba_lm.tokenizer import hub_reachable
     if not hub_reachable():
         raise ConnectionError("huggingface.co is not reachable")
     from datasets import load_dataset  # optional dependency: only --source=hub needs it

@@ -86,7 +86,11 @@ class TextTokenizer:
         if kind == "byte":
             self.vocab_size, self.eos_id, self.sha256 = 257, 256, BYTE_SHA256
             return
-        tok = self._backend()
+        try:
+            tok = self._backend()
+        except Exception as e:  # the tokenizers library raises a bare Exception for a JSON that is no tokenizer
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"tokenizer {name!r} is not a tokenizer.json of the `tokenizers` library ({first})") from None
         ids = tok.get_vocab(with_added_tokens=True).values()   # ids may be sparse: the size is the largest + 1
         self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         eos = next((tok.token_to_id(t) for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)

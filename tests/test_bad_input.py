@@ -219,6 +219,10 @@ def test_refused_torch_load_explains_in_one_line(tmp_path):
         assert "not plain tensors" in message and "will not be unpickled" in message
         assert "weights_only" not in message and "add_safe_globals" not in message
         assert not marker.exists()
+        (tmp_path / f"junk-{name}").write_bytes(b"not a torch file at all")   # corrupt, not refused
+        with pytest.raises(UserError) as e:
+            load(tmp_path / f"junk-{name}")
+        assert "unreadable pickle data" in str(e.value) and "weights_only" not in str(e.value)
 
 
 # ---- evaluate.py: no result is an error, a NaN is no result ---------------------------------------------------
@@ -251,3 +255,16 @@ def test_evaluate_without_any_result_exits_nonzero(tmp_path, demo_data_dir):
     assert lines[-1].startswith("error: no stage produced a result"), lines[-1]
     assert "non-finite loss" in lines[-1] and "has 100256 tokens" in lines[-1], lines[-1]
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_export_refuses_to_replace_the_folder_it_reads(tmp_path):
+    """export.py --overwrite=True with --out equal to (or above) the folder of --ckpt: exit 2 before
+    loading anything, the source untouched."""
+    src = tmp_path / "exports" / "model"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    for out in (src, src.parent):
+        r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--ckpt={src}", f"--out={out}",
+                            "--overwrite=True"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "would delete the source" in r.stderr and len(r.stderr.splitlines()) == 1
+        assert (src / "config.json").read_text() == "{}"

@@ -22,7 +22,7 @@ LAYERS = {
     "mamba_lm": 0,
     "mamba_lm.errors": 0, "mamba_lm.runtime": 0, "mamba_lm.configurator": 0,
     "mamba_lm.ops": 1, "mamba_lm.tokenizer": 1, "mamba_lm.gutenberg": 1, "mamba_lm.demo_corpus": 1,
-    "mamba_lm.data": 2, "mamba_lm.streams": 2, "mamba_lm.mamba": 2, "mamba_lm.stateful": 2, "mamba_lm.metrics": 2, "mamba_lm.longrange": 2, "mamba_lm.report": 2,
+    "mamba_lm.sources": 2, "mamba_lm.data": 2, "mamba_lm.streams": 2, "mamba_lm.mamba": 2, "mamba_lm.stateful": 2, "mamba_lm.metrics": 2, "mamba_lm.longrange": 2, "mamba_lm.report": 2,
     "mamba_lm.generation": 2,
     "mamba_lm.models": 3,
     "multitrack": 4, "multitrack.multitrack_config": 4, "multitrack.narrative": 4, "multitrack.router": 4,

@@ -102,3 +102,13 @@ def test_vocab_size_is_the_id_space_not_the_token_count():
     tok = TextTokenizer("sparse", "hf", wl.to_str())
     assert tok.vocab_size == 70001 and max(tok.encode("the the x")) == 70000
     assert tokenizer_from_dict(tok.to_dict()).vocab_size == 70001
+
+
+def test_json_that_is_no_tokenizer_is_a_user_error(tmp_path):
+    """A readable JSON file that is not a tokenizers definition ({} or a list) is a one-line UserError
+    naming it, not the library's bare Exception with a traceback."""
+    for text in ("{}", "[1, 2]"):
+        (tmp_path / "t.json").write_text(text)
+        with pytest.raises(UserError, match="is not a tokenizer.json") as e:
+            load_tokenizer(str(tmp_path / "t.json"))
+        assert "\n" not in str(e.value)
