@@ -206,7 +206,7 @@ def test_refused_torch_load_explains_in_one_line(tmp_path):
 
     from mamba_lm.checkpoint import load_checkpoint
     from mamba_lm.errors import UserError
-    from mamba_lm.interop import load_weight_file
+    from mamba_lm.convert import load_weight_file
 
     marker = tmp_path / "marker.txt"
     for name, load in (("ckpt.pt", load_checkpoint), ("pytorch_model.bin", load_weight_file)):
