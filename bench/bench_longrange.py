@@ -34,13 +34,13 @@ from mamba_lm.models import build_model
 from mamba_lm.tokenizer import tokenizer_from_dict
 
 # ----------------------------------------------------------------------------------------------
-data_dir = "data/gutenberg-neox"  # prepared data dir (prepare_data.py)
+data_dir = "data/gutenberg-neox"  # prepared data dir (prepare_data.py) [input folder]
 split = "test"                  # split whose books are read
 preset = "mamba-130m"           # mamba_lm.mamba.PRESETS key (random init)
-books = 8                       # books read (the split's first ones)
+books = 8                       # books read (the split's first ones) [>=1]
 caps = "16384,65536,0"          # tokens per book at each row (0 = whole books)
-window = 1024                   # window of the reset control (the training length)
-book_batch_size = 4             # books per forward in the longrange stage
+window = 1024                   # window of the reset control (the training length) [>=1]
+book_batch_size = 4             # books per forward in the longrange stage [>=1]
 device = "cuda"                 # cuda | cpu
 dtype = "bfloat16"              # bfloat16 | float32 (autocast)
 # ----------------------------------------------------------------------------------------------
