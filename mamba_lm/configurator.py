@@ -370,7 +370,8 @@ def check_declared(namespace: dict, values: dict, script: str | None = None, giv
             value = values[key]
             shown = given.get(key, value if isinstance(value, str) else repr(value))
             what = decl.comment.removesuffix(decl.rule.text).strip()
-            hint = f" ({what})" if what and isinstance(decl.rule, Range) else ""
+            says_what = isinstance(decl.rule, Range) or (decl.rule.role == "input" and "no such" in why)
+            hint = f" ({what})" if what and says_what else ""  # e.g. "prepared by prepare_data.py"
             raise ConfigError(f"--{key}={shown}: {why}{hint}")
 
 
