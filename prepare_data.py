@@ -595,7 +595,7 @@ def main(argv=None) -> str:
     """Run with `--key=value` overrides of the constants above (tests call this; the CLI goes through it too)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so a killed run removes its tmp dir too
     namespace = {k: globals()[k] for k in config_keys(globals())} | {"__file__": __file__, "__doc__": __doc__}
-    cfg = apply_overrides(namespace, sys.argv[1:] if argv is None else argv)
+    cfg = apply_overrides(namespace, sys.argv[1:] if argv is None else argv, check=True)  # main() is the CLI
     with user_errors():
         try:
             return prepare(cfg)

@@ -33,9 +33,9 @@ Numbers: `[>=a]`, `[>a]`, `[<=b]`, `[<b]`, or an interval `[a, b]`, `(a, b]`, `[
 exist yet) that can be written (its nearest existing parent, when it does not exist yet) and is
 neither the working directory nor one of its parents (scripts replace what they own in it);
 `[output file]` must not be a folder, and its folder must be writable. `, or w1 | w2` lists words
-accepted instead of a path; "" always means "not given" and is not checked as a path. Input paths
-are checked for the defaults too when the script runs as `__main__` (a module imported by a test
-or a benchmark checks only what it is given).
+accepted instead of a path; "" always means "not given" and is not checked as a path. The checks
+run when the script runs as a program (`__main__`, or `check=True`); a module imported by a test or
+a benchmark only parses its overrides (its own checks still apply where it uses the values).
 
 The returned dict is a snapshot of every configurable constant after the overrides: the
 config that is saved in checkpoints and sample files.
@@ -348,22 +348,17 @@ def _parse_args(namespace: dict, argv: list[str]) -> dict:
 
 def check_declared(namespace: dict, values: dict, script: str | None = None, given: dict | None = None) -> None:
     """Check `values` against the ranges declared in the script's source; ConfigError on the first bad one
-    (the keys given on the command line first, then the defaults).
-
-    given: {key: raw text} of the command line; paths of the other keys (defaults) are checked only
-    when the script runs as `__main__` (None: check every path)."""
+    (the keys given on the command line first, then the defaults). given: {key: raw text} of the
+    command line, shown in the message."""
     path = _script_path(namespace, script)
     if not path:
         return
-    check_defaults = given is None or namespace.get("__name__") == "__main__"
     decls = read_declarations(path)
     given = given or {}
     order = [k for k in given if k in decls] + [k for k in decls if k not in given]
     for key in order:
         decl = decls[key]
         if key not in values or decl.rule is None:
-            continue
-        if isinstance(decl.rule, PathRule) and key not in given and not check_defaults:
             continue
         why = decl.rule.error(values[key])
         if why:
@@ -376,13 +371,15 @@ def check_declared(namespace: dict, values: dict, script: str | None = None, giv
 
 
 def apply_overrides(namespace: dict, argv: list[str] | None = None, exit_on_error: bool = True,
-                    script: str | None = None) -> dict:
+                    script: str | None = None, check: bool | None = None) -> dict:
     """Apply `--key=value` overrides to `namespace` (a script's `globals()`) and return the config.
 
-    Checks every value against the range declared in the script (`script`, default the namespace's
-    `__file__`) before anything is applied. `--help` / `-h` prints the script's hyperparameters and
-    exits 0. On a bad argument: prints one line to stderr and exits with status 2 (scripts), or raises
-    `ConfigError` when `exit_on_error=False` (tests).
+    check: whether to check every value against the range declared in the script (`script`, default
+    the namespace's `__file__`) before anything is applied; None (default): when the script runs as a
+    program (`__name__ == "__main__"`), not when a test or a benchmark imports it as a module (those
+    meet the script's own checks, and may import it without its default paths existing).
+    `--help` / `-h` prints the script's hyperparameters and exits 0. On a bad argument: prints one
+    line to stderr and exits with status 2 (scripts), or raises `ConfigError` when `exit_on_error=False`.
     """
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h") for a in argv):
@@ -395,7 +392,8 @@ def apply_overrides(namespace: dict, argv: list[str] | None = None, exit_on_erro
         parsed = _parse_args(namespace, argv)
         overrides = {k: v for k, (v, _) in parsed.items()}
         values = {k: overrides.get(k, namespace[k]) for k in config_keys(namespace)}
-        check_declared(namespace, values, script, given={k: raw for k, (_, raw) in parsed.items()})
+        if check if check is not None else namespace.get("__name__") == "__main__":
+            check_declared(namespace, values, script, given={k: raw for k, (_, raw) in parsed.items()})
     except ConfigError as e:
         if not exit_on_error:
             raise

@@ -90,7 +90,7 @@ def toy(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     path = tmp_path / "toy.py"
     path.write_text(TOY, encoding="utf-8")
-    ns = {"__file__": str(path), "__doc__": ast.get_docstring(ast.parse(TOY)), "__name__": "toy"}
+    ns = {"__file__": str(path), "__doc__": ast.get_docstring(ast.parse(TOY)), "__name__": "__main__"}
     exec(compile(TOY.split("# ---", 1)[1].split("\n", 1)[1], str(path), "exec"), ns)
     return ns
 
@@ -215,3 +215,13 @@ def test_every_numeric_constant_declares_a_valid_range(script):
     assert not missing, f"{script.name}: add a [range] tag to the comment of {missing}"
     bad = [k for k, (v, d) in constants.items() if d.rule.error(v)]
     assert not bad, f"{script.name}: defaults outside their declared range: {bad}"
+
+
+def test_imported_module_parses_without_checking(tmp_path, monkeypatch):
+    """A script imported as a module (a test or a benchmark) only parses its overrides: its default paths
+    need not exist and its own checks meet the values where it uses them; check=True forces the checks."""
+    ns = toy(tmp_path, monkeypatch) | {"__name__": "toy"}
+    apply_overrides(ns, ["--batch_size=0", "--data_dir=missing"], exit_on_error=False)
+    assert ns["batch_size"] == 0 and ns["data_dir"] == "missing"
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        apply_overrides(ns, ["--batch_size=0"], exit_on_error=False, check=True)
