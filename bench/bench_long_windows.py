@@ -30,9 +30,9 @@ preset = "tiny"                        # model preset (mamba_lm.mamba.PRESETS; m
 models = "ours,multitrack"             # ours = the Mamba baseline, multitrack = the multi-track model
 seq_lens = "1024,4096,8192,16384"      # window lengths to measure
 modes = "reset,stateful"               # reset: zero state every window; stateful: carried state + a reset
-batch_size = 1                         # rows per step
-vocab_size = 4096                      # the demo tokenizer's; NeoX (50277) adds batch*seq_len*vocab*4 B per logits copy
-threads = 1                            # torch CPU threads
+batch_size = 1                         # rows per step [>=1]
+vocab_size = 4096                      # the demo tokenizer's; NeoX (50277) adds batch*seq_len*vocab*4 B per logits copy [>=2]
+threads = 1                            # torch CPU threads [>=1]
 one = ""                               # internal: "model:seq_len:mode" runs that case in this process
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
