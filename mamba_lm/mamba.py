@@ -191,6 +191,20 @@ class MambaCache:
                     stack.append(value)
 
 
+def ssm_A(mixer: nn.Module) -> torch.Tensor:
+    """A = -exp(mixer.A_log), (d_inner, N) float32, for a mixer's decode step. Without autograd it is kept
+    on the mixer between tokens and recomputed only when A_log changes (in-place update, load, move):
+    not twice per layer per token. With autograd (training, BPTT through steps) it is computed fresh."""
+    A_log = mixer.A_log
+    if torch.is_grad_enabled() or A_log.is_inference():   # inference tensors have no version counter
+        return -torch.exp(A_log.float())
+    key = (A_log._version, A_log.data_ptr(), A_log.device)
+    kept = mixer.__dict__.get("_A_kept")
+    if kept is None or kept[0] != key:
+        kept = mixer.__dict__["_A_kept"] = (key, -torch.exp(A_log.float()))
+    return kept[1]
+
+
 class Mamba(nn.Module):
     """The Mamba mixer (selective SSM block). forward: (B, L, D) -> (B, L, D)."""
 
@@ -212,7 +226,6 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(c.d_inner, device=device))              # (d_inner,), fp32
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
-        self._A_kept = None                        # (A_log version key, -exp(A_log)): see ssm_A
         self._init_dt(c)
 
     @torch.no_grad()
@@ -278,19 +291,10 @@ class Mamba(nn.Module):
             dt, dt_bias = self.dt_proj(dt), None                                 # (B, d_inner)
         else:                           # bf16/fp16: the bias added in fp32, as the scan does
             dt, dt_bias = F.linear(dt, self.dt_proj.weight), self.dt_proj.bias
-        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, self.ssm_A(), B, C, self.D,
+        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, ssm_A(self), B, C, self.D,
                                        z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y)
 
-    def ssm_A(self) -> torch.Tensor:
-        """A = -exp(A_log), (d_inner, N) float32. Without autograd (decode) it is kept between calls and
-        recomputed only when A_log changes (in-place update, load, move): not once per layer per token."""
-        if torch.is_grad_enabled() or self.A_log.is_inference():   # inference tensors have no version
-            return -torch.exp(self.A_log.float())
-        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device)
-        if self._A_kept is None or self._A_kept[0] != key:
-            self._A_kept = (key, -torch.exp(self.A_log.float()))
-        return self._A_kept[1]
 
 
 class Block(nn.Module):

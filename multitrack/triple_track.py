@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_lm import ops
+from mamba_lm.mamba import ssm_A
 from multitrack.char_memory import CharacterMemory
 from multitrack.cross_track import CrossTrackAttention
 from multitrack.multitrack_config import MultiTrackConfig
@@ -142,9 +143,10 @@ class TripleTrackMixer(nn.Module):
             C = C.unflatten(-1, (self.groups, self.d_state))
         return dt, B, C
 
-    def _delta(self, dt: torch.Tensor, gate: torch.Tensor | None = None):
+    def _delta(self, dt: torch.Tensor, gate: torch.Tensor | None = None, biased: bool = False):
         """Δ (before the kernel) and the kernel's (delta_bias, delta_softplus). dt: (B, Ds, L) or (B, Ds)
-        (channels on dim 1); gate: the plot clock's g, (B, L) or (B,), or None.
+        (channels on dim 1); gate: the plot clock's g, (B, L) or (B,), or None; biased: dt already holds
+        the bias (the fp32 decode step's dt_proj; the kernel's delta_bias is then None).
 
         Without clamp or clock the kernel adds the bias and applies softplus. Otherwise Δ is final here:
         softplus(dt + bias), clamped to the track ranges (dt_clamp_factor), the plot track's channels
@@ -154,17 +156,17 @@ class TripleTrackMixer(nn.Module):
         mamba-ssm 2.3.2 unpacks dt_bias.stride() and fails on None.
         """
         if not self.clamp and gate is None:
-            return dt, self.dt_proj.bias.float(), True
+            return dt, None if biased else self.dt_proj.bias.float(), True
         shape = [1] * dt.dim()
         shape[1] = -1
-        delta = F.softplus(dt.float() + self.dt_proj.bias.float().view(shape))
+        delta = F.softplus(dt if biased else dt.float() + self.dt_proj.bias.float().view(shape))
         if self.clamp:
             delta = torch.minimum(torch.maximum(delta, self.dt_lo.view(shape)), self.dt_hi.view(shape))
         if gate is not None:                     # scale (B, G', 1, ...): 1 for the other tracks, g for plot
             groups = max(1, self.groups)
             scale = torch.cat([gate.new_ones(gate.shape[0], groups - 1, *gate.shape[1:]), gate.unsqueeze(1)], 1)
             delta = (delta.unflatten(1, (groups, self.d_track)) * scale.unsqueeze(2)).flatten(1, 2)
-        return delta.to(dt.dtype), self.dt_zero_bias.float(), False
+        return (delta if delta.dtype == dt.dtype else delta.to(dt.dtype)), None if biased else self.dt_zero_bias.float(), False
 
     def _mix_tracks(self, y: torch.Tensor, u: torch.Tensor, signal_logits: torch.Tensor | None):
         """The decode step's mixing: y (B, Di) scan output, u (B, D) block input, signal_logits (B, G) |
@@ -177,7 +179,8 @@ class TripleTrackMixer(nn.Module):
         weights = None
         if self.router is not None:
             weights = self.router(u, None, signal_logits)                        # (B, G) float32
-            y = y * (self.tracks * weights).to(y.dtype).unsqueeze(-1)
+            scale = self.tracks * weights
+            y = y * (scale if scale.dtype == y.dtype else scale.to(y.dtype)).unsqueeze(-1)
         return y.flatten(-2), weights
 
     def _mix_tracks_channels_first(self, y: torch.Tensor, u: torch.Tensor, signal_logits: torch.Tensor | None):
@@ -257,14 +260,15 @@ class TripleTrackMixer(nn.Module):
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")
         dt, B, C = self._split_bc(self.x_proj(x))                                # B, C: (B, G', N) | (B, N)
-        dt = F.linear(dt, self.dt_proj.weight)                                   # (B, Ds), bias below
+        biased = dt.dtype == torch.float32                                       # Δ + bias in one addmm (exact in fp32)
+        dt = self.dt_proj(dt) if biased else F.linear(dt, self.dt_proj.weight)  # (B, Ds)
         gate = self._clock_gate(u, clock)
-        delta, dt_bias, softplus = self._delta(dt, gate)
-        A = -torch.exp(self.A_log.float())
+        delta, dt_bias, softplus = self._delta(dt, gate, biased)
         state = cache.ssm_states[self.layer_idx]                                 # (B, Ds, N)
         xs, zs = (x, z) if self.memory is None else (x[:, :self.d_scan], z[:, :self.d_scan])
-        # grouped B/C (B, G', N): one update for all scan tracks (on CUDA one Triton launch, G' heads)
-        y = ops.selective_state_update(state, xs, delta, A, B, C, self.D.float(), z=zs, dt_bias=dt_bias,
+        # grouped B/C (B, G', N): one update for all scan tracks (on CUDA one Triton launch, G' heads);
+        # A = -exp(A_log) kept between tokens (mamba.ssm_A)
+        y = ops.selective_state_update(state, xs, delta, ssm_A(self), B, C, self.D, z=zs, dt_bias=dt_bias,
                                        dt_softplus=softplus)
         y_memory = None
         if self.memory is not None:
