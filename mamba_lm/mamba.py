@@ -191,18 +191,27 @@ class MambaCache:
                     stack.append(value)
 
 
+def kept(module: nn.Module, name: str, fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors), kept on `module` under `name` between calls while autograd is off (the decode step)
+    and recomputed only when one of the tensors changes (in-place update, load_state_dict, move): a
+    quantity derived from parameters is then computed once, not once per token. With autograd on
+    (training, BPTT through steps) it is computed fresh every call."""
+    if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):   # inference tensors: no version
+        return fn(*tensors)
+    key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+    entry = module.__dict__.get(name)
+    if entry is None or entry[0] != key:
+        entry = module.__dict__[name] = (key, fn(*tensors))
+    return entry[1]
+
+
+def _neg_exp(A_log: torch.Tensor) -> torch.Tensor:
+    return -torch.exp(A_log.float())
+
+
 def ssm_A(mixer: nn.Module) -> torch.Tensor:
-    """A = -exp(mixer.A_log), (d_inner, N) float32, for a mixer's decode step. Without autograd it is kept
-    on the mixer between tokens and recomputed only when A_log changes (in-place update, load, move):
-    not twice per layer per token. With autograd (training, BPTT through steps) it is computed fresh."""
-    A_log = mixer.A_log
-    if torch.is_grad_enabled() or A_log.is_inference():   # inference tensors have no version counter
-        return -torch.exp(A_log.float())
-    key = (A_log._version, A_log.data_ptr(), A_log.device)
-    kept = mixer.__dict__.get("_A_kept")
-    if kept is None or kept[0] != key:
-        kept = mixer.__dict__["_A_kept"] = (key, -torch.exp(A_log.float()))
-    return kept[1]
+    """A = -exp(mixer.A_log), (d_inner, N) float32, for a mixer's decode step: kept between tokens (`kept`)."""
+    return kept(mixer, "_A_kept", _neg_exp, mixer.A_log)
 
 
 class Mamba(nn.Module):

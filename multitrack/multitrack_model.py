@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mamba_lm import ops
 from mamba_lm.errors import UserError
-from mamba_lm.mamba import MambaCache, init_lm_weights
+from mamba_lm.mamba import MambaCache, init_lm_weights, kept
 from mamba_lm.models import register_model_type
 from multitrack.multitrack_config import (PRESETS, VARIANTS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config, variant_config)
@@ -193,9 +193,9 @@ class MultiTrackLM(nn.Module):
         if c.plot_clock == "signals":
             return [boundary_gate(features, c.plot_clock_signals)] * c.n_layer
         clocks = [layer.mixer.clock.signal_proj for layer in self.backbone.layers]
-        w = torch.cat([p.weight for p in clocks])                                  # (n_layer, F)
-        b = torch.cat([p.bias for p in clocks])                                    # (n_layer,)
-        return list(F.linear(features.to(w.dtype), w, b).unbind(-1))
+        w = kept(self, "_clock_w", _cat, *[p.weight for p in clocks])              # (n_layer, F)
+        b = kept(self, "_clock_b", _cat, *[p.bias for p in clocks])                # (n_layer,)
+        return list(F.linear(_cast(features, w.dtype), w, b).unbind(-1))
 
     def _router_signal_logits(self, features: torch.Tensor) -> torch.Tensor | None:
         """W_s s + b of every layer's router in one matmul: features (..., F) -> (..., n_layer, G), or None
@@ -204,9 +204,10 @@ class MultiTrackLM(nn.Module):
         if not self.config.use_signals:
             return None
         routers = [layer.mixer.router for layer in self.backbone.layers]
-        w = torch.cat([r.signal_proj.weight for r in routers])                     # (n_layer G, F)
-        b = torch.cat([r.proj.bias for r in routers])                              # (n_layer G,)
-        return F.linear(features.to(w.dtype), w, b).unflatten(-1, (self.config.n_layer, -1))
+        # the stacked weights are kept between decode steps (mamba.kept), not concatenated every token
+        w = kept(self, "_router_w", _cat, *[r.signal_proj.weight for r in routers])   # (n_layer G, F)
+        b = kept(self, "_router_b", _cat, *[r.proj.bias for r in routers])            # (n_layer G,)
+        return F.linear(_cast(features, w.dtype), w, b).unflatten(-1, (self.config.n_layer, -1))
 
     def num_params(self) -> int:
         """Number of unique parameters (the tied embedding / LM head counted once; buffers excluded)."""
@@ -292,6 +293,14 @@ class MultiTrackLM(nn.Module):
             for g, track in enumerate(names):
                 out[f"router/layer{k}/{track}"] = float(sums[k, 0, g] / counts[0])
         return out
+
+
+def _cat(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tensors)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _accumulate(sums, counts, types: torch.Tensor, equation: str, values: torch.Tensor):

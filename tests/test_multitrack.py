@@ -137,6 +137,29 @@ def test_step_matches_parallel_forward(name, byte_table, story_ids):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_decode_keeps_derived_weights_until_they_change(byte_table, story_ids):
+    """step() keeps what it derives from parameters between tokens (A = -exp(A_log), the stacked router and
+    plot-clock signal weights) and follows in-place changes of them (an optimizer step): after the change
+    its logits equal a fresh model's with the changed weights."""
+    config = tiny(**ABLATIONS["plot-clock-learned"])
+    model = make_model(config, byte_table).eval()
+    ids = story_ids[:, :6]
+    with torch.no_grad():
+        cache = model.allocate_cache(2)
+        for t in range(3):
+            model.step(ids[:, t], cache)
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "signal_proj.weight", "proj.bias")):
+                p.add_(0.1)
+        fresh = MultiTrackLM(config)
+        fresh.load_state_dict(model.state_dict())
+        fresh.set_signal_table(byte_table)
+        c1, c2 = model.allocate_cache(2), fresh.allocate_cache(2)
+        for t in range(6):
+            out, out_fresh = model.step(ids[:, t], c1), fresh.step(ids[:, t], c2)
+    torch.testing.assert_close(out, out_fresh, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_chunked_forward_with_cache_equals_full_forward(name, byte_table, story_ids):
     """Guards chunked processing of long books (carried state across windows): forward in pieces with a
