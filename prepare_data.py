@@ -8,6 +8,8 @@
 Sources (--source=):
   hub      Hugging Face `sedthh/gutenberg_english`, streamed (never fully in memory); needs internet.
   demo     the procedural demo corpus of mamba_lm/demo_corpus.py (tokenizer: a BPE trained on it).
+  recall-gate  the synthetic narrative-recall gate of mamba_lm/recall_gate.py, dial --gate=cpu|gpu|book[,k=v]
+           (tokenizer: a BPE trained on it); also writes gate_probes.json, the held-out probe set.
   PATH     a .parquet or .jsonl file, or a folder of them, with the columns TEXT, SOURCE, METADATA (a JSON
            string: title, authors, text_id, language, subjects, locc, bookshelves); parquet is read row
            group by row group with pyarrow. Or a folder of raw Gutenberg .txt books (id from the header's
@@ -61,7 +63,7 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm import tqdm
 
-from mamba_lm import gutenberg
+from mamba_lm import gutenberg, recall_gate
 from mamba_lm.configurator import PathRule, apply_overrides, config_keys
 from mamba_lm.data import DATA_FORMAT as _DATA_FORMAT
 from mamba_lm.data import SPLITS, num_sequences
@@ -89,13 +91,15 @@ demo_num_books = 40              # --source=demo: number of generated books [>=3
 demo_words_per_book = 6000       # --source=demo: words per book [>=1]
 demo_seed = 1337                 # --source=demo: generator seed [>=0]
 demo_vocab_size = 2048           # --tokenizer=demo-bpe: BPE vocabulary size (at most; the demo text saturates near 1.8k) [257, 65536]
+gate = "cpu"                     # --source=recall-gate: dial of mamba_lm/recall_gate.py, preset[,key=value...]
 force = False                    # overwrite an out_dir prepared with different options
 # -----------------------------------------------------------------------------
 
 _OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "english_threshold",
                 "val_permille", "test_permille")
 _PID_FILE = ".prepare-pid"        # in a build folder: "<host> <pid>" of the run writing it
-_DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md"}  # what --force may replace
+_DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md",
+               recall_gate.PROBE_FILE}  # what --force may replace
 BAD_BYTES_TOTAL = f"{BAD_BYTES_NOTE}: bytes in all"  # meta.json "notes": books per note, and this total
 _CLEANING_VERSION = 2            # bump when mamba_lm/gutenberg.py changes its output
 
@@ -305,7 +309,7 @@ def resolve_tokenizer(cfg):
     """(spec, TextTokenizer or None when it must be trained on the corpus first)."""
     spec = cfg["tokenizer"]
     if spec == "auto":
-        spec = "demo-bpe" if cfg["source"] == "demo" else _NEOX_NAME
+        spec = "demo-bpe" if cfg["source"] in ("demo", "recall-gate") else _NEOX_NAME
     if spec.startswith("demo-bpe"):
         if spec not in ("demo-bpe", f"demo-bpe-{cfg['demo_vocab_size']}"):
             raise UserError(f"--tokenizer={spec}: the demo BPE is named demo-bpe; set its size with "
@@ -424,9 +428,12 @@ def prepare(cfg: dict) -> str:
     if cfg["val_permille"] < 0 or cfg["test_permille"] < 0 or cfg["val_permille"] + cfg["test_permille"] >= 1000:
         raise UserError("--val_permille and --test_permille must be >= 0 and sum to less than 1000")
     tok_spec, tok = resolve_tokenizer(cfg)
-    desc, records, total_rows = open_source(cfg["source"], hub_dataset=cfg["hub_dataset"],
-                                            demo_num_books=cfg["demo_num_books"], demo_seed=cfg["demo_seed"],
-                                            demo_words_per_book=cfg["demo_words_per_book"])
+    if cfg["source"] == "recall-gate":
+        desc, records, total_rows = recall_gate.open_source(cfg["gate"])
+    else:
+        desc, records, total_rows = open_source(cfg["source"], hub_dataset=cfg["hub_dataset"],
+                                                demo_num_books=cfg["demo_num_books"], demo_seed=cfg["demo_seed"],
+                                                demo_words_per_book=cfg["demo_words_per_book"])
     out = cfg["out_dir"] or default_out_dir(cfg, tok_spec, tok)
     why = PathRule("output", "folder").error(out)  # --out_dir was checked already; the default name is now known
     if why:
@@ -449,6 +456,8 @@ def prepare(cfg: dict) -> str:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         meta = _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0)
         os.remove(os.path.join(tmp, _PID_FILE))
+        if cfg["source"] == "recall-gate":  # the held-out probe set, with the answers' token positions
+            recall_gate.write_probe_set(tmp, recall_gate.parse_dial(cfg["gate"]), tok)
         replace_folder(tmp, out)       # atomically: the old out_dir is removed only after the rename
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -533,7 +542,7 @@ def _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0) -> dict:
     if kept == 0:
         raise UserError(f"no usable books in --source={cfg['source']} (skipped: "
                         + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none") + ")")
-    if limit and kept < limit and cfg["source"] != "demo":  # the demo corpus has demo_num_books by design
+    if limit and kept < limit and cfg["source"] not in ("demo", "recall-gate"):  # the demo corpus has demo_num_books by design
         print(f"note: --num_books={limit} but the source has only {kept} usable books; using all of them")
     if kept < 3:
         raise UserError(f"only {kept} usable book(s); need at least 3 so train, val and test each get a book")
