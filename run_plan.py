@@ -33,6 +33,8 @@ budget_s = 0.0                # wall-clock seconds for this command (0: no limit
 piece_s = 0.0                 # at most this many seconds per training piece (0: up to the budget)
 results_dir = ""              # results.jsonl, report.md, PNGs ("" -> out/plans/<plan name>)
 runs_dir = ""                 # checkpoints and logs of the runs ("" -> out/plans/<plan name>/runs)
+results_from = ""             # results.jsonl files of earlier sessions (e.g. the copy kept in bench/results from
+                              # past GPU leases), comma-separated: merged into results_dir first, their runs skipped
 only = ""                     # comma-separated substrings: run only the run ids containing one
 dry_run = False               # validate, print the queue and the time estimate; run nothing
 report_only = False           # rebuild the report from results.jsonl; run nothing
@@ -59,13 +61,13 @@ def main():
     out = Path(results_dir or f"out/plans/{pl.name}")
     runs_root = Path(runs_dir or out / "runs")
     results_path = out / P.RESULTS
+    merge_results(results_path, [Path(f) for f in results_from.split(",") if f])
     queue = [r for r in pl.queue() if not only or any(s in r.id for s in only.split(","))]
     done = P.finished_ids(results_path)
     todo = [r for r in queue if r.id not in done or (retry_failed and done[r.id]["status"] != "done")]
     for arm, why in pl.skipped_arms.items():
         print(f"note: optional arm {arm!r} skipped: {why}")
-    print(f"plan {pl.name}: {len(queue)} runs, {len(queue) - len(todo)} done, {len(todo)} to go "
-          f"({pl.tokens:,} tokens each) -> {out}")
+    print(f"plan {pl.name}: {len(queue)} runs, {len(queue) - len(todo)} done, {len(todo)} to go -> {out}")
     if report_only:
         print(f"wrote {write_report(pl, out, P.read_jsonl(results_path))}")
         return
@@ -97,10 +99,31 @@ def main():
           + (" (run the same command again to continue)" if left else ""))
 
 
+def merge_results(path: Path, sources: list[Path]):
+    """Append to results_dir/results.jsonl the rows of `sources` whose run id it does not have yet."""
+    from mamba_lm import plan as P
+
+    have = P.finished_ids(path)
+    for src in sources:
+        if not src.exists():
+            print(f"note: --results_from: {src} does not exist (yet); nothing merged from it")
+            continue
+        for row in P.read_jsonl(src):
+            if row["id"] not in have:
+                P.append_result(path, row)
+                have[row["id"]] = row
+
+
 def prepare(spec: dict):
-    """prepare_data.py with the plan's flags (it reuses the data dir when source and options match)."""
+    """prepare_data.py with the plan's flags (it reuses the data dir when source and options match); a data set
+    given as `dir` must already be prepared."""
     import subprocess
 
+    if spec["prepare"] is None:
+        if not (Path(spec["dir"]) / "meta.json").exists():
+            raise UserError(f"{spec['dir']} is not a prepared data dir; prepare it first (prepare_data.py, or "
+                            f"bench/gpu_runs.sh data SRC TOK on a GPU machine)")
+        return
     cmd = [sys.executable, "prepare_data.py"] + [f"--{k}={v}" for k, v in spec["prepare"].items()]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

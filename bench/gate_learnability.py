@@ -58,7 +58,11 @@ def main():
         curve.append({"step": step, "tokens": step * batch_size * seq_len, **g})
         return {f"gate/acc/{t}": b["accuracy"] for t, b in g["buckets"].items()}
 
-    cfg = {"data_dir": data_dir, "out_dir": out_dir, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
+    from mamba_lm.plan import script_flags
+    from mamba_lm.trainer import TRAIN_KEYS
+
+    defaults = {k: v for k, v in script_flags("train_baseline.py").items() if k in TRAIN_KEYS}
+    cfg = {**defaults, "data_dir": data_dir, "out_dir": out_dir, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
            "min_lr": lr / 10, "max_tokens": max_tokens, "eval_interval": eval_interval, "eval_batches": 4,
            "log_interval": 10, "seed": seed, "overwrite": True, "tensorboard": False, "epochs": 100,
            "warmup_frac": 0.05, "device": "cpu"}

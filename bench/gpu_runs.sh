@@ -20,6 +20,10 @@
 #   bench/gpu_runs.sh train NAME [ARGS]  one <=PIECE_S piece of a run (resumes if out/NAME has a checkpoint);
 #                                      NAME baseline-*: train_baseline.py, multitrack-*: train_multitrack.py;
 #                                      a name ending in -sN trains with --seed=N; exit 0 when the run is complete
+#   bench/gpu_runs.sh plan PLAN.toml   the research runs: run_plan.py on a plan (plans/gpu-*.toml) for BUDGET_S seconds
+#                                      (default 570); runs already in bench/results/plans/<plan>/results.jsonl
+#                                      are skipped; results, report and PNGs -> out/plans/<plan> (and $OUT/plans/<plan>:
+#                                      copy them into bench/results/plans/<plan>/ and commit, so the next lease goes on)
 #   bench/gpu_runs.sh eval CKPT,...    evaluate.py on the test split, checkpoints side by side, and their
 #                                      training curves (bench/compare_runs.py)                          ~2 min
 #   bench/gpu_runs.sh samples CKPT,... generate_text.py on held-out book openings, same prompts and settings
@@ -82,6 +86,14 @@ case "$stage" in
     for f in epochs.md epochs.csv loss.png router_usage.png log.txt metrics.jsonl; do
       [ -f "out/$name/$f" ] && cp "out/$name/$f" "$RESULTS/$name-$f"; done
     code=$(sed 's/exit //' "$RESULTS/.train-exit"); exit "${code:-1}" ;;
+  plan)
+    planfile=${1:?usage: gpu_runs.sh plan plans/NAME.toml}; name=$(basename "$planfile" .toml)
+    { header "plan $planfile"; $PY run_plan.py --plan="$planfile" --budget_s="${BUDGET_S:-570}" \
+        --results_dir="out/plans/$name" --results_from="bench/results/plans/$name/results.jsonl"; echo "exit $?" \
+        | tee "$RESULTS/.plan-exit"; } 2>&1 | tr '\r' '\n' | grep -v "tok/s]$" | log "plan-$name"
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/plans/$name"
+      cp out/plans/"$name"/results.jsonl out/plans/"$name"/report.md out/plans/"$name"/*.png "$OUT/plans/$name/" 2>/dev/null; fi
+    code=$(sed 's/exit //' "$RESULTS/.plan-exit"); exit "${code:-1}" ;;
   eval)
     ckpts=${1:?usage: gpu_runs.sh eval CKPT[,CKPT...]}
     { header eval; $PY evaluate.py --ckpts="$ckpts" --data_dir="$DATA" --dtype=bfloat16 --resume=True --out="$RESULTS/eval.md" ${EVAL_ARGS:-} &&

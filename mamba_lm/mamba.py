@@ -86,6 +86,12 @@ PRESETS: dict[str, MambaConfig] = {
     # CPU-sized models for tests, demos and benchmarks (pass vocab_size=tokenizer.vocab_size)
     "tiny": MambaConfig(d_model=64, n_layer=2),
     "small-cpu": MambaConfig(d_model=256, n_layer=4),
+    # the size ladder between small-cpu and mamba-130m (plans/gpu-ladder.toml), ~x2-3 steps in non-embedding
+    # parameters (the scaling axis; with NeoX the embedding dominates small models): 10.2M, 30.2M, 60.3M
+    # non-embedding (35.9M, 68.8M, 99.0M in all with NeoX); widths multiples of 128, depth growing with width
+    "ladder-10m": MambaConfig(d_model=512, n_layer=6),
+    "ladder-30m": MambaConfig(d_model=768, n_layer=8),
+    "ladder-60m": MambaConfig(d_model=768, n_layer=16),
 }
 
 

@@ -48,7 +48,7 @@ RUNNER_FLAGS = {"data_dir", "out_dir", "seed", "max_tokens", "epochs", "resume",
 PLAN_KEYS = {"name", "description", "tokens", "sizes", "seeds", "data", "baseline", "train", "arm", "expect",
              "lease_s", "max_epochs", "evaluate", "device_note"}
 ARM_KEYS = {"name", "model", "flags", "mode", "optional", "note"}
-DATA_KEYS = {"prepare", "gate"}
+DATA_KEYS = {"prepare", "dir", "gate"}
 RESULTS = "results.jsonl"
 
 
@@ -85,7 +85,7 @@ class Plan:
     path: str
     name: str
     description: str
-    tokens: int
+    tokens: int | dict           # training tokens per run, or per size {size: tokens} (a ladder)
     sizes: list
     seeds: list
     data: dict                   # name -> {"prepare": {...prepare_data flags}, "gate": bool, "dir": str}
@@ -101,8 +101,11 @@ class Plan:
     def queue(self) -> list[Run]:
         """Every run, seed-major: (seed, data, size, arm) with the baseline first."""
         arms = sorted(self.arms, key=lambda a: a.name != self.baseline)
-        return [Run(f"{d}/{size}/{arm.name}/s{seed}", d, size, arm, seed, self.tokens)
+        return [Run(f"{d}/{size}/{arm.name}/s{seed}", d, size, arm, seed, self.tokens_of(size))
                 for seed in self.seeds for d in self.data for size in self.sizes for arm in arms]
+
+    def tokens_of(self, size: str) -> int:
+        return self.tokens[size] if isinstance(self.tokens, dict) else self.tokens
 
     def estimate_s(self, run: Run) -> float | None:
         """Expected seconds of a run from `expect` (baseline tokens/s per size, ratio per model), or None."""
@@ -121,8 +124,9 @@ def _need(table: dict, key: str, kind, path, where: str):
     if key not in table:
         _fail(path, f"{where} is missing the field '{key}'")
     value = table[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        _fail(path, f"{where}.{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        _fail(path, f"{where}.{key} must be {names}, got {value!r}")
     return value
 
 
@@ -175,10 +179,12 @@ def load_plan(path: str) -> Plan:
     if unknown:
         _fail(path, f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(PLAN_KEYS))}")
     name = _need(raw, "name", str, path, "the plan")
-    tokens = _need(raw, "tokens", int, path, "the plan")
-    if tokens <= 0:
-        _fail(path, f"tokens must be > 0, got {tokens}")
+    tokens = _need(raw, "tokens", (int, dict), path, "the plan")
     sizes = _need(raw, "sizes", list, path, "the plan")
+    per_size = tokens if isinstance(tokens, dict) else {s: tokens for s in sizes}
+    if set(per_size) != set(sizes) or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0
+                                              for t in per_size.values()):
+        _fail(path, f"tokens must be a positive integer, or a table with one for each size {sizes}")
     seeds = _need(raw, "seeds", list, path, "the plan")
     if not sizes or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         _fail(path, "sizes and seeds must be non-empty lists (seeds of integers)")
@@ -204,8 +210,12 @@ def _parse_data(path, data: dict) -> dict:
         _fail(path, "[data] names no data set")
     out = {}
     for dname, spec in data.items():
-        if not isinstance(spec, dict) or set(spec) - DATA_KEYS:
-            _fail(path, f"data.{dname}: expected a table with {sorted(DATA_KEYS)}")
+        if not isinstance(spec, dict) or set(spec) - DATA_KEYS or ("prepare" in spec) == ("dir" in spec):
+            _fail(path, f"data.{dname}: expected a table with either prepare = {{prepare_data.py flags}} or "
+                        f"dir = \"an already prepared data dir\" (and optionally gate = true)")
+        if "dir" in spec:
+            out[dname] = {"prepare": None, "gate": bool(spec.get("gate", False)), "dir": spec["dir"]}
+            continue
         prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
         known = script_flags("prepare_data.py")
         for k, v in prep.items():

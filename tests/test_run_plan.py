@@ -186,3 +186,53 @@ def test_compare_applies_the_decision_rule():
     c = compare(rows, "baseline")
     assert c["good"]["verdict"] == "better" and c["same"]["verdict"] == "no difference at this budget"
     assert c["good"]["diff"]["mean"] == pytest.approx(-0.098) and c["baseline"]["summary"]["n"] == 3
+
+
+LADDER = ("ladder-10m", "ladder-30m", "ladder-60m")
+
+
+def _variants() -> dict:
+    """Every multi-track variant multitrack_config names (VARIANTS when it has it), plus each boolean switch of
+    MultiTrackConfig flipped and each router mode, so a new variant or switch is covered without editing here."""
+    from dataclasses import fields
+
+    import multitrack.multitrack_config as mc
+
+    out = dict(getattr(mc, "VARIANTS", {"full": {}, "one-track": {"tracks": 1}}))
+    default = mc.MultiTrackConfig(d_model=64, n_layer=1, vocab_size=256)
+    for f in fields(mc.MultiTrackConfig):
+        if f.init and isinstance(getattr(default, f.name), bool) and f.name not in ("match_params", "tie_embeddings",
+                                                                                     "bias", "conv_bias",
+                                                                                     "residual_in_fp32"):
+            out[f"flip-{f.name}"] = {f.name: not getattr(default, f.name)}
+    out.update({f"router-{m}": {"router": m} for m in mc.ROUTER_MODES})
+    return out
+
+
+@pytest.mark.parametrize("preset", LADDER)
+def test_size_ladder_every_variant_parameter_matched(preset):
+    """Guards the ladder's fair comparison: at each ladder size every multi-track variant is within 1% of the
+    Mamba baseline of the same preset name, in total and in non-embedding parameters (the baseline built on the
+    meta device; the variants by count_params, which test_multitrack.py checks against built models), and the
+    ladder sits between small-cpu and mamba-130m in non-embedding parameters."""
+    from mamba_lm.mamba import MambaLMHeadModel, mamba_config
+    from multitrack.multitrack_config import count_params, multitrack_config
+
+    base_cfg = mamba_config(preset)
+    base = MambaLMHeadModel(base_cfg, device="meta").num_params()
+    emb = base_cfg.padded_vocab_size * base_cfg.d_model
+    for name, overrides in _variants().items():
+        n = count_params(multitrack_config(preset, **overrides))
+        assert abs(n - base) / base < 0.01, (preset, name, n, base)
+        assert abs(n - base) / (base - emb) < 0.01, (preset, name, n, base)
+    non_emb = [MambaLMHeadModel(mamba_config(p), device="meta").num_params() - mamba_config(p).padded_vocab_size
+               * mamba_config(p).d_model for p in ("small-cpu",) + LADDER + ("mamba-130m",)]
+    assert non_emb == sorted(non_emb)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "plans").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_plans_validate(path):
+    """Guards the plans in plans/: each parses and validates against the current train scripts and presets
+    (optional arms may be skipped), and every run fits its plan's lease at the expected speed."""
+    pl = P.load_plan(str(path))
+    assert pl.queue() and pl.baseline in {a.name for a in pl.arms}
