@@ -261,7 +261,7 @@ PRESETS: dict[str, dict] = {
                  mem_heads=2, mem_head_dim=8),
     "small-cpu": dict(d_model=256, n_layer=4, cross_heads=2, cross_head_dim=8,  # vs mamba "small-cpu"
                       mem_heads=4, mem_head_dim=16),
-    "ladder-10m": dict(d_model=512, n_layer=6),                              # the size ladder: vs mamba
+    "ladder-10m": dict(d_model=512, n_layer=6, mem_heads=4, mem_head_dim=16),  # the size ladder: vs mamba
     "ladder-30m": dict(d_model=768, n_layer=8),                              # "ladder-*" of the same name
     "ladder-60m": dict(d_model=768, n_layer=16),
 }
