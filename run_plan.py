@@ -20,12 +20,20 @@ results_dir for plans/gpu-*.toml is under bench/results/plans/) so that the next
 that are done. A run cut by the end of a lease restarts from scratch on the next one.
 """
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+import multitrack  # registers the "multitrack" model type: the gate scoring loads any run's checkpoint
+from mamba_lm import plan as P
 from mamba_lm.configurator import apply_overrides
 from mamba_lm.errors import UserError, user_errors
+from mamba_lm.mamba import PRESETS as MAMBA_PRESETS
+from mamba_lm.plan_report import write_report
+from multitrack.multitrack_config import PRESETS as MULTITRACK_PRESETS
 
 # ----------------------------------------------------------------------------------------------
 plan = "plans/cpu.toml"       # the plan file (TOML; see plans/ and mamba_lm/plan.py)
@@ -48,16 +56,11 @@ config = apply_overrides(globals(), sys.argv[1:])
 
 
 def main():
-    from tqdm import tqdm
-
-    from mamba_lm import plan as P
-    from mamba_lm.plan_report import write_report
-
     t_start = time.time()
     if budget_s and budget_s < min_piece_s + reserve_s:
         raise UserError(f"--budget_s={budget_s:g} cannot fit one piece: it needs at least min_piece_s + reserve_s "
                         f"= {min_piece_s + reserve_s:g} s")
-    pl = P.load_plan(plan)
+    pl = P.load_plan(plan, {"mamba": MAMBA_PRESETS, "multitrack": MULTITRACK_PRESETS})
     out = Path(results_dir or f"out/plans/{pl.name}")
     runs_root = Path(runs_dir or out / "runs")
     results_path = out / P.RESULTS
@@ -101,8 +104,6 @@ def main():
 
 def merge_results(path: Path, sources: list[Path]):
     """Append to results_dir/results.jsonl the rows of `sources` whose run id it does not have yet."""
-    from mamba_lm import plan as P
-
     have = P.finished_ids(path)
     for src in sources:
         if not src.exists():
@@ -117,8 +118,6 @@ def merge_results(path: Path, sources: list[Path]):
 def prepare(spec: dict):
     """prepare_data.py with the plan's flags (it reuses the data dir when source and options match); a data set
     given as `dir` must already be prepared."""
-    import subprocess
-
     if spec["prepare"] is None:
         if not (Path(spec["dir"]) / "meta.json").exists():
             raise UserError(f"{spec['dir']} is not a prepared data dir; prepare it first (prepare_data.py, or "
@@ -133,8 +132,6 @@ def prepare(spec: dict):
 
 def run_to_end(pl, run, out_dir: Path, deadline: float, bar):
     """Pieces until the run finishes (-> its result row), fails (-> a failed row) or the budget ends (-> "stopped")."""
-    from mamba_lm import plan as P
-
     data_dir = pl.data[run.data]["dir"]
     epochs, span = P.epochs_for(run.tokens, data_dir, pl.train)
     if span > pl.max_epochs:

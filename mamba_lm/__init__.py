@@ -17,6 +17,8 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; 
     metrics        evaluation metrics for long-form narrative
     report         markdown writing (sample files, epoch tables) and PNG plots (loss, router usage)
     generation     sampling and recurrent (constant-memory) generation, CUDA graphs on GPU
+    recall_gate    synthetic narrative-recall gate: facts bound to characters, asked at controlled distances
+    stats          seed statistics: paired t intervals, tokens-to-target, the research plan's decision rule
     models         model registry: build any registered model type from (model_type, config dict)
     longrange      whole-book metrics: recurring names by distance, chapter detection and ranking, streaming
     convert        Hugging Face / mamba-ssm folder formats <-> our model (config and key maps, read, write)
@@ -28,6 +30,8 @@ Modules, lowest layer first (CONTRACTS.md "Layers" says which may import which; 
     trainer        the training loop and its pieces: optimizer, LR schedule, evaluation, logging
     evaluation     evaluate.py's stages and their resumable accumulators (resume cache)
     eval_report    evaluate.py's markdown report: tables, verdicts, PNGs
+    plan           experiment plans (run_plan.py): validated queue of paired runs, driven in resumable pieces
+    plan_report    a plan's markdown report: arms over seeds, paired tests, loss / gate / ladder PNGs
 
 The multi-track model lives in the `multitrack` package, which builds on this one and registers its
 model type when imported; nothing here imports it.

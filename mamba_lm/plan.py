@@ -34,7 +34,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from mamba_lm import recall_gate
+from mamba_lm.checkpoint import model_from_checkpoint
+from mamba_lm.data import load_meta
 from mamba_lm.errors import UserError
+from mamba_lm.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"mamba": "train_baseline.py", "multitrack": "train_multitrack.py"}
@@ -158,16 +164,11 @@ def _check_value(path, where: str, key: str, value, default):
         _fail(path, f"{where}: {key}={value!r} but the script's default is {default!r} ({type(default).__name__})")
 
 
-def _presets(model: str) -> set:
-    if model == "mamba":
-        from mamba_lm.mamba import PRESETS
-    else:
-        from multitrack.multitrack_config import PRESETS
-    return set(PRESETS)
+def load_plan(path: str, presets: dict) -> Plan:
+    """Parse and validate a plan file; every problem is a one-line UserError before anything runs.
 
-
-def load_plan(path: str) -> Plan:
-    """Parse and validate a plan file; every problem is a one-line UserError before anything runs."""
+    presets: model -> its preset names ({"mamba": mamba.PRESETS, "multitrack": multitrack_config.PRESETS};
+    the script passes them, as the core never imports multitrack)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"plan {path} not found (see plans/*.toml)")
@@ -193,7 +194,7 @@ def load_plan(path: str) -> Plan:
     data = _parse_data(path, _need(raw, "data", dict, path, "the plan"))
     train = raw.get("train", {})
     arms_raw = _need(raw, "arm", list, path, "the plan")
-    arms, skipped = _parse_arms(path, arms_raw, train, sizes)
+    arms, skipped = _parse_arms(path, arms_raw, train, sizes, presets)
     baseline = raw.get("baseline", "baseline")
     if baseline not in {a.name for a in arms}:
         _fail(path, f"the baseline arm {baseline!r} is not among the arms {[a.name for a in arms]}")
@@ -228,7 +229,7 @@ def _parse_data(path, data: dict) -> dict:
     return out
 
 
-def _parse_arms(path, arms_raw: list, train: dict, sizes: list) -> tuple[list, dict]:
+def _parse_arms(path, arms_raw: list, train: dict, sizes: list, presets: dict) -> tuple[list, dict]:
     if not arms_raw:
         _fail(path, "no [[arm]]")
     arms, skipped, names = [], {}, set()
@@ -262,9 +263,9 @@ def _parse_arms(path, arms_raw: list, train: dict, sizes: list) -> tuple[list, d
             _check_value(path, where, k, v, known[k])
         for size in sizes:
             preset = SIZE_PRESETS.get(size, {}).get(arm.model, size)
-            if preset not in _presets(arm.model):
+            if preset not in presets[arm.model]:
                 _fail(path, f"{where}: size {size!r} has no {arm.model} preset {preset!r}; "
-                            f"known: {', '.join(sorted(_presets(arm.model)))}")
+                            f"known: {', '.join(sorted(presets[arm.model]))}")
         arms.append(arm)
     return arms, skipped
 
@@ -311,8 +312,6 @@ def _fmt(v) -> str:
 
 def epochs_for(tokens: int, data_dir: str, train: dict) -> tuple[int, float]:
     """Epochs to pass so that max_tokens decides the run's length, and the epochs it spans."""
-    from mamba_lm.data import load_meta
-
     meta = load_meta(data_dir)
     seq_len = train.get("seq_len") or meta["seq_len"]
     n_seq = (meta["splits"]["train"]["tokens"] - 1) // seq_len
@@ -408,20 +407,14 @@ def collect_result(plan: Plan, run: Run, out_dir: Path, data_dir: str, device: s
 
 def score_gate_of(out_dir: Path, data_dir: str, device: str) -> dict:
     """Recall-gate scores of a run's final weights (ckpt_latest.pt), windows of its training length."""
-    import torch
-
-    from mamba_lm.checkpoint import model_from_checkpoint
-    from mamba_lm.recall_gate import load_probe_set, score_gate
-    from mamba_lm.trainer import resolve_device
-
     dev = resolve_device(device)
     model, ckpt = model_from_checkpoint(str(out_dir / "ckpt_latest.pt"), device=dev)
-    probes = load_probe_set(data_dir)
+    probes = recall_gate.load_probe_set(data_dir)
     tok = ckpt["tokenizer"]
     if probes["tokenizer_sha256"] != tok["sha256"]:
         raise UserError(f"{data_dir}/gate_probes.json was built with another tokenizer; prepare the data again")
     with torch.no_grad():
-        return score_gate(model, probes, ckpt["data"]["seq_len"], tok["vocab_size"], tok["eos_id"], device=dev)
+        return recall_gate.score_gate(model, probes, ckpt["data"]["seq_len"], tok["vocab_size"], tok["eos_id"], device=dev)
 
 
 def evaluate_metrics(plan: Plan, run: Run, out_dir: Path, data_dir: str) -> dict:

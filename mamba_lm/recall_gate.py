@@ -46,8 +46,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from mamba_lm import demo_corpus
+from mamba_lm.data import TokenSplit, load_meta
 from mamba_lm.errors import UserError
+from mamba_lm.metrics import probe_token_spans
+from mamba_lm.sources import make_record
+from mamba_lm.tokenizer import load_tokenizer
 
 PROBE_FILE = "gate_probes.json"
 PROBE_FORMAT = "mamba-narrative-gate-probes/1"
@@ -206,8 +212,6 @@ class Filler:
         if dial.filler == "none":
             return []
         if dial.filler == "demo":
-            from mamba_lm import demo_corpus
-
             books = demo_corpus.generate_books(4 if held_out else 12, seed=dial.seed + (7 if held_out else 0),
                                                words_per_book=6000)
             paras = [p for b in books for p in b["TEXT"].split("\n\n")[2:]]   # without title / author lines
@@ -244,12 +248,9 @@ def split_sentences(paragraph: str) -> list[str]:
 def book_paragraphs(data_dir: str, split: str, max_chars: int) -> list[str]:
     """Paragraphs of real prose decoded from a prepared data dir's split (first `max_chars` characters),
     without short lines (headings) and without paragraphs naming a gate character."""
-    from mamba_lm.data import TokenSplit, load_meta
-    from mamba_lm.trainer import data_tokenizer
-
     meta = load_meta(data_dir)
     tokens = TokenSplit(data_dir, split).tokens
-    tok = data_tokenizer(data_dir, meta)
+    tok = load_tokenizer("byte" if meta["tokenizer"]["kind"] == "byte" else str(data_dir))
     n = min(len(tokens), int(max_chars / 3))          # ~3+ characters per token: enough text
     ids = [int(t) for t in tokens[:n] if int(t) != tok.eos_id]
     names = set(NAMES)
@@ -400,9 +401,6 @@ def build_probe_set(dial: GateDial, tokenizer) -> dict:
     distance is measured in tokens (answer of the question - answer of the statement).
     A probe whose answer does not start with its candidate token, or whose candidates share first
     tokens, is dropped (counted in "dropped")."""
-    from mamba_lm.metrics import probe_token_spans
-from mamba_lm.sources import make_record
-
     docs, dropped = [], 0
     for book in probe_books(dial):
         ids, spans = probe_token_spans(book["TEXT"], book["probes"], tokenizer)
@@ -458,8 +456,6 @@ def answer_logprob_rows(model, ids: list[int], positions: list[int], window: int
     """Log-softmax rows (V,) predicting ids[j] for each j in `positions`, reading the book
     [eos] + ids[:-1] in windows of `window` tokens; the recurrent state is carried from window to
     window (carry_state=True, the same as one long forward) or starts at zero in each window."""
-    import torch
-
     x = torch.tensor([eos_id] + ids[:-1], dtype=torch.long, device=device)
     want = sorted(set(positions))
     rows = {}

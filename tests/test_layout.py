@@ -23,6 +23,7 @@ LAYERS = {
     "mamba_lm.errors": 0, "mamba_lm.runtime": 0, "mamba_lm.configurator": 0,
     "mamba_lm.ops": 1, "mamba_lm.tokenizer": 1, "mamba_lm.gutenberg": 1, "mamba_lm.demo_corpus": 1,
     "mamba_lm.sources": 2, "mamba_lm.data": 2, "mamba_lm.streams": 2, "mamba_lm.mamba": 2, "mamba_lm.stateful": 2, "mamba_lm.metrics": 2, "mamba_lm.longrange": 2, "mamba_lm.report": 2,
+    "mamba_lm.recall_gate": 2, "mamba_lm.stats": 2,
     "mamba_lm.generation": 2,
     "mamba_lm.models": 3,
     "multitrack": 4, "multitrack.multitrack_config": 4, "multitrack.narrative": 4, "multitrack.router": 4,
@@ -31,6 +32,7 @@ LAYERS = {
     "mamba_lm.convert": 5, "mamba_lm.checkpoint": 5,
     "mamba_lm.weights": 6, "mamba_lm.rundir": 6, "mamba_lm.distributed": 6, "mamba_lm.stream_training": 6,
     "mamba_lm.trainer": 7, "mamba_lm.evaluation": 7, "mamba_lm.eval_report": 7,
+    "mamba_lm.plan": 7, "mamba_lm.plan_report": 7,
 }
 
 # packages a function may import locally (not installed everywhere, or only needed on one path);

@@ -13,7 +13,11 @@ import pytest
 
 from mamba_lm import plan as P
 from mamba_lm.errors import UserError
+from mamba_lm.mamba import PRESETS as MAMBA_PRESETS
 from mamba_lm.plan_report import compare
+from multitrack.multitrack_config import PRESETS as MULTITRACK_PRESETS
+
+PRESETS = {"mamba": MAMBA_PRESETS, "multitrack": MULTITRACK_PRESETS}
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +150,7 @@ def test_bad_plans_are_one_line_errors(tmp_path, edit, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        P.load_plan(str(path))
+        P.load_plan(str(path), PRESETS)
 
 
 def test_budget_that_cannot_fit_is_refused_before_running(tmp_path):
@@ -154,7 +158,7 @@ def test_budget_that_cannot_fit_is_refused_before_running(tmp_path):
     one piece, are one-line errors (exit 2) and nothing is prepared or trained."""
     path = write_plan(tmp_path, extra="lease_s = 60\n[expect]\ntok_per_s = { tiny = 1 }\n")
     with pytest.raises(UserError, match="more than one lease"):
-        P.load_plan(str(path))
+        P.load_plan(str(path), PRESETS)
     ok = write_plan(tmp_path, name="ok.toml")
     res = run_plan(f"--plan={ok}", f"--results_dir={tmp_path / 'out'}", "--budget_s=10", check=False)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "cannot fit one piece" in res.stderr
@@ -165,7 +169,7 @@ def test_queue_is_paired_and_seed_major(tmp_path):
     """Guards pairing: every arm of a (data, size, seed) gets the same seed, data dir and data-order flags in
     its command, only model flags differ, and the queue runs all arms of the first seed first."""
     path = write_plan(tmp_path, **{'seeds = [3]': 'seeds = [3, 4]'})
-    pl = P.load_plan(str(path))
+    pl = P.load_plan(str(path), PRESETS)
     q = pl.queue()
     assert [r.seed for r in q] == [3, 3, 4, 4] and q[0].arm.name == "baseline"
     cmds = [P.train_command(pl, r, tmp_path / r.id, "D", 1, "py") for r in q[:2]]
@@ -234,5 +238,5 @@ def test_size_ladder_every_variant_parameter_matched(preset):
 def test_shipped_plans_validate(path):
     """Guards the plans in plans/: each parses and validates against the current train scripts and presets
     (optional arms may be skipped), and every run fits its plan's lease at the expected speed."""
-    pl = P.load_plan(str(path))
+    pl = P.load_plan(str(path), PRESETS)
     assert pl.queue() and pl.baseline in {a.name for a in pl.arms}
