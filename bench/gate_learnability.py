@@ -32,6 +32,8 @@ max_tokens = 600_000           # training tokens
 eval_interval = 25             # steps between gate readings
 probe_tokens = 3000            # tokens of each probe book scored at each reading (0: all)
 seed = 1337                    # init and data order
+device = "cpu"                 # cpu | cuda (the curve in tokens is what the dial is tuned on)
+threads = 0                    # torch CPU threads (0: all cores)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -46,7 +48,7 @@ def main():
     from mamba_lm.report import pyplot, save_figure
     from mamba_lm.trainer import train
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     meta = load_meta(data_dir)
     probes = load_probe_set(data_dir)
     vocab, eos = meta["tokenizer"]["vocab_size"], meta["tokenizer"]["eos_id"]
@@ -65,7 +67,7 @@ def main():
     cfg = {**defaults, "data_dir": data_dir, "out_dir": out_dir, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
            "min_lr": lr / 10, "max_tokens": max_tokens, "eval_interval": eval_interval, "eval_batches": 4,
            "log_interval": 10, "seed": seed, "overwrite": True, "tensorboard": False, "epochs": 100,
-           "warmup_frac": 0.05, "device": "cpu"}
+           "warmup_frac": 0.05, "device": device}
     train(cfg, lambda: build_model("mamba", mamba_config(preset, vocab_size=vocab)),
                   script="bench/gate_learnability.py", on_eval=on_eval)
     write_curve(curve, pyplot, save_figure)
