@@ -42,6 +42,7 @@ prepare = {{ source = "demo", seq_len = 16, demo_num_books = 4, demo_words_per_b
 [[arm]]
 name = "baseline"
 model = "mamba"
+mode = "windowed"
 [[arm]]
 name = "one-track"
 model = "multitrack"
@@ -49,7 +50,7 @@ flags = {{ tracks = 1 }}
 [[arm]]
 name = "future"
 model = "mamba"
-mode = "stateful"
+flags = {{ switch_of_the_future = true }}
 optional = true
 """
 
@@ -96,8 +97,7 @@ def test_two_run_plan_end_to_end(finished):
         assert r["status"] == "done" and r["tokens"] == 640 and r["seed"] == 3
         assert len(r["curve"]) >= 2 and r["final_val_loss"] == r["curve"][-1][1]
         assert r["best_val_loss"] <= r["final_val_loss"] and r["num_params"] > 0 and r["tok_per_s"] > 0
-    if "stateful" not in P.script_flags("train_baseline.py"):
-        assert "optional arm 'future' skipped" in res.stdout
+    assert "optional arm 'future' skipped: train_baseline.py has no --switch_of_the_future" in res.stdout
     report = (tmp / "out" / "report.md").read_text()
     assert "| one-track | 1 |" in report and (tmp / "out" / "loss_demo_tiny.png").exists()
     again = run_plan(f"--plan={plan}", f"--results_dir={tmp / 'out'}")
@@ -139,7 +139,7 @@ def test_interrupted_plan_resumes_to_the_same_results(finished, tmp_path):
     ({'sizes = ["tiny"]': 'sizes = ["huge"]'}, "no mamba preset 'huge'"),
     ({'flags = { tracks = 1 }': 'flags = { tracks = "three" }'}, "tracks='three'"),
     ({'baseline = "baseline"': 'baseline = "nobody"'}, "baseline arm 'nobody'"),
-    ({'mode = "stateful"': 'mode = "sideways"'}, "unknown training mode"),
+    ({'mode = "windowed"': 'mode = "sideways"'}, "unknown training mode"),
 ])
 def test_bad_plans_are_one_line_errors(tmp_path, edit, message):
     """Guards plan validation: unknown variant flag / model / size / mode, a missing field, an arm that would
