@@ -74,7 +74,7 @@ from mamba_lm.tokenizer import NEOX_NAME as _NEOX_NAME
 from mamba_lm.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_dict, train_demo_bpe
 
 # -----------------------------------------------------------------------------
-source = "hub"                   # "hub" | "demo" | path to .parquet/.jsonl file(s) or a folder of .txt books [input path, or hub | demo]
+source = "hub"                   # "hub" | "demo" | "recall-gate" | path to .parquet/.jsonl file(s) or a folder of .txt books [input path, or hub | demo | recall-gate]
 tokenizer = "auto"               # "auto" (NeoX; demo-bpe for --source=demo) | hub id | tokenizer.json path | "byte" | "demo-bpe"
 out_dir = ""                     # "" -> data/<source>-<tokenizer>, e.g. data/gutenberg-neox, data/demo [output folder]
 num_books = 5000                 # books to keep after filtering, in source order (0 = all) [>=0]

@@ -93,3 +93,24 @@ def test_score_gate_carried_equals_one_forward_and_reset_control(tiny_model):
     assert whole["reset_logprob"] == pytest.approx(whole["logprob"], abs=1e-6)
     assert whole["chance"] == pytest.approx(1 / 8) and whole["probes"] == 2 * dial.bindings
     assert list(whole["buckets"]) == ["16"] and 0 <= whole["accuracy"] <= 1
+
+
+def test_prepare_data_source_recall_gate(tmp_path):
+    """Guards the data source: prepare_data.py --source=recall-gate writes a normal data dir (BPE trained on the
+    gate text) plus gate_probes.json built with that tokenizer, whose answer spans hold the answers."""
+    import prepare_data
+    from mamba_lm.data import load_meta
+
+    out = tmp_path / "gate"
+    prepare_data.main(["--source=recall-gate", "--gate=cpu,num_books=4,episodes_per_book=30,probe_episodes=4",
+                       "--seq_len=64", f"--out_dir={out}", "--demo_vocab_size=400"])
+    meta = load_meta(out)
+    assert meta["source"]["kind"] == "recall-gate" and meta["splits"]["train"]["tokens"] > 0
+    probes = G.load_probe_set(out)
+    assert probes["tokenizer_sha256"] == meta["tokenizer"]["sha256"]
+    tok = load_tokenizer(str(out))
+    for doc in probes["docs"]:
+        assert doc["probes"]
+        for p in doc["probes"]:
+            assert doc["ids"][p["a"]] == p["candidates"][p["answer"]]
+            assert tok.decode(doc["ids"][p["a"]:p["b"]]).strip() in G.VALUES[p["kind"]]
