@@ -666,8 +666,9 @@ def subset_eval(run: Run, state: RunState, on_eval=None) -> float:
 
 
 def carried_eval(run: Run) -> dict | None:
-    """Stateful runs: the val loss with the state carried over consecutive val windows, and on the same
-    windows from a zero state (`stream_training.carried_val_loss`; as many tokens as the subset eval)."""
+    """Stateful runs: the val loss with the state carried over eval_batches consecutive val windows, and on
+    the same windows from a zero state (`stream_training.carried_val_loss`; rows: batch_size, or the number
+    of val books if fewer, so as many tokens as the subset eval when the val split has enough books)."""
     if run.carried is None:
         return None
     rows = run.cfg["batch_size"]
@@ -675,7 +676,7 @@ def carried_eval(run: Run) -> dict | None:
                               windows=run.cfg["eval_batches"], dist=run.dist, device=run.device, dtype=run.dtype,
                               vocab_size=run.data.vocab_size)
     if result is None:
-        run.log.line(f"note: the val split has fewer books than processes; no carried-state eval")
+        run.log.line("note: the val split has fewer books than processes; no carried-state eval")
     return result
 
 
