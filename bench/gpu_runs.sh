@@ -58,7 +58,7 @@ case "$stage" in
     { header "setup.sh --use-system-torch ${only[*]}"; ./setup.sh --use-system-torch --offline --wheelhouse "$SDISTS" "${only[@]}"; } 2>&1 \
       | grep -v "ptxas\|bytes stack frame\|registers, " | log setup ;;
   verify)
-    { header verify; $PY test_mamba.py; $PY test_mamba_130m.py; $PY -m pytest tests/test_gpu.py -q -s; } 2>&1 | log verify ;;
+    { header verify; $PY test_mamba.py; $PY test_mamba_130m.py; MAMBA_NARRATIVE_FLA=1 $PY -m pytest tests/test_gpu.py -q -s; } 2>&1 | log verify ;;
   throughput)
     { header throughput; $PY bench/bench_throughput.py --batch_sizes=8,64 --model=multitrack; } 2>&1 | log throughput ;;
   throughput-compile)

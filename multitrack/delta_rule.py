@@ -38,6 +38,8 @@ k = v = 0, β = 0, g = 0, which leaves the state unchanged.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,12 @@ try:
 except Exception:  # noqa: BLE001
     _fla_chunk = _fla_recurrent = None
 
-KERNEL = ("fla-triton" if (_fla_chunk is not None and torch.cuda.is_available() and not ops._FORCED_PYTORCH)
+# fla's kernels are opt-in (MAMBA_NARRATIVE_FLA=1) until tests/test_gpu.py's fla-vs-twin test passes on a GPU:
+# its only run so far (one H100, 2026-12-06, fla-core 0.6.0) FAILED in fp32, so by default the tested PyTorch
+# chunked twin runs on CUDA tensors too (slower, never silently different from the CPU reference).
+FLA_OPT_IN = os.environ.get("MAMBA_NARRATIVE_FLA", "").strip() == "1"
+KERNEL = ("fla-triton" if (_fla_chunk is not None and FLA_OPT_IN and torch.cuda.is_available()
+                           and not ops._FORCED_PYTORCH)
           else "pytorch-chunked")       # what runs on CUDA tensors (CPU tensors: always PyTorch)
 _described = False
 
@@ -61,12 +68,14 @@ def log_kernel_once() -> None:
     global _described
     if not _described:
         _described = True
-        print(f"kernels: gated_delta_rule={KERNEL}")
+        note = (" (fla importable but opt-in until verified on a GPU: MAMBA_NARRATIVE_FLA=1)"
+                if _fla_chunk is not None and not FLA_OPT_IN and torch.cuda.is_available() else "")
+        print(f"kernels: gated_delta_rule={KERNEL}{note}")
 
 
 def _use_fla(kernel, *tensors) -> bool:
     """fla's kernel for CUDA tensors, unless mamba_lm.ops forces the PyTorch paths (env or force_pytorch())."""
-    return kernel is not None and not ops._pytorch_only and not ops._FORCED_PYTORCH and all(
+    return kernel is not None and FLA_OPT_IN and not ops._pytorch_only and not ops._FORCED_PYTORCH and all(
         t.is_cuda for t in tensors)
 
 
