@@ -18,8 +18,11 @@ mamba_lm/demo_corpus.py ({"char_offset", "answer", "intro_offset", "kind"}), so
 The difficulty dial (`GateDial`, a preset name plus `key=value` overrides, e.g.
 "cpu,candidates=16,distances=64:256"):
 
-    bindings       facts stated and asked per episode
+    bindings       facts stated and asked per episode (the most; min_bindings the fewest: each episode draws
+                   its number uniformly between them, a curriculum over difficulty as MQAR mixes key counts)
     distractors    facts of other characters inserted between statement and question (never asked)
+    leads          lead-in phrases a question draws from ("As everyone knew," ...; 0: none)
+    shuffle        questions in random order (False: in the order of the statements)
     candidates     answer vocabulary per kind of fact (chance = 1 / candidates)
     characters     names the episodes draw their characters from
     distances      target token distances between a fact and its question, ":"-separated
@@ -87,8 +90,11 @@ LEADS = ["As everyone knew,", "Later,", "Once again,", "It was said that", "By t
 class GateDial:
     """Difficulty of the gate (see the module docstring)."""
 
-    bindings: int = 4                 # facts stated and asked per episode
+    bindings: int = 4                 # facts stated and asked per episode (at most)
+    min_bindings: int = 0             # at least this many per episode (0: = bindings); drawn uniformly between
     distractors: int = 2              # facts of other characters between statement and question
+    leads: int = 6                    # lead-in phrases of the questions (0: none; at most len(LEADS))
+    shuffle: bool = True              # questions in random order (False: statement order)
     candidates: int = 8               # answers per kind of fact (chance 1 / candidates)
     characters: int = 16              # names drawn per book
     kinds: str = "trait:object:place:relation"   # kinds of fact
@@ -106,6 +112,10 @@ class GateDial:
         for name in ("bindings", "candidates", "characters", "num_books", "episodes_per_book", "probe_episodes"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"gate dial: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_bindings <= self.bindings:
+            raise UserError(f"gate dial: min_bindings must be in 0..bindings={self.bindings}, got {self.min_bindings}")
+        if not 0 <= self.leads <= len(LEADS):
+            raise UserError(f"gate dial: leads must be in 0..{len(LEADS)}, got {self.leads}")
         if self.distractors < 0:
             raise UserError(f"gate dial: distractors must be >= 0, got {self.distractors}")
         unknown = [k for k in self.kind_list if k not in VALUES]
@@ -151,6 +161,12 @@ class GateDial:
         return w
 
 
+def _bool(raw: str) -> bool:
+    if raw not in ("True", "False"):
+        raise ValueError(raw)
+    return raw == "True"
+
+
 def _ints(spec: str, name: str) -> list[int]:
     try:
         values = [int(v) for v in spec.split(":")]
@@ -188,7 +204,7 @@ def parse_dial(spec: str) -> GateDial:
         key, sep, raw = p.partition("=")
         if not sep or key not in types:
             raise UserError(f"--gate: bad override {p!r}; known keys: {', '.join(types)}")
-        kind = {"int": int, "float": float}.get(str(types[key]), str)
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(types[key]), str)
         try:
             values[key] = kind(raw)
         except ValueError:
@@ -308,14 +324,15 @@ def _episode(book: _Book, rng: random.Random, dial: GateDial, filler: Filler, di
     """State `bindings` facts, filler + distractors for ~`distance` tokens, then ask the facts again."""
     kinds = dial.kind_list
     slots = [(who, kind) for who in cast for kind in kinds]
-    chosen = rng.sample(slots, dial.bindings + dial.distractors)
+    n_asked = rng.randint(dial.min_bindings or dial.bindings, dial.bindings)
+    chosen = rng.sample(slots, n_asked + dial.distractors)
     facts = []
     for who, kind in chosen:
         pool = [v for v in VALUES[kind][:dial.candidates] if v != who] if kind == "relation" else \
             VALUES[kind][:dial.candidates]
         facts.append({"who": who, "kind": kind, "value": rng.choice(pool), "stated": None, "target": distance,
                       "candidates": pool})
-    asked, distractors = facts[:dial.bindings], facts[dial.bindings:]
+    asked, distractors = facts[:n_asked], facts[n_asked:]
     book.add([(f["who"], f["kind"], f["value"], "", f) for f in asked])
     statement_tokens = len(book.paras[-1]) / dial.chars_per_token
     budget = max(0.0, distance - statement_tokens) * dial.chars_per_token
@@ -330,8 +347,10 @@ def _episode(book: _Book, rng: random.Random, dial: GateDial, filler: Filler, di
         if i < len(paras) and paras[i]:
             book.add([paras[i]])
     order = list(asked)
-    rng.shuffle(order)
-    book.add([(f["who"], f["kind"], f["value"], rng.choice(LEADS), f) for f in order])
+    if dial.shuffle:
+        rng.shuffle(order)
+    book.add([(f["who"], f["kind"], f["value"], rng.choice(LEADS[:dial.leads]) if dial.leads else "", f)
+              for f in order])
 
 
 def generate_gate_book(index: int, dial: GateDial, filler: Filler, distances: list[int], weights: list[float],
