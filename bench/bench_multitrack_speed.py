@@ -12,6 +12,7 @@ decode speed at batch 1. Prints one table with the ratio multitrack / baseline; 
 for the speeds. Random weights and random ids: speed does not depend on them.
 """
 
+import json
 import os
 import sys
 import time
@@ -129,6 +130,11 @@ def main():
     for key in rows["baseline"]:
         b, m = rows["baseline"][key], rows["multitrack"][key]
         print(f"| {key} | {b:,.1f} | {m:,.1f} | {m / b:.3f} |")
+    load = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nload average after: {load} on {os.cpu_count()} cores (above the core count: CPU figures too low)")
+    print(json.dumps({"bench": "multitrack_speed", "device": name, "torch": torch.__version__, "threads":
+                      torch.get_num_threads(), "load_after": load, "config": config, "rows": rows,
+                      "ratio": {k: rows["multitrack"][k] / rows["baseline"][k] for k in rows["baseline"]}}))
 
 
 if __name__ == "__main__":
