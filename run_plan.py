@@ -37,8 +37,8 @@ from multitrack.multitrack_config import PRESETS as MULTITRACK_PRESETS
 
 # ----------------------------------------------------------------------------------------------
 plan = "plans/cpu.toml"       # the plan file (TOML; see plans/ and mamba_lm/plan.py)
-budget_s = 0.0                # wall-clock seconds for this command (0: no limit); stops cleanly before it
-piece_s = 0.0                 # at most this many seconds per training piece (0: up to the budget)
+budget_s = 0.0                # wall-clock seconds for this command (0: no limit); stops cleanly before it [>=0]
+piece_s = 0.0                 # at most this many seconds per training piece (0: up to the budget) [>=0]
 results_dir = ""              # results.jsonl, report.md, PNGs ("" -> out/plans/<plan name>)
 runs_dir = ""                 # checkpoints and logs of the runs ("" -> out/plans/<plan name>/runs)
 results_from = ""             # results.jsonl files of earlier sessions (e.g. the copy kept in bench/results from
@@ -47,9 +47,9 @@ only = ""                     # comma-separated substrings: run only the run ids
 dry_run = False               # validate, print the queue and the time estimate; run nothing
 report_only = False           # rebuild the report from results.jsonl; run nothing
 retry_failed = False          # run again the runs recorded as failed
-reserve_s = 45.0              # seconds kept at the end of the budget for scoring and the report
-min_piece_s = 30.0            # a piece shorter than this is not started
-grace_s = 180.0               # seconds a stopped piece gets to save its checkpoint before SIGKILL
+reserve_s = 45.0              # seconds kept at the end of the budget for scoring and the report [>=0]
+min_piece_s = 30.0            # a piece shorter than this is not started [>=0]
+grace_s = 180.0               # seconds a stopped piece gets to save its checkpoint before SIGKILL [>=0]
 device = "auto"               # device of the gate scoring (the runs take theirs from the plan's [train])
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])

@@ -25,15 +25,15 @@ data_dir = "data/gate-cpu"     # prepare_data.py --source=recall-gate
 out_dir = "out/gate-learnability"  # checkpoints, logs, the curve
 results_dir = ""               # also copy gate_curve.{json,md,png} here (e.g. bench/results/gate-cpu)
 preset = "tiny"                # mamba_lm.mamba.PRESETS
-seq_len = 256                  # training window (tokens)
-batch_size = 16                # sequences per step
-lr = 3e-3                      # peak learning rate (small models on a synthetic task take a high one)
-max_tokens = 600_000           # training tokens
-eval_interval = 25             # steps between gate readings
-probe_tokens = 3000            # tokens of each probe book scored at each reading (0: all)
-seed = 1337                    # init and data order
+seq_len = 256                  # training window (tokens) [>=1]
+batch_size = 16                # sequences per step [>=1]
+lr = 3e-3                      # peak learning rate (small models on a synthetic task take a high one) [>0]
+max_tokens = 600_000           # training tokens [>=1]
+eval_interval = 25             # steps between gate readings [>=1]
+probe_tokens = 3000            # tokens of each probe book scored at each reading (0: all) [>=0]
+seed = 1337                    # init and data order [>=0]
 device = "cpu"                 # cpu | cuda (the curve in tokens is what the dial is tuned on)
-threads = 0                    # torch CPU threads (0: all cores)
+threads = 0                    # torch CPU threads (0: all cores) [>=0]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
