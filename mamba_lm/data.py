@@ -55,6 +55,16 @@ def load_meta(data_dir) -> dict:
     return meta
 
 
+def windows_to_device(rows: np.ndarray, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows rows: (B, L + 1) -> inputs x = rows[:, :-1] and targets y = rows[:, 1:], (B, L) int64 each,
+    on `device` (pinned + non_blocking on CUDA)."""
+    xy = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 class TokenSplit:
     """One split of a data dir, memory-mapped.
 
@@ -84,14 +94,7 @@ class TokenSplit:
         L = self.seq_len
         rows = np.stack([np.asarray(self.tokens[k * L: k * L + L + 1], dtype=np.int64) for k in idx]) \
             if idx.size else np.zeros((0, L + 1), np.int64)
-        xy = torch.from_numpy(rows)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if str(device).startswith("cuda"):
-            x = x.contiguous().pin_memory().to(device, non_blocking=True)
-            y = y.contiguous().pin_memory().to(device, non_blocking=True)
-        else:
-            x, y = x.contiguous().to(device), y.contiguous().to(device)
-        return x, y
+        return windows_to_device(rows, device)
 
     def book_spans(self) -> list[tuple]:
         """[(book_id, start_token, n_tokens)] in stream order; n_tokens includes the book's trailing eos."""

@@ -68,6 +68,17 @@ def plot_position_loss(results: dict, path: Path, split: str) -> Path | None:
     return save_figure(fig, path)
 
 
+def _style_gain_axes(ax, gap, xlabel: str) -> None:
+    """The shared look of the carried-vs-reset figures: the gain panel's zero line, labels, grids, legends."""
+    gap.axhline(0.0, color="0.3", lw=0.8)
+    gap.set_xlabel(xlabel)
+    gap.set_ylabel("reset - carried (nats/token)")
+    gap.set_title("gain from carrying the state (> 0: the state helps)", fontsize=10)
+    for a in (ax, gap):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+
+
 def plot_book_loss(results: dict, path: Path, split: str) -> Path | None:
     """Loss by window index into the book, carried (solid) vs reset (dashed), one colour per checkpoint."""
     plt = pyplot()
@@ -84,13 +95,7 @@ def plot_book_loss(results: dict, path: Path, split: str) -> Path | None:
     ax.set_xlabel("distance into the book (tokens, start of window)")
     ax.set_ylabel("mean loss (nats/token)")
     ax.set_title(f"loss by window ({split} split)", fontsize=10)
-    gap.axhline(0.0, color="0.3", lw=0.8)
-    gap.set_xlabel("distance into the book (tokens, start of window)")
-    gap.set_ylabel("reset - carried (nats/token)")
-    gap.set_title("gain from carrying the state (> 0: the state helps)", fontsize=10)
-    for a in (ax, gap):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+    _style_gain_axes(ax, gap, "distance into the book (tokens, start of window)")
     return save_figure(fig, path)
 
 
@@ -110,13 +115,7 @@ def plot_name_loss(results: dict, path: Path, split: str) -> Path | None:
     ax.set_xlabel("tokens since the previous mention of the name")
     ax.set_ylabel("mean loss on the name's tokens (nats/token)")
     ax.set_title(f"recurring names ({split} split)", fontsize=10)
-    gap.axhline(0.0, color="0.3", lw=0.8)
-    gap.set_xlabel("tokens since the previous mention of the name")
-    gap.set_ylabel("reset - carried (nats/token)")
-    gap.set_title("gain from carrying the state (> 0: the state helps)", fontsize=10)
-    for a in (ax, gap):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+    _style_gain_axes(ax, gap, "tokens since the previous mention of the name")
     return save_figure(fig, path)
 
 

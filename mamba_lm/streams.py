@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mamba_lm.data import windows_to_device
 from mamba_lm.errors import UserError
 
 STREAMS_FORMAT = "book-streams/1"
@@ -121,13 +122,7 @@ class BookStreams:
         for r in range(self.rows):
             self._advance(r)
         self.windows += 1
-        xy = torch.from_numpy(xy)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if str(device).startswith("cuda"):
-            x = x.contiguous().pin_memory().to(device, non_blocking=True)
-            y = y.contiguous().pin_memory().to(device, non_blocking=True)
-        else:
-            x, y = x.contiguous().to(device), y.contiguous().to(device)
+        x, y = windows_to_device(xy, device)
         return x, y, torch.from_numpy(resets[:, :-1].copy())
 
     @property
