@@ -68,6 +68,14 @@ def plot_position_loss(results: dict, path: Path, split: str) -> Path | None:
     return save_figure(fig, path)
 
 
+def _plot_carried_vs_reset(ax, gap, xs, rows: list[dict], color: str, name: str, gap_from: int = 0) -> None:
+    """One model's rows ({"carried", "reset"} losses at xs): carried solid and reset dashed on `ax`, the gain
+    reset - carried on `gap` (from row `gap_from` on)."""
+    ax.plot(xs, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{name} (state carried)")
+    ax.plot(xs, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{name} (state reset)")
+    gap.plot(xs[gap_from:], [r["reset"] - r["carried"] for r in rows[gap_from:]], "o-", ms=3, color=color, label=name)
+
+
 def _style_gain_axes(ax, gap, xlabel: str) -> None:
     """The shared look of the carried-vs-reset figures: the gain panel's zero line, labels, grids, legends."""
     gap.axhline(0.0, color="0.3", lw=0.8)
@@ -89,9 +97,7 @@ def plot_book_loss(results: dict, path: Path, split: str) -> Path | None:
     for i, (n, rows) in enumerate(series.items()):
         xs = [r["first_token"] for r in rows]
         color = f"C{i % 10}"
-        ax.plot(xs, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{n} (state carried)")
-        ax.plot(xs, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{n} (state reset)")
-        gap.plot(xs[1:], [r["reset"] - r["carried"] for r in rows[1:]], "o-", ms=3, color=color, label=n)
+        _plot_carried_vs_reset(ax, gap, xs, rows, color, n, gap_from=1)
     ax.set_xlabel("distance into the book (tokens, start of window)")
     ax.set_ylabel("mean loss (nats/token)")
     ax.set_title(f"loss by window ({split} split)", fontsize=10)
@@ -109,9 +115,7 @@ def plot_name_loss(results: dict, path: Path, split: str) -> Path | None:
     for i, (n, rows) in enumerate(series.items()):
         rows = [r for r in rows if r["targets"] > 0]
         labels, color = [r["bucket"] for r in rows], f"C{i % 10}"
-        ax.plot(labels, [r["carried"] for r in rows], "o-", ms=3, color=color, label=f"{n} (state carried)")
-        ax.plot(labels, [r["reset"] for r in rows], "s--", ms=3, color=color, alpha=0.7, label=f"{n} (state reset)")
-        gap.plot(labels, [r["reset"] - r["carried"] for r in rows], "o-", ms=3, color=color, label=n)
+        _plot_carried_vs_reset(ax, gap, labels, rows, color, n)
     ax.set_xlabel("tokens since the previous mention of the name")
     ax.set_ylabel("mean loss on the name's tokens (nats/token)")
     ax.set_title(f"recurring names ({split} split)", fontsize=10)
