@@ -99,7 +99,7 @@ _OPTION_KEYS = ("num_books", "seq_len", "fiction_only", "unwrap", "min_chars", "
                 "val_permille", "test_permille")
 _PID_FILE = ".prepare-pid"        # in a build folder: "<host> <pid>" of the run writing it
 _DATA_FILES = {"train.bin", "val.bin", "test.bin", "meta.json", "tokenizer.json", "report.md",
-               recall_gate.PROBE_FILE}  # what --force may replace
+               recall_gate.PROBE_FILE} | {f"{s}.answers.bin" for s in SPLITS}  # what --force may replace
 BAD_BYTES_TOTAL = f"{BAD_BYTES_NOTE}: bytes in all"  # meta.json "notes": books per note, and this total
 _CLEANING_VERSION = 2            # bump when mamba_lm/gutenberg.py changes its output
 
@@ -456,8 +456,11 @@ def prepare(cfg: dict) -> str:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         meta = _build(cfg, desc, records, total_rows, tok, tmp, out, request, t0)
         os.remove(os.path.join(tmp, _PID_FILE))
-        if cfg["source"] == "recall-gate":  # the held-out probe set, with the answers' token positions
-            recall_gate.write_probe_set(tmp, recall_gate.parse_dial(cfg["gate"]), tok)
+        if cfg["source"] == "recall-gate":  # the held-out probe set, and the answer masks (--loss_on=answers)
+            dial = recall_gate.parse_dial(cfg["gate"])
+            recall_gate.write_probe_set(tmp, dial, tok)
+            answers = recall_gate.write_answer_masks(tmp, dial, tok)
+            print("answer tokens (--loss_on=answers): " + ", ".join(f"{s} {n:,}" for s, n in answers.items()))
         replace_folder(tmp, out)       # atomically: the old out_dir is removed only after the rename
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

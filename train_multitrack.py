@@ -63,6 +63,7 @@ data_dir = "data/gutenberg-neox"  # prepared by prepare_data.py (seq_len and tok
 out_dir = "out/multitrack"    # checkpoints and logs [output folder]
 seq_len = 0                   # 0: the data's seq_len (1024 for the reference run) [>=0]
 stateful = False              # each row reads whole books in order, its state carried between steps (truncated BPTT) and reset at each book's eos
+loss_on = "all"               # all | answers: score only the answer tokens of a recall-gate data dir (the MQAR objective)
 # optimization
 batch_size = 8                # sequences per micro-batch [>=1]
 grad_accum = 1                # micro-batches per optimizer step (global batch = batch_size * grad_accum) [>=1]

@@ -49,12 +49,12 @@ MODES = {"windowed": {}, "stateful": {"stateful": True}}       # training mode -
 SIZE_PRESETS = {"130m": {"mamba": "mamba-130m", "multitrack": "multitrack-130m"}}
 # flags an arm may not set: they fix the data, its order and the budget, which paired runs share
 PAIRED_FLAGS = {"data_dir", "out_dir", "seed", "batch_size", "grad_accum", "seq_len", "max_tokens", "max_steps",
-                "epochs", "resume", "overwrite", "init_from", "preset"}
+                "epochs", "resume", "overwrite", "init_from", "preset", "loss_on"}
 RUNNER_FLAGS = {"data_dir", "out_dir", "seed", "max_tokens", "epochs", "resume", "overwrite", "preset"}
 PLAN_KEYS = {"name", "description", "tokens", "sizes", "seeds", "data", "baseline", "train", "arm", "expect",
              "lease_s", "max_epochs", "evaluate", "device_note"}
 ARM_KEYS = {"name", "model", "flags", "mode", "optional", "note"}
-DATA_KEYS = {"prepare", "dir", "gate"}
+DATA_KEYS = {"prepare", "dir", "gate", "train"}
 RESULTS = "results.jsonl"
 
 
@@ -94,7 +94,8 @@ class Plan:
     tokens: int | dict           # training tokens per run, or per size {size: tokens} (a ladder)
     sizes: list
     seeds: list
-    data: dict                   # name -> {"prepare": {...prepare_data flags}, "gate": bool, "dir": str}
+    data: dict                   # name -> {"prepare": {...prepare_data flags}, "gate": bool, "dir": str,
+                                 #          "train": {...train flags of every run on it}}
     arms: list
     baseline: str
     train: dict
@@ -213,9 +214,11 @@ def _parse_data(path, data: dict) -> dict:
     for dname, spec in data.items():
         if not isinstance(spec, dict) or set(spec) - DATA_KEYS or ("prepare" in spec) == ("dir" in spec):
             _fail(path, f"data.{dname}: expected a table with either prepare = {{prepare_data.py flags}} or "
-                        f"dir = \"an already prepared data dir\" (and optionally gate = true)")
+                        f"dir = \"an already prepared data dir\" (and optionally gate = true, train = {{flags}})")
+        train = _data_train_flags(path, dname, spec)
         if "dir" in spec:
-            out[dname] = {"prepare": None, "gate": bool(spec.get("gate", False)), "dir": spec["dir"]}
+            gate = bool(spec.get("gate", False))
+            out[dname] = {"prepare": None, "gate": gate, "dir": spec["dir"], "train": _gate_loss(gate, train)}
             continue
         prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
         known = script_flags("prepare_data.py")
@@ -224,9 +227,25 @@ def _parse_data(path, data: dict) -> dict:
                 _fail(path, f"data.{dname}.prepare: prepare_data.py has no --{k}")
             _check_value(path, f"data.{dname}.prepare", k, v, known[k])
         prep.setdefault("out_dir", f"data/{dname}")
-        out[dname] = {"prepare": prep, "gate": bool(spec.get("gate", prep.get("source") == "recall-gate")),
-                      "dir": prep["out_dir"]}
+        gate = bool(spec.get("gate", prep.get("source") == "recall-gate"))
+        out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"], "train": _gate_loss(gate, train)}
     return out
+
+
+def _data_train_flags(path, dname: str, spec: dict) -> dict:
+    """data.NAME.train: train-script flags of every run on this data (shared by all arms, so still paired)."""
+    train = dict(spec.get("train", {}))
+    known = script_flags(SCRIPTS["mamba"])
+    for k, v in train.items():
+        if k not in known or k in RUNNER_FLAGS:
+            _fail(path, f"data.{dname}.train: --{k} is not a train flag a data set may set")
+        _check_value(path, f"data.{dname}.train", k, v, known[k])
+    return train
+
+
+def _gate_loss(gate: bool, train: dict) -> dict:
+    """Runs on a recall gate score only its answers (the MQAR objective), unless the plan says otherwise."""
+    return {"loss_on": "answers", **train} if gate else train
 
 
 def _parse_arms(path, arms_raw: list, train: dict, sizes: list, presets: dict) -> tuple[list, dict]:
@@ -297,7 +316,8 @@ def _check_budget(plan: Plan):
 
 def train_command(plan: Plan, run: Run, out_dir: Path, data_dir: str, epochs: int, python: str) -> list[str]:
     """The train script's command line for one piece of `run`."""
-    flags = {**plan.train, **run.arm.flags, **MODES[run.arm.mode], "preset": run.preset, "data_dir": data_dir,
+    flags = {**plan.train, **plan.data[run.data]["train"], **run.arm.flags, **MODES[run.arm.mode],
+             "preset": run.preset, "data_dir": data_dir,
              "out_dir": str(out_dir), "seed": run.seed, "max_tokens": run.tokens, "epochs": epochs}
     if (out_dir / "ckpt_latest.pt").exists():
         flags["resume"] = True

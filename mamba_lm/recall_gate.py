@@ -33,7 +33,10 @@ The difficulty dial (`GateDial`, a preset name plus `key=value` overrides, e.g.
     chars_per_token  to size the filler in characters (distances are then *measured* in tokens)
 
 Data: `prepare_data.py --source=recall-gate --gate=cpu` writes a normal data dir (tokenizer: a BPE
-trained on the gate text, as for the demo corpus) plus `gate_probes.json`, the held-out probe set:
+trained on the gate text, as for the demo corpus), `{split}.answers.bin` (1 on every question's answer
+tokens: `--loss_on=answers` trains on these alone, as MQAR does; with the loss on every token the
+answers are a few percent of it and a CPU-sized model never starts binding, bench/results/gate-cpu)
+plus `gate_probes.json`, the held-out probe set:
 episodes from another seed (and held-out filler) with every answer's token span, its measured
 distance and its candidates' token ids. `score_gate(model, probes, window)` gives accuracy (the
 answer ranked first among the candidates) and mean answer-token log-prob per distance bucket, with
@@ -52,7 +55,7 @@ import numpy as np
 import torch
 
 from mamba_lm import demo_corpus
-from mamba_lm.data import TokenSplit, load_meta
+from mamba_lm.data import SPLITS, TokenSplit, answers_path, load_meta
 from mamba_lm.errors import UserError
 from mamba_lm.metrics import probe_token_spans
 from mamba_lm.sources import make_record
@@ -454,6 +457,29 @@ def write_probe_set(data_dir, dial: GateDial, tokenizer) -> Path:
     tmp.write_text(json.dumps(probes))
     tmp.replace(path)
     return path
+
+
+def write_answer_masks(data_dir, dial: GateDial, tokenizer) -> dict[str, int]:
+    """data_dir/{split}.answers.bin for every split: np.uint8 per stored token, 1 on the answer tokens of
+    every question (the restatement of a fact, not its first statement), 0 elsewhere (data.answers_path;
+    what `--loss_on=answers` trains on). The books are generated again from the dial (deterministic) and
+    each one's tokens are checked against the stored stream. Returns {split: answer tokens}."""
+    books = {GATE_ID_BASE + i: b for i, b in enumerate(generate_books(dial))}
+    meta = load_meta(data_dir)
+    counts = {}
+    for split in SPLITS:
+        tokens = TokenSplit(data_dir, split).tokens
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        for book_id, start, n in meta["splits"][split]["book_spans"]:
+            book = books[int(book_id)]
+            ids, spans = probe_token_spans(book["TEXT"], book["probes"], tokenizer)
+            if list(ids) != [int(t) for t in tokens[start:start + n - 1]]:      # n counts the trailing eos
+                raise RuntimeError(f"gate book {book_id}: the stored tokens differ from its text's encoding")
+            for a, b, _, _ in spans:
+                mask[start + a:start + b] = 1
+        mask.tofile(answers_path(data_dir, split))
+        counts[split] = int(mask.sum())
+    return counts
 
 
 def load_probe_set(data_dir) -> dict:

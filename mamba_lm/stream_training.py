@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mamba_lm.data import IGNORE
 from mamba_lm.errors import UserError
 from mamba_lm.runtime import autocast
 from mamba_lm.stateful import forward_with_resets
@@ -46,7 +47,7 @@ class CarriedTraining:
     def __init__(self, raw_model, train_split, global_batch: int, batch_size: int, seq_len: int, seed: int,
                  dist, device):
         self.streams = BookStreams(train_split.tokens, train_split.book_spans(), rows=global_batch,
-                                   seq_len=seq_len, seed=seed)
+                                   seq_len=seq_len, seed=seed, scored=train_split.scored)
         self.dist, self.device = dist, device
         share = global_batch // dist.world
         self.rows = range(dist.rank * share, (dist.rank + 1) * share)         # this rank's rows
@@ -111,7 +112,7 @@ def carried_val_loss(model, raw_model, val_split, *, rows: int, windows: int, di
     if per_rank * dist.world > books:
         return None
     streams = BookStreams(val_split.tokens, val_split.book_spans(), rows=per_rank * dist.world,
-                          seq_len=val_split.seq_len, shuffle=False)
+                          seq_len=val_split.seq_len, shuffle=False, scored=val_split.scored)
     mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     was_training = model.training
     model.eval()
@@ -123,9 +124,9 @@ def carried_val_loss(model, raw_model, val_split, *, rows: int, windows: int, di
             carried, _ = forward_with_resets(model, x, cache, resets)
             fresh = model(x)
         for i, logits in enumerate((carried, fresh)):
-            sums[i] += torch.nn.functional.cross_entropy(
+            sums[i] += torch.nn.functional.cross_entropy(          # IGNORE targets (loss_on="answers") skipped
                 logits[..., :vocab_size].float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        sums[2] += y.numel()
+        sums[2] += int((y != IGNORE).sum())
     model.train(was_training)
     total = [dist.all_sum(float(v)) for v in sums]
     if total[2] == 0:

@@ -47,17 +47,19 @@ class BookStreams:
 
     tokens: the split's token stream (np.memmap uint16, books concatenated, eos after each);
     book_spans: [(book_id, start_token, n_tokens)] (n_tokens includes the trailing eos);
-    rows: R, the global batch; seq_len: L; seed, shuffle: the book order.
+    rows: R, the global batch; seq_len: L; seed, shuffle: the book order; scored: None (every target scored) or
+    the split's answer mask (np.uint8 per token, data.TokenSplit.scored): targets outside it become IGNORE.
     """
 
-    def __init__(self, tokens, book_spans, rows: int, seq_len: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, tokens, book_spans, rows: int, seq_len: int, seed: int = 0, shuffle: bool = True,
+                 scored=None):
         spans = [(int(s), int(n)) for _, s, n in book_spans if int(n) > 0]
         if rows < 1 or seq_len < 1:
             raise UserError(f"book streams need rows >= 1 and seq_len >= 1 (got {rows}, {seq_len})")
         if len(spans) < rows:
             raise UserError(f"stateful training gives each of the {rows} rows of the global batch its own book, "
                             f"but the split has only {len(spans)} books; lower --batch_size*--grad_accum")
-        self.tokens, self.spans = tokens, spans
+        self.tokens, self.spans, self.scored = tokens, spans, scored
         self.rows, self.seq_len, self.seed, self.shuffle = int(rows), int(seq_len), int(seed), bool(shuffle)
         self.num_tokens = sum(n for _, n in spans)
         self._orders: dict[int, np.ndarray] = {}
@@ -111,18 +113,21 @@ class BookStreams:
         plans = [self._pieces(r, L + 1) for r in range(self.rows)]      # all rows: the deal order is global
         xy = np.empty((len(rows), L + 1), dtype=np.int64)
         resets = np.zeros((len(rows), L + 1), dtype=bool)
+        scored = None if self.scored is None else np.zeros((len(rows), L + 1), dtype=bool)
         for i, r in enumerate(rows):
             at = 0
             for book, start, end in plans[r]:
                 s0, n = self.spans[book]
                 xy[i, at:at + end - start] = self.tokens[s0 + start:s0 + end]
+                if scored is not None:
+                    scored[i, at:at + end - start] = self.scored[s0 + start:s0 + end]
                 if end == n:                                             # the book's eos: the next stream starts
                     resets[i, at + end - start - 1] = True
                 at += end - start
         for r in range(self.rows):
             self._advance(r)
         self.windows += 1
-        x, y = windows_to_device(xy, device)
+        x, y = windows_to_device(xy, device, scored)
         return x, y, torch.from_numpy(resets[:, :-1].copy())
 
     @property

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mamba_lm.checkpoint import model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mamba_lm.data import TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta
+from mamba_lm.data import IGNORE, LOSS_ON, TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta
 from mamba_lm.distributed import (Dist, gather_model_state, gather_optimizer_state, load_optimizer_state,
                                   no_sync_unless, wrap_for_ranks)
 from mamba_lm.errors import UserError
@@ -121,14 +121,18 @@ def get_lr(step: int, warmup: int, total: int, lr: float, min_lr: float) -> floa
 
 
 def lm_loss(logits, targets, vocab_size: int | None = None):
-    """Mean next-token cross-entropy (nats). logits: (B, L, V_padded); targets: (B, L).
+    """Mean next-token cross-entropy (nats) over the scored targets. logits: (B, L, V_padded); targets: (B, L).
 
     Logits beyond `vocab_size` (the embedding's padding to a multiple of 8) are cut off, so
-    padded ids never take probability mass. Computed in fp32.
+    padded ids never take probability mass. Targets equal to data.IGNORE (loss_on="answers": everything
+    but a recall gate's answers) are skipped; a batch without a scored target gives 0 (and no gradient).
+    Computed in fp32.
     """
     if vocab_size is not None and logits.size(-1) != vocab_size:
         logits = logits[..., :vocab_size]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE, reduction="sum")
+    return total / (flat != IGNORE).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -146,8 +150,9 @@ def loss_sums(model, split, seq_indices, *, batch_size=8, device="cpu", dtype=to
         x, y = split.get_batch(np.asarray(chunk), device=device)
         with autocast(device, dtype):
             logits = model(x)
-        total += lm_loss(logits, y, vocab_size).item() * y.numel()
-        count += y.numel()
+        scored = int((y != IGNORE).sum())
+        total += lm_loss(logits, y, vocab_size).item() * scored
+        count += scored
     model.train(was_training)
     return total, count
 
@@ -267,7 +272,7 @@ class TrainingDiverged(UserError):
 TRAIN_KEYS = ("data_dir", "out_dir", "seq_len", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
               "warmup_frac", "epochs", "max_steps", "max_tokens", "weight_decay", "beta1", "beta2", "grad_clip",
               "eval_interval", "eval_batches", "eval_max_batches", "log_interval", "tensorboard", "seed", "device",
-              "dtype", "compile", "fsdp", "resume", "overwrite", "init_from", "stateful")
+              "dtype", "compile", "fsdp", "resume", "overwrite", "init_from", "stateful", "loss_on")
 
 _INT, _NUM, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 
@@ -308,6 +313,7 @@ RANGES = {
     "overwrite": (_BOOL, _any, "True or False"),
     "init_from": (_STR, _any, "scratch, resume, or a path"),
     "stateful": (_BOOL, _any, "True or False"),
+    "loss_on": (_STR, lambda v: v in LOSS_ON, " or ".join(LOSS_ON)),
 }
 _BOOL_OK = {k for k, (types, _, _) in RANGES.items() if types is _BOOL}
 
@@ -920,8 +926,8 @@ def load_run_data(cfg: dict, resume: bool) -> RunData:
         if not resume:
             raise
         raise UserError(f"{e} (resuming: repeat the original run's --data_dir and model flags)") from None
-    train_split = TokenSplit(data_dir, "train", cfg["seq_len"] or None)
-    val_split = TokenSplit(data_dir, "val", cfg["seq_len"] or None)
+    train_split = TokenSplit(data_dir, "train", cfg["seq_len"] or None, loss_on=cfg["loss_on"])
+    val_split = TokenSplit(data_dir, "val", cfg["seq_len"] or None, loss_on=cfg["loss_on"])
     tokenizer = data_tokenizer(data_dir, meta)
     if val_split.num_sequences == 0:
         raise UserError(f"the val split of {data_dir} has no full sequence of {val_split.seq_len} tokens; "
