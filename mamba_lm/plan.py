@@ -53,8 +53,8 @@ PAIRED_FLAGS = {"data_dir", "out_dir", "seed", "batch_size", "grad_accum", "seq_
 RUNNER_FLAGS = {"data_dir", "out_dir", "seed", "max_tokens", "epochs", "resume", "overwrite", "preset"}
 PLAN_KEYS = {"name", "description", "tokens", "sizes", "seeds", "data", "baseline", "train", "arm", "expect",
              "lease_s", "max_epochs", "evaluate", "device_note"}
-ARM_KEYS = {"name", "model", "flags", "mode", "optional", "note"}
-DATA_KEYS = {"prepare", "dir", "gate", "train"}
+ARM_KEYS = {"name", "model", "flags", "mode", "optional", "note", "data"}
+DATA_KEYS = {"prepare", "dir", "gate", "train", "tokens"}
 RESULTS = "results.jsonl"
 
 
@@ -66,6 +66,7 @@ class Arm:
     mode: str = "windowed"
     optional: bool = False
     note: str = ""
+    data: list | None = None     # the data sets it runs on (None: all)
 
 
 @dataclass
@@ -108,11 +109,14 @@ class Plan:
     def queue(self) -> list[Run]:
         """Every run, seed-major: (seed, data, size, arm) with the baseline first."""
         arms = sorted(self.arms, key=lambda a: a.name != self.baseline)
-        return [Run(f"{d}/{size}/{arm.name}/s{seed}", d, size, arm, seed, self.tokens_of(size))
-                for seed in self.seeds for d in self.data for size in self.sizes for arm in arms]
+        return [Run(f"{d}/{size}/{arm.name}/s{seed}", d, size, arm, seed, self.tokens_of(size, d))
+                for seed in self.seeds for d in self.data for size in self.sizes for arm in arms
+                if arm.data is None or d in arm.data]
 
-    def tokens_of(self, size: str) -> int:
-        return self.tokens[size] if isinstance(self.tokens, dict) else self.tokens
+    def tokens_of(self, size: str, data: str | None = None) -> int:
+        """Training tokens of a run of `size` on data set `data` (its own `tokens`, else the plan's)."""
+        tokens = self.data[data].get("tokens") or self.tokens if data else self.tokens
+        return tokens[size] if isinstance(tokens, dict) else tokens
 
     def estimate_s(self, run: Run) -> float | None:
         """Expected seconds of a run from `expect` (baseline tokens/s per size, ratio per model), or None."""
@@ -183,19 +187,19 @@ def load_plan(path: str, presets: dict) -> Plan:
     name = _need(raw, "name", str, path, "the plan")
     tokens = _need(raw, "tokens", (int, dict), path, "the plan")
     sizes = _need(raw, "sizes", list, path, "the plan")
-    per_size = tokens if isinstance(tokens, dict) else {s: tokens for s in sizes}
-    if set(per_size) != set(sizes) or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0
-                                              for t in per_size.values()):
-        _fail(path, f"tokens must be a positive integer, or a table with one for each size {sizes}")
+    _check_tokens(path, "tokens", tokens, sizes)
     seeds = _need(raw, "seeds", list, path, "the plan")
     if not sizes or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         _fail(path, "sizes and seeds must be non-empty lists (seeds of integers)")
     if len(set(seeds)) != len(seeds):
         _fail(path, f"seeds repeat: {seeds}")
     data = _parse_data(path, _need(raw, "data", dict, path, "the plan"))
+    for dname, spec in data.items():
+        if spec["tokens"] is not None:
+            _check_tokens(path, f"data.{dname}.tokens", spec["tokens"], sizes)
     train = raw.get("train", {})
     arms_raw = _need(raw, "arm", list, path, "the plan")
-    arms, skipped = _parse_arms(path, arms_raw, train, sizes, presets)
+    arms, skipped = _parse_arms(path, arms_raw, train, sizes, presets, set(data))
     baseline = raw.get("baseline", "baseline")
     if baseline not in {a.name for a in arms}:
         _fail(path, f"the baseline arm {baseline!r} is not among the arms {[a.name for a in arms]}")
@@ -205,6 +209,13 @@ def load_plan(path: str, presets: dict) -> Plan:
     _check_evaluate(path, plan.evaluate)
     _check_budget(plan)
     return plan
+
+
+def _check_tokens(path, where: str, tokens, sizes: list) -> None:
+    per_size = tokens if isinstance(tokens, dict) else {s: tokens for s in sizes}
+    if set(per_size) != set(sizes) or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0
+                                              for t in per_size.values()):
+        _fail(path, f"{where} must be a positive integer, or a table with one for each size {sizes}")
 
 
 def _parse_data(path, data: dict) -> dict:
@@ -218,7 +229,8 @@ def _parse_data(path, data: dict) -> dict:
         train = _data_train_flags(path, dname, spec)
         if "dir" in spec:
             gate = bool(spec.get("gate", False))
-            out[dname] = {"prepare": None, "gate": gate, "dir": spec["dir"], "train": _gate_loss(gate, train)}
+            out[dname] = {"prepare": None, "gate": gate, "dir": spec["dir"], "train": _gate_loss(gate, train),
+                          "tokens": spec.get("tokens")}
             continue
         prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
         known = script_flags("prepare_data.py")
@@ -228,7 +240,8 @@ def _parse_data(path, data: dict) -> dict:
             _check_value(path, f"data.{dname}.prepare", k, v, known[k])
         prep.setdefault("out_dir", f"data/{dname}")
         gate = bool(spec.get("gate", prep.get("source") == "recall-gate"))
-        out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"], "train": _gate_loss(gate, train)}
+        out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"], "train": _gate_loss(gate, train),
+                      "tokens": spec.get("tokens")}
     return out
 
 
@@ -248,7 +261,7 @@ def _gate_loss(gate: bool, train: dict) -> dict:
     return {"loss_on": "answers", **train} if gate else train
 
 
-def _parse_arms(path, arms_raw: list, train: dict, sizes: list, presets: dict) -> tuple[list, dict]:
+def _parse_arms(path, arms_raw: list, train: dict, sizes: list, presets: dict, data_names: set) -> tuple[list, dict]:
     if not arms_raw:
         _fail(path, "no [[arm]]")
     arms, skipped, names = [], {}, set()
@@ -257,7 +270,10 @@ def _parse_arms(path, arms_raw: list, train: dict, sizes: list, presets: dict) -
         if set(a) - ARM_KEYS:
             _fail(path, f"{where}: unknown field(s) {', '.join(sorted(set(a) - ARM_KEYS))}; known: {sorted(ARM_KEYS)}")
         arm = Arm(_need(a, "name", str, path, where), _need(a, "model", str, path, where), dict(a.get("flags", {})),
-                  a.get("mode", "windowed"), bool(a.get("optional", False)), a.get("note", ""))
+                  a.get("mode", "windowed"), bool(a.get("optional", False)), a.get("note", ""), a.get("data"))
+        if arm.data is not None and (not isinstance(arm.data, list) or not arm.data
+                                     or any(d not in data_names for d in arm.data)):
+            _fail(path, f"{where}: data must be a non-empty list of the plan's data sets {sorted(data_names)}")
         if arm.name in names or "/" in arm.name:
             _fail(path, f"{where}: arm names must be unique and contain no '/'")
         names.add(arm.name)

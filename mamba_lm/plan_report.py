@@ -233,7 +233,7 @@ def write_report(plan, out_dir, rows: list[dict]) -> Path:
     sections = [("Plan", f"`{plan.path}`: {plan.description}\n\n{len(done)} of {total} runs done"
                          + (f", {len(failed)} failed" if failed else "") + f"; arms {', '.join(a.name for a in plan.arms)}; "
                          f"sizes {', '.join(plan.sizes)}; seeds {plan.seeds}; tokens per run "
-                         f"{', '.join(f'{s} {plan.tokens_of(s):,}' for s in plan.sizes)}."
+                         f"{', '.join(f'{d} {s} {plan.tokens_of(s, d):,}' for d in plan.data for s in plan.sizes)}."
                          + "".join(f"\n\nOptional arm `{a}` not run: {why}." for a, why in plan.skipped_arms.items()))]
     for data in plan.data:
         for size in plan.sizes:

@@ -149,7 +149,8 @@ def test_loss_on_answers_needs_a_gate_data_dir(demo_data_dir, tmp_path):
 
 def test_plan_runs_on_a_gate_score_answers(tmp_path):
     """Guards the runner: runs on recall-gate data get --loss_on=answers (shared by every arm, so still
-    paired), a data set's own train flags reach the command line, and an arm may not change the objective."""
+    paired), a data set's own train flags and token budget reach its runs, an arm restricted to some data
+    sets runs only there, and an arm may not change the objective."""
     from mamba_lm import plan as P
     from mamba_lm.mamba import PRESETS
     text = """
@@ -164,15 +165,26 @@ prepare = { source = "recall-gate", gate = "cpu", seq_len = 32, out_dir = "data/
 [data.demo]
 prepare = { source = "demo", seq_len = 32, out_dir = "data/x-demo" }
 train = { lr = 1e-3 }
+tokens = 4096
 [[arm]]
 name = "baseline"
 model = "mamba"
+[[arm]]
+name = "gate-only"
+model = "mamba"
+data = ["gate"]
 """
     path = tmp_path / "p.toml"
     path.write_text(text)
     plan = P.load_plan(str(path), {"mamba": PRESETS})
-    cmds = {r.data: " ".join(P.train_command(plan, r, tmp_path / r.data, "d", 1, "py")) for r in plan.queue()}
+    cmds = {r.data: " ".join(P.train_command(plan, r, tmp_path / r.data, "d", 1, "py"))
+            for r in plan.queue() if r.arm.name == "baseline"}
     assert "--loss_on=answers" in cmds["gate"] and "--loss_on" not in cmds["demo"] and "--lr=0.001" in cmds["demo"]
+    assert {(r.data, r.arm.name, r.tokens) for r in plan.queue()} == {
+        ("gate", "baseline", 2048), ("gate", "gate-only", 2048), ("demo", "baseline", 4096)}
     path.write_text(text + 'flags = { loss_on = "all" }\n')
     with pytest.raises(UserError, match="loss_on"):
+        P.load_plan(str(path), {"mamba": PRESETS})
+    path.write_text(text.replace('data = ["gate"]', 'data = ["books"]'))
+    with pytest.raises(UserError, match="data must be"):
         P.load_plan(str(path), {"mamba": PRESETS})
