@@ -297,18 +297,19 @@ class Mamba(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token: hidden_states (B, D) -> (B, D); updates the layer's conv and SSM state in place."""
-        xz = self.in_proj(hidden_states)                                         # (B, 2 d_inner)
+        xz = ops.linear_step(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, 2 d_inner)
         x, z = xz.chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")       # (B, d_inner)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = torch.split(ops.linear_step(x, self.x_proj.weight), [self.dt_rank, self.d_state, self.d_state],
+                               dim=-1)
         if dt.dtype == torch.float32:   # Δ + Δ_bias in the projection (one addmm); exact in fp32
-            dt, dt_bias = self.dt_proj(dt), None                                 # (B, d_inner)
+            dt, dt_bias = ops.linear_step(dt, self.dt_proj.weight, self.dt_proj.bias), None  # (B, d_inner)
         else:                           # bf16/fp16: the bias added in fp32, as the scan does
             dt, dt_bias = F.linear(dt, self.dt_proj.weight), self.dt_proj.bias
         y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, ssm_A(self), B, C, self.D,
                                        z=z, dt_bias=dt_bias, dt_softplus=True)
-        return self.out_proj(y)
+        return ops.linear_step(y, self.out_proj.weight, self.out_proj.bias)
 
 
 
@@ -409,7 +410,7 @@ class MambaLMHeadModel(nn.Module):
 
     def step(self, input_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache."""
-        return self.lm_head(self.backbone.step(input_ids, cache))
+        return ops.linear_step(self.backbone.step(input_ids, cache), self.lm_head.weight)
 
     def num_params(self) -> int:
         """Number of unique parameters (the tied embedding / LM head counted once)."""

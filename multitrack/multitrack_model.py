@@ -181,8 +181,9 @@ class MultiTrackLM(nn.Module):
         from the single-token `narrative_step`, and the routers' signal terms as in forward.
         """
         features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
-        return self.lm_head(self.backbone.step(input_ids, self._router_signal_logits(features), cache,
-                                                self._clock_inputs(features)))
+        hidden_states = self.backbone.step(input_ids, self._router_signal_logits(features), cache,
+                                           self._clock_inputs(features))
+        return ops.linear_step(hidden_states, self.lm_head.weight)
 
     def _clock_inputs(self, features: torch.Tensor) -> list[torch.Tensor] | None:
         """The plot clock's input of every layer, features (..., F) -> [(...,) per layer] | None: the boundary

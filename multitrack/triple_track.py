@@ -256,12 +256,12 @@ class TripleTrackMixer(nn.Module):
         """One token: u (B, D), signal_logits (B, G) | None (this layer's W_s s + b, computed for all layers
         at once by MultiTrackLM.step), clock (B,) | None -> (out (B, D), weights (B, G) | None, gate (B,) |
         None); updates cache."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)                                  # (B, Di) each
+        x, z = ops.linear_step(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)   # (B, Di) each
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")
-        dt, B, C = self._split_bc(self.x_proj(x))                                # B, C: (B, G', N) | (B, N)
+        dt, B, C = self._split_bc(ops.linear_step(x, self.x_proj.weight))       # B, C: (B, G', N) | (B, N)
         biased = dt.dtype == torch.float32                                       # Δ + bias in one addmm (exact in fp32)
-        dt = self.dt_proj(dt) if biased else F.linear(dt, self.dt_proj.weight)  # (B, Ds)
+        dt = ops.linear_step(dt, self.dt_proj.weight, self.dt_proj.bias if biased else None)   # (B, Ds)
         gate = self._clock_gate(u, clock)
         delta, dt_bias, softplus = self._delta(dt, gate, biased)
         state = cache.ssm_states[self.layer_idx]                                 # (B, Ds, N)
@@ -274,7 +274,7 @@ class TripleTrackMixer(nn.Module):
         if self.memory is not None:
             y_memory = self.memory.step(x[:, self.d_scan:], z[:, self.d_scan:], cache.mem_states[self.layer_idx])
         y, weights = self._mix_tracks(self._to_track_order(y, y_memory), u, signal_logits)
-        return self.out_proj(y), weights, gate
+        return ops.linear_step(y, self.out_proj.weight, self.out_proj.bias), weights, gate
 
 
 class MultiTrackBlock(nn.Module):

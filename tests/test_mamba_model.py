@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_lm import models
+from mamba_lm import models, ops
 from mamba_lm.errors import UserError
 from mamba_lm.mamba import PRESETS, MambaConfig, MambaLMHeadModel, mamba_config, ssm_A
 
@@ -54,13 +54,18 @@ def test_forward_backward_reaches_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_step_matches_parallel_forward():
-    """Teacher-forced step() token by token gives the logits of one parallel forward (fp32)."""
+@pytest.mark.parametrize("batch,blocked_linear", [(2, False), (2, True), (1, True)])
+def test_step_matches_parallel_forward(monkeypatch, batch, blocked_linear):
+    """Teacher-forced step() token by token gives the logits of one parallel forward (fp32); also with
+    every projection of the step through ops.linear_step's blocked product (which the tiny model's small
+    weights otherwise skip)."""
+    if blocked_linear:
+        monkeypatch.setattr(ops, "_STEP_MIN_WEIGHT", 0)
     model = _tiny()
-    ids = _ids(2, 29)
+    ids = _ids(batch, 29)
     with torch.no_grad():
         full = model(ids)
-        cache = model.allocate_cache(2)
+        cache = model.allocate_cache(batch)
         steps = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
     diff = (steps - full).abs().max().item()
     print(f"step vs parallel max |diff| = {diff:.2e}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_lm import models
+from mamba_lm import models, ops
 from mamba_lm.errors import UserError
 from mamba_lm.mamba import MambaLMHeadModel, mamba_config
 from multitrack.multitrack_model import (VARIANTS, MultiTrackConfig, MultiTrackLM, baseline_params, count_params,
@@ -115,11 +115,15 @@ def test_track_dt_initialisation_ranges():
     assert dt1.min() < 1e-3 and dt1.max() > 1e-2                               # spread over 3 decades
 
 
-@pytest.mark.parametrize("name", list(ABLATIONS))
-def test_step_matches_parallel_forward(name, byte_table, story_ids):
+@pytest.mark.parametrize("name,blocked_linear", [(name, False) for name in ABLATIONS]
+                         + [("full", True), ("revised", True)])
+def test_step_matches_parallel_forward(monkeypatch, name, blocked_linear, byte_table, story_ids):
     """Guards generation: teacher-forced step() equals forward() logits (fp32, < 1e-4), the cache carries
     the dialogue parity exactly as the parallel pass computes it, and every recurrent state (conv, scan,
-    delta-rule memory) ends equal."""
+    delta-rule memory) ends equal; once with every step projection through ops.linear_step's blocked
+    product (which the tiny model's small weights otherwise skip)."""
+    if blocked_linear:
+        monkeypatch.setattr(ops, "_STEP_MIN_WEIGHT", 0)
     model = make_model(tiny(**ABLATIONS[name]), byte_table).eval()
     with torch.no_grad():
         ref_cache = model.allocate_cache(2)

@@ -222,6 +222,28 @@ def test_conv_update_matches_sequence_conv():
     torch.testing.assert_close(state, x[:, :, -4:])
 
 
+@pytest.mark.parametrize("rows,d_out,bias,dtype", [
+    (1, 64, False, torch.float32), (1, 64, True, torch.float32), (3, 48, True, torch.float32),
+    (4, 40, False, torch.float32), (5, 64, True, torch.float32), (1, 36, True, torch.float32),
+    (2, 64, True, torch.bfloat16)])
+def test_linear_step_matches_linear(monkeypatch, rows, d_out, bias, dtype):
+    """ops.linear_step (the decode step's projections: a batched product over row blocks of the weight
+    on the CPU) == F.linear, with and without bias, 1-4 rows (blocked) and the cases that fall back
+    (5 rows, d_out not a multiple of the blocks, bf16); the weight is neither copied nor changed."""
+    monkeypatch.setattr(ops, "_STEP_MIN_WEIGHT", 0)            # tiny weights take the blocked form too
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, 24, generator=g).to(dtype)
+    w = torch.randn(d_out, 24, generator=g).to(dtype)
+    b = torch.randn(d_out, generator=g) if bias else None
+    before = w.clone()
+    out = ops.linear_step(x, w, b)
+    ref = F.linear(x, w, None if b is None else b.to(dtype))
+    assert out.shape == (rows, d_out) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert torch.equal(w, before)
+
+
 @pytest.mark.parametrize("groups,with_z,with_d,with_bias,softplus", [
     (None, True, True, True, True), (2, True, True, True, True), (4, False, False, False, False),
     (None, False, True, False, True)])
