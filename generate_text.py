@@ -48,6 +48,7 @@ seed = 1337                          # sampling seed [>=0]
 device = "auto"                      # auto | cpu | cuda | cuda:N
 dtype = "auto"                       # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
 cuda_graph = True                    # run the decode step as a CUDA graph (CUDA only)
+compile = False                      # CPU: decode step via torch.compile (2-2.5x on small models, 10-30 s compile)
 stream = True                        # print the first sample of each prompt as it is generated
 generations_dir = "generations"      # where generations_YYYYMMDD.md goes [output folder]
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def main():
             out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty,
                            eos_id=tok.eos_id if stop_at_eos else None, generator=generator, on_token=streamer,
-                           cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+                           cuda_graph=cuda_graph, vocab_size=tok.vocab_size, compile=compile)
         except NonFiniteLogits as e:
             if streamer:
                 print(file=sys.stderr)

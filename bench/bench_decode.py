@@ -4,6 +4,7 @@
     python bench/bench_decode.py --model=multitrack                     # the multi-track model (multitrack-130m)
     python bench/bench_decode.py --preset=tiny --gen_lengths=1024,4096,16384 --decode_tokens=128   # CPU
     python bench/bench_decode.py --device=cpu --batch_sizes=1 --gen_lengths= --repeats=5   # CPU: vs the bandwidth bound
+    python bench/bench_decode.py --device=cpu --batch_sizes=1 --gen_lengths= --compile=True   # + the compiled step
 
 With --model=multitrack the model is the parameter-matched multi-track preset (multitrack-130m for
 mamba-130m, else the preset of the same name) with a sparse random narrative signal table, so the
@@ -54,7 +55,7 @@ cuda_graph = True        # capture our step() as a CUDA graph when possible
 seed = 1337              # torch seed [>=0]
 repeats = 1              # speed runs per batch size; the best is kept (noisy shared machines) [>=1]
 threads = 0              # CPU threads for torch (0: torch's default, the core count) [>=0]
-compile = False          # CPU: also time torch.compile(model.step) (inductor), next to the eager step
+compile = False          # CPU: also time the step through torch.compile (generate(compile=True)), next to the eager one
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -74,10 +75,11 @@ def memory_gib(dev) -> float:
 
 def make_step(net, cache, batch, dev, compiled=False):
     """(step function ids (B,) -> logits, description). CUDA graph via mamba_lm.generation if possible;
-    compiled: torch.compile(model.step) (compiled on the warmup tokens)."""
+    compiled: generation.CompiledStep, torch.compile(model.step) as generate(compile=True) runs it
+    (compiled on the first warmup token)."""
     if compiled:
-        step = torch.compile(net.step, dynamic=False)
-        return (lambda ids: step(ids, cache)), "step() torch.compile"
+        from mamba_lm.generation import CompiledStep
+        return CompiledStep(net, cache), "step() torch.compile"
     if dev == "cuda" and cuda_graph:
         try:
             from mamba_lm.generation import CUDAGraphStep
@@ -90,16 +92,21 @@ def make_step(net, cache, batch, dev, compiled=False):
 
 @torch.inference_mode()
 def decode_ours(net, batch, n_tokens, dev, checkpoints=(), compiled=False):
-    """Greedy decode; returns (tokens/s, method, {length: memory at that length})."""
+    """Greedy decode; returns (tokens/s, method, {length: memory at that length}, seconds of the first
+    warmup step: the compile time of a compiled step)."""
     cfg = net.config
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=dev)
     cache = net.allocate_cache(batch)
     step, method = make_step(net, cache, batch, dev, compiled)
     logits = net(prompt, cache=cache)[:, -1]
     memory = {}
-    for _ in range(3):  # warmup (graph replays / allocator)
+    t0 = time.perf_counter()
+    for i in range(3):  # warmup (graph replays / allocator / compile)
         ids = logits[:, :cfg.vocab_size].argmax(-1)
         logits = step(ids)
+        if i == 0:
+            sync(dev)
+            first_s = time.perf_counter() - t0
     sync(dev)
     t0 = time.perf_counter()
     for t in range(1, n_tokens + 1):
@@ -109,7 +116,7 @@ def decode_ours(net, batch, n_tokens, dev, checkpoints=(), compiled=False):
             sync(dev)
             memory[t] = memory_gib(dev)
     sync(dev)
-    return batch * n_tokens / (time.perf_counter() - t0), method, memory
+    return batch * n_tokens / (time.perf_counter() - t0), method, memory, first_s
 
 
 @torch.inference_mode()
@@ -162,17 +169,21 @@ with user_errors():
     variants = [False, True] if compile and dev == "cpu" else [False]
     for batch in [int(b) for b in str(batch_sizes).split(",") if b.strip()]:
         for compiled in variants:
-            tps, method = 0.0, ""
+            tps, method, first = 0.0, "", []
             for _ in range(max(1, repeats)):
-                run_tps, method, _ = decode_ours(net, batch, decode_tokens, dev, compiled=compiled)
+                run_tps, method, _, first_s = decode_ours(net, batch, decode_tokens, dev, compiled=compiled)
                 tps = max(tps, run_tps)
+                first.append(first_s)
             label = "ours" if model == "mamba" else model
             row = {"impl": label, "method": method, "batch": batch, "tokens_per_s": tps}
+            if compiled:
+                row["compile_s"] = first[0]     # the first step of the first run compiles; later runs reuse it
             if bound and batch == 1:
                 row["fraction_of_bound"] = tps / bound["tokens_per_s"]
             speed_rows.append(row)
             of_bound = f", {row['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in row else ""
-            print(f"  {label:<10} batch {batch:>3}: {tps:>10,.0f} tok/s ({method}{of_bound})", flush=True)
+            compiling = f", compiled in {row['compile_s']:.1f} s" if compiled else ""
+            print(f"  {label:<10} batch {batch:>3}: {tps:>10,.0f} tok/s ({method}{of_bound}{compiling})", flush=True)
         if model != "mamba":
             continue
         try:
@@ -195,7 +206,7 @@ with user_errors():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = memory_gib(dev)
-        tps, method, memory = decode_ours(net, 1, lengths[-1], dev, checkpoints=set(lengths))
+        tps, method, memory, _ = decode_ours(net, 1, lengths[-1], dev, checkpoints=set(lengths))
         print(f"  long generation: {lengths[-1]:,} tokens at {tps:,.0f} tok/s ({method})")
 
     print("\n| implementation | method | batch | decode tokens/s |")

@@ -201,8 +201,10 @@ def kept(module: nn.Module, name: str, fn, *tensors: torch.Tensor) -> torch.Tens
     """fn(*tensors), kept on `module` under `name` between calls while autograd is off (the decode step)
     and recomputed only when one of the tensors changes (in-place update, load_state_dict, move): a
     quantity derived from parameters is then computed once, not once per token. With autograd on
-    (training, BPTT through steps) it is computed fresh every call."""
-    if torch.is_grad_enabled() or any(t.is_inference() for t in tensors):   # inference tensors: no version
+    (training, BPTT through steps) it is computed fresh every call, and so inside torch.compile (a compiled
+    step: the computation becomes part of the graph, whose inputs are the parameters themselves)."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or any(t.is_inference() for t in tensors)):                     # inference tensors: no version
         return fn(*tensors)
     key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
     entry = module.__dict__.get(name)
