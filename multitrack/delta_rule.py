@@ -53,9 +53,11 @@ try:
 except Exception:  # noqa: BLE001
     _fla_chunk = _fla_recurrent = None
 
-# fla's kernels are opt-in (MAMBA_NARRATIVE_FLA=1) until tests/test_gpu.py's fla-vs-twin test passes on a GPU:
-# its only run so far (one H100, 2026-12-06, fla-core 0.6.0) FAILED in fp32, so by default the tested PyTorch
-# chunked twin runs on CUDA tensors too (slower, never silently different from the CPU reference).
+# fla's kernels are opt-in (MAMBA_NARRATIVE_FLA=1) until tests/test_gpu.py's fla-vs-twin tests pass on a GPU. On one
+# H100 (2026-12-06, fla-core 0.6.0, torch 2.11 / Triton 3.6; bench/results/gpu-20261206b/) fla refuses its own chunk
+# backward (a RuntimeError: Triton >= 3.4, < 3.7.1 miscompiles it on Hopper, fla issue #640), its fp32 chunk forward
+# is 7e-4 from the float64 twin (TF32 dots) and its decode step 2e-7. So by default the tested PyTorch chunked twin
+# runs on CUDA tensors too (slower, never silently different from the CPU reference).
 FLA_OPT_IN = os.environ.get("MAMBA_NARRATIVE_FLA", "").strip() == "1"
 KERNEL = ("fla-triton" if (_fla_chunk is not None and FLA_OPT_IN and torch.cuda.is_available()
                            and not ops._FORCED_PYTORCH)
@@ -68,7 +70,7 @@ def log_kernel_once() -> None:
     global _described
     if not _described:
         _described = True
-        note = (" (fla importable but opt-in until verified on a GPU: MAMBA_NARRATIVE_FLA=1)"
+        note = (" (fla importable but opt-in: MAMBA_NARRATIVE_FLA=1; on Hopper its backward needs Triton >= 3.7.1)"
                 if _fla_chunk is not None and not FLA_OPT_IN and torch.cuda.is_available() else "")
         print(f"kernels: gated_delta_rule={KERNEL}{note}")
 
