@@ -879,6 +879,7 @@ def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 _STEP_BLOCKS = 8           # row blocks of the weight in linear_step's batched product
 _STEP_MAX_ROWS = 4         # linear_step takes the blocked form up to this many rows (measured: slower at 8)
 _STEP_MIN_WEIGHT = 1 << 16  # ... and for weights of at least this many elements (smaller: F.linear's fewer ops win)
+_STEP_OPAQUE_WEIGHT = 3 << 19  # inside torch.compile: weights of this many elements (6 MiB fp32) stay ATen's bmm
 
 
 def linear_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -891,13 +892,26 @@ def linear_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight, (k, d_out/k, d_in) @ (k, d_in, b), reads it at 23-26 GB/s: the same products, summed in a
     different order (results equal to F.linear up to float rounding, tested). Same weights, no copy;
     any other case (CUDA, more rows, small or non-contiguous weights, d_out not a multiple of k) is F.linear.
+    Inside torch.compile (a compiled decode step) inductor turns the batched product into its own
+    reduction loop, fused with its neighbours: better for cache-sized weights (small-cpu's 4 MiB LM head),
+    ~30% slower for large ones (130M's 6.4 MiB out_proj, 12.8 MiB in_proj, 180 MB LM head), which
+    therefore go through `_linear_blocked_op`, opaque to inductor.
     """
+    b, d_in = x.shape
+    d_out = weight.shape[0]
+    if (x.is_cuda or b > _STEP_MAX_ROWS or d_out % _STEP_BLOCKS or weight.numel() < _STEP_MIN_WEIGHT
+            or not weight.is_contiguous() or x.dtype != weight.dtype):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling() and weight.numel() >= _STEP_OPAQUE_WEIGHT and not torch.is_grad_enabled():
+        return _linear_blocked_op(x, weight, bias)
+    return _linear_blocked(x, weight, bias)
+
+
+def _linear_blocked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear_step's batched product over row blocks: x (b, d_in), weight (d_out, d_in) -> (b, d_out)."""
     k = _STEP_BLOCKS
     b, d_in = x.shape
     d_out = weight.shape[0]
-    if (x.is_cuda or b > _STEP_MAX_ROWS or d_out % k or weight.numel() < _STEP_MIN_WEIGHT
-            or not weight.is_contiguous() or x.dtype != weight.dtype):
-        return F.linear(x, weight, bias)
     w = weight.view(k, d_out // k, d_in)
     xt = x.t().expand(k, d_in, b)
     if bias is None:
@@ -905,6 +919,17 @@ def linear_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     else:
         y = torch.baddbmm(bias.to(x.dtype).view(k, d_out // k, 1), w, xt)
     return y.permute(2, 0, 1).reshape(b, d_out)                              # a view at b = 1
+
+
+@torch.library.custom_op("mamba_lm::linear_blocked", mutates_args=())
+def _linear_blocked_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_linear_blocked` as one op that torch.compile calls as it is (no autograd: decode only)."""
+    return _linear_blocked(x, weight, bias).contiguous()   # row-major as the fake below (a no-op at b = 1)
+
+
+@_linear_blocked_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,12 +44,15 @@ def _multitrack(variant):
 MODELS = {"baseline": _baseline, "multitrack": lambda: _multitrack("full"), "revised": lambda: _multitrack("revised")}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_step_equals_eager_step_and_forward(monkeypatch, name):
+@pytest.mark.parametrize("name,opaque", [("baseline", False), ("baseline", True), ("multitrack", False),
+                                         ("revised", True)])
+def test_compiled_step_equals_eager_step_and_forward(monkeypatch, name, opaque):
     """Teacher-forced at batch 1: torch.compile(model.step) (one graph) gives the eager step's logits and the
     parallel forward's, and leaves the same recurrent state; the projections through ops.linear_step's
-    blocked product (the CPU decode path of larger models)."""
+    blocked product (the CPU decode path of larger models), lowered by inductor or (opaque: the path of
+    large weights) called as the custom op ops._linear_blocked_op."""
     monkeypatch.setattr(ops, "_STEP_MIN_WEIGHT", 0)
+    monkeypatch.setattr(ops, "_STEP_OPAQUE_WEIGHT", 0 if opaque else 1 << 40)
     model = MODELS[name]()
     ids = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(model.step, dynamic=False, fullgraph=True)

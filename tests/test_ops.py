@@ -244,6 +244,16 @@ def test_linear_step_matches_linear(monkeypatch, rows, d_out, bias, dtype):
     assert torch.equal(w, before)
 
 
+def test_linear_step_opaque_op_is_a_well_formed_custom_op():
+    """The op a compiled decode step calls for large weights (ops._linear_blocked_op): torch.library.opcheck
+    (fake tensor shapes and strides, schema, no aliasing of its inputs) at 1 and 3 rows, and equal to F.linear."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(128, 24, generator=g), torch.randn(128, generator=g)
+    for x in (torch.randn(1, 24, generator=g), torch.randn(3, 24, generator=g)):
+        torch.library.opcheck(ops._linear_blocked_op, (x, w, b))
+        torch.testing.assert_close(ops._linear_blocked_op(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("groups,with_z,with_d,with_bias,softplus", [
     (None, True, True, True, True), (2, True, True, True, True), (4, False, False, False, False),
     (None, False, True, False, True)])
