@@ -17,7 +17,7 @@ after a compile of about 10-30 s per model shape and batch size (cached on disk 
 for long generations. Any failure of either falls back to eager steps with a warning.
 
 Sampling order (as in HF transformers): repetition penalty -> temperature -> top-k -> top-p ->
-min-p -> multinomial. temperature == 0 is greedy. Logits beyond `vocab_size` (the padding of
+min-p -> a categorical draw (`sample_categorical`). temperature == 0 is greedy. Logits beyond `vocab_size` (the padding of
 the embedding to a multiple of 8) are never sampled.
 """
 
@@ -68,17 +68,34 @@ def top_k_filter(logits, k: int):
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
+_TOP_P_CANDIDATES = (256, 2048)   # top_p_filter looks for the nucleus among this many best tokens first
+
+
 def top_p_filter(logits, p: float):
-    """Nucleus (Holtzman et al. 2020): keep the smallest set of top tokens whose probability reaches p."""
+    """Nucleus (Holtzman et al. 2020): keep the smallest set of top tokens whose probability reaches p.
+
+    The nucleus is looked for among the k best tokens first (torch.topk, k in `_TOP_P_CANDIDATES`),
+    with their probabilities under the full softmax, and the whole row is sorted only when those k do not
+    reach p in some row: a sort of a 50k vocabulary costs 3.5 ms per token on the CPU, more than a
+    small model's decode step, topk of 256 about 0.13 ms. Same kept set as sorting everything (tested).
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs                           # mass of strictly better tokens
-    drop_sorted = mass_before >= p
+    vocab = logits.size(-1)
+    full_probs = logits.softmax(-1)                                   # (B, V)
+    for k in [k for k in _TOP_P_CANDIDATES if k < vocab] + [vocab]:
+        if k < vocab:
+            order = torch.topk(logits, k, dim=-1).indices              # best first
+        else:
+            order = torch.sort(logits, dim=-1, descending=True).indices
+        probs = full_probs.gather(-1, order)
+        mass = probs.cumsum(-1)
+        if k == vocab or bool((mass[..., -1] >= p).all()):
+            break
+    drop_sorted = (mass - probs) >= p                                 # mass of strictly better tokens
     drop_sorted[..., 0] = False                                      # always keep the best token
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, NEG_INF)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop_sorted)
+    return logits.masked_fill(~keep, NEG_INF)
 
 
 def min_p_filter(logits, min_p: float):
@@ -100,8 +117,20 @@ def sample_from_logits(logits, seen=None, temperature=1.0, top_k=0, top_p=1.0, m
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
     logits = min_p_filter(logits, min_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_categorical(logits.softmax(-1), generator)
+
+
+def sample_categorical(probs, generator=None):
+    """One index per row of probs (B, V) (rows summing to 1; zeros allowed), drawn by inverting the CDF:
+    the first index whose cumulative probability exceeds u ~ U[0, total). The law of torch.multinomial
+    (tested), for one uniform draw per row instead of the V exponentials torch.multinomial draws (at V = 50k
+    on the CPU: 60 µs vs 1 ms per token, a sixth of small-cpu's decode). A zero-probability index is never
+    drawn: its cumulative sum equals its predecessor's, and u < total. Cumulated in float64."""
+    cdf = probs.double().cumsum(-1)                                  # (B, V)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=torch.float64) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))   # u < total despite rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def seen_mask(ids, vocab_size: int):

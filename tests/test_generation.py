@@ -60,6 +60,40 @@ def test_greedy_and_padding_never_sampled():
     assert int(ids.max()) < 3 and len(set(ids.tolist())) == 3
 
 
+@pytest.mark.parametrize("scale,p", [(6.0, 0.9), (1.0, 0.5), (0.3, 0.95), (0.05, 0.99)])
+def test_top_p_from_candidates_equals_sorting_everything(scale, p):
+    """top_p_filter's search among the best 256 / 2048 tokens (then the whole row) keeps exactly the tokens a
+    full sort keeps (the reference below), for nuclei of a few tokens up to most of a 5,000-token row,
+    with -inf logits (an earlier top-k) present."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 5000, generator=g) * scale
+    logits[0, ::3] = float("-inf")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= p
+    drop_sorted[..., 0] = False
+    reference = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    out = top_p_filter(logits, p)
+    assert torch.equal(out.isinf(), reference.isinf())
+    assert torch.equal(out, reference)
+
+
+def test_categorical_draw_follows_the_probabilities():
+    """generation.sample_categorical (the sampler of every temperature > 0 draw): frequencies over 40,000 rows
+    match the probabilities (as torch.multinomial's would, within 4 standard errors), zero-probability ids,
+    first and last included, are never drawn, and a one-hot row always gives its id."""
+    from mamba_lm.generation import sample_categorical
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0]]).expand(40_000, -1)
+    ids = sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=6).double() / ids.numel()
+    sigma = (probs[0].double() * (1 - probs[0].double()) / ids.numel()).sqrt()
+    assert (freq - probs[0]).abs().le(4 * sigma + 1e-12).all(), freq
+    assert freq[[0, 2, 5]].sum() == 0
+    one_hot = torch.zeros(3, 50_000)
+    one_hot[torch.arange(3), torch.tensor([0, 777, 49_999])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [0, 777, 49_999]
+
+
 def test_sampling_respects_filters_and_penalty():
     """Samples only come from the top-k set; a strong repetition penalty moves greedy off a seen token."""
     g = torch.Generator().manual_seed(0)
