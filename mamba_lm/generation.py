@@ -17,8 +17,8 @@ after a compile of about 10-30 s per model shape and batch size (cached on disk 
 for long generations. Any failure of either falls back to eager steps with a warning.
 
 Sampling order (as in HF transformers): repetition penalty -> temperature -> top-k -> top-p ->
-min-p -> a categorical draw (`sample_categorical`). temperature == 0 is greedy. Logits beyond `vocab_size` (the padding of
-the embedding to a multiple of 8) are never sampled.
+min-p -> a categorical draw (`sample_categorical`). temperature == 0 is greedy. Logits beyond
+`vocab_size` (the padding of the embedding to a multiple of 8) are never sampled.
 """
 
 from __future__ import annotations
