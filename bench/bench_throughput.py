@@ -9,8 +9,9 @@
 On the CPU the load average is printed before and after (and stored in the JSON line): figures taken while
 other jobs load the cores (load above the core count) are several times too low; re-run on an idle machine.
 
-With --compile=True the first warmup steps include the compilation; a model that does not compile runs
-eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step
+With --compile=True (or --cpu_scan=compiled) the first warmup steps include the compilation (the first
+step's seconds are in the JSON as first_step_s; inductor caches the code on disk, so a second run of the
+same shapes compiles in seconds); a model that does not compile runs eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step
 (bench_common.train_step: bf16 autocast on CUDA, fp32 on CPU), timed with torch.cuda.synchronize()
 after `warmup` untimed steps. Peak memory is torch.cuda.max_memory_allocated() per run on GPU, the
 process's peak RSS on CPU (monotone over the whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
@@ -80,9 +81,13 @@ def bench_one(name, impl, batch, dev) -> dict:
             net = try_compile(net, torch.device(dev), seq_len)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=dev == "cuda")
         ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=dev)
-        for _ in range(warmup):
+        first_step_s = None
+        for i in range(warmup):
+            t_step = time.perf_counter()
             train_step(net, opt, ids, dev)
-        sync(dev)
+            sync(dev)
+            if i == 0:   # includes compiling, with --compile or --cpu_scan=compiled (cached on disk later)
+                first_step_s = time.perf_counter() - t_step
         t0 = time.perf_counter()
         fastest = float("inf")
         for _ in range(steps):
@@ -93,7 +98,7 @@ def bench_one(name, impl, batch, dev) -> dict:
         seconds = time.perf_counter() - t0
         row.update(status="ok", tokens_per_s=batch * seq_len * steps / seconds,
                    ms_per_step=1000 * seconds / steps, ms_fastest_step=1000 * fastest,
-                   peak_mem_gib=peak_memory_gib(dev), loss=loss.item())
+                   peak_mem_gib=peak_memory_gib(dev), loss=loss.item(), first_step_s=first_step_s)
     except ImportError as e:
         row.update(status=f"not installed ({e.name or e})")
     except torch.cuda.OutOfMemoryError:

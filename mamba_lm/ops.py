@@ -414,9 +414,10 @@ def _scan_whole_backward(dt_t, dtu_t, Af, Bt, Ct, gy_t, glast, h0, chunk_size, m
 
 # Optional: each block as one inductor-compiled function (torch.compile's C++ code generation on the
 # CPU), the state kept in registers across the block's T steps and exp, products and contractions fused:
-# about 6-7x faster than the eager block. Opt-in (`set_cpu_scan("compiled")` or
-# MAMBA_NARRATIVE_CPU_SCAN=compiled), because compiling costs tens of seconds per model shape on the
-# first run (inductor caches the code on disk for later runs). The eager blocks above are its twin.
+# about 6-7x faster than the eager block. Chosen by `set_cpu_scan("compiled")` or
+# MAMBA_NARRATIVE_CPU_SCAN=compiled, and by the trainer for long CPU runs (trainer.choose_cpu_scan),
+# because compiling costs 10-20 s per model shape on the first run (inductor caches the code on disk for
+# later runs: about 3 s). The eager blocks above are its twin.
 _COMPILED_T = 8                  # steps per compiled block (unrolled in the generated code)
 _cpu_scan = os.environ.get("MAMBA_NARRATIVE_CPU_SCAN", "eager").strip().lower() or "eager"
 _compiled_fns: dict = {}
@@ -428,6 +429,11 @@ def set_cpu_scan(mode: str) -> None:
     if mode not in ("eager", "compiled"):
         raise ValueError(f"cpu scan must be 'eager' or 'compiled', got {mode!r}")
     _cpu_scan = mode
+
+
+def cpu_scan() -> str:
+    """The CPU scan in use: "eager" or "compiled" (set_cpu_scan, MAMBA_NARRATIVE_CPU_SCAN)."""
+    return _cpu_scan
 
 
 def _block_forward_unrolled(dt, dtu, A, B, C, h):

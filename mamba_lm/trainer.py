@@ -46,6 +46,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import resource
 import signal
 import threading
@@ -61,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mamba_lm import ops
 from mamba_lm.checkpoint import model_from_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mamba_lm.data import IGNORE, LOSS_ON, TokenSplit, batch_indices, check_tokenizer_match, epoch_order, load_meta
 from mamba_lm.distributed import (Dist, gather_model_state, gather_optimizer_state, load_optimizer_state,
@@ -782,6 +784,24 @@ def _disk_full_is_a_user_error():
 # logging
 
 
+# CPU runs whose scan work (training tokens x the model's recurrent state elements per token, Σ numel(A_log))
+# reaches this compile the scan's blocks: measured (2 cores, one thread) the compiled scan saves 6-10 ns per
+# state element and token (small-cpu 1,057 -> 1,650 tokens/s, tiny 7.3k -> 9k) for a first compile of 11-21 s
+# (3-5 s from inductor's disk cache), so it pays from about 2.5e9; twice that, for margin. The demo (123k
+# tokens of small-cpu: 4e9) and tiny runs up to 1.2M tokens stay eager, 130M runs compile from 11k tokens.
+CPU_SCAN_COMPILE_WORK = 5e9
+
+
+def choose_cpu_scan(model: nn.Module, device: torch.device, planned_tokens: int) -> None:
+    """On the CPU: the compiled scan (ops.set_cpu_scan("compiled")) for a run with enough scan work (see
+    CPU_SCAN_COMPILE_WORK), the eager blocked scan otherwise (tests, the demo, short runs). A set
+    MAMBA_NARRATIVE_CPU_SCAN decides instead. If compiling fails the scan warns and runs eagerly."""
+    if device.type != "cpu" or os.environ.get("MAMBA_NARRATIVE_CPU_SCAN", "").strip():
+        return
+    state_elements = sum(p.numel() for name, p in model.named_parameters() if name.endswith("A_log"))
+    ops.set_cpu_scan("compiled" if planned_tokens * state_elements >= CPU_SCAN_COMPILE_WORK else "eager")
+
+
 def log_header(run: Run, state: RunState) -> None:
     cfg, data, budget = run.cfg, run.data, run.budget
     n_params = count_params(run.raw)
@@ -798,6 +818,9 @@ def log_header(run: Run, state: RunState) -> None:
         f"warmup {budget.warmup} | lr {cfg['lr']:g} -> {cfg['min_lr']:g} cosine",
         f"optimizer AdamW betas ({cfg['beta1']}, {cfg['beta2']}) | {describe_groups(run.groups)}",
     ]
+    if run.device.type == "cpu":
+        lines.append(f"cpu scan {ops.cpu_scan()} (trainer.choose_cpu_scan; MAMBA_NARRATIVE_CPU_SCAN=eager|compiled "
+                     "to choose)")
     if run.carried:
         lines.append(run.carried.describe())
     if run.init_note:
@@ -875,6 +898,7 @@ def setup(cfg: dict, build_model, script: str, dist: Dist) -> tuple[Run, RunStat
     raw, init_note = make_model(cfg, build_model, script, data, ckpt, out_dir)
     raw.to(device).train()
     check_vocab(raw, data.vocab_size)
+    choose_cpu_scan(raw, device, budget.total_steps * budget.global_batch * data.seq_len)
     model = try_compile(raw, device, data.seq_len) if cfg["compile"] else raw
     model = wrap_for_ranks(model, dist, cfg["fsdp"])
     carried = (CarriedTraining(raw, data.train, budget.global_batch, cfg["batch_size"], data.seq_len, cfg["seed"],

@@ -10,6 +10,8 @@
                     tiny (batch 4, seq_len from the data, fp32 CPU, no tensorboard)
     script_constants(path) -> {name: (value, comment)}: the constants block at the top of a script (ast)
 
+MAMBA_NARRATIVE_CPU_SCAN is set to "eager" unless already set (see below).
+
 The data dir is written directly (not via prepare_data.py) so that these fixtures depend only on the
 data *format*; tests of prepare_data itself live in its own test file.
 """
@@ -30,6 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# training in tests (in process and in the scripts they start) stays on the eager CPU scan, whatever the run's
+# size (trainer.choose_cpu_scan would compile long runs): fast and free of compile time; set it to
+# "compiled" to run the suite through the compiled scan
+os.environ.setdefault("MAMBA_NARRATIVE_CPU_SCAN", "eager")
 
 
 def make_data_dir(path, seq_len: int = 32, num_books: int = 6, words_per_book: int = 600) -> Path:

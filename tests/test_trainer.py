@@ -443,3 +443,25 @@ def test_full_disk_while_checkpointing_is_one_line(demo_data_dir, tmp_path, trai
         trainer.train(cfg, builder(), script="test")
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "f").glob(".*tmp*"))
+
+
+def test_cpu_runs_compile_the_scan_only_when_it_pays(monkeypatch, tiny_model):
+    """trainer.choose_cpu_scan: a CPU run whose scan work (tokens x Σ numel(A_log)) reaches
+    CPU_SCAN_COMPILE_WORK takes the compiled scan, a shorter one the eager scan; a set
+    MAMBA_NARRATIVE_CPU_SCAN (as the test suite sets it) or a GPU leaves the choice alone."""
+    from mamba_lm import ops
+    from mamba_lm.trainer import CPU_SCAN_COMPILE_WORK, choose_cpu_scan
+    monkeypatch.setattr(ops, "_cpu_scan", "eager")                 # restored after the test
+    model = tiny_model()
+    per_token = sum(p.numel() for n, p in model.named_parameters() if n.endswith("A_log"))
+    enough = int(CPU_SCAN_COMPILE_WORK // per_token) + 1
+    cpu = torch.device("cpu")
+    choose_cpu_scan(model, cpu, enough)
+    assert ops.cpu_scan() == "eager"                                # the suite's MAMBA_NARRATIVE_CPU_SCAN decides
+    monkeypatch.delenv("MAMBA_NARRATIVE_CPU_SCAN", raising=False)
+    choose_cpu_scan(model, cpu, enough)
+    assert ops.cpu_scan() == "compiled"
+    choose_cpu_scan(model, cpu, enough - 2)
+    assert ops.cpu_scan() == "eager"
+    choose_cpu_scan(model, torch.device("meta"), enough)           # not a CPU run: untouched
+    assert ops.cpu_scan() == "eager"
