@@ -12,7 +12,7 @@ other jobs load the cores (load above the core count) are several times too low;
 With --compile=True (or --cpu_scan=compiled) the first warmup steps include the compilation (the first
 step's seconds are in the JSON as first_step_s; inductor caches the code on disk, so a second run of the
 same shapes compiles in seconds); a model that does not compile runs eager (the trainer's warning says so). One timed step = forward + cross-entropy + backward + AdamW step
-(bench_common.train_step: bf16 autocast on CUDA, fp32 on CPU), timed with torch.cuda.synchronize()
+(bench_common.train_step: bf16 autocast on CUDA, fp32 on CPU unless --cpu_amp=True), timed with torch.cuda.synchronize()
 after `warmup` untimed steps. Peak memory is torch.cuda.max_memory_allocated() per run on GPU, the
 process's peak RSS on CPU (monotone over the whole process, so only the first CPU row is a clean number). Prints a markdown table and one JSON line.
 Runs that do not fit (CUDA OOM) or implementations that are not installed are reported, not fatal.
@@ -50,6 +50,7 @@ compile = False          # torch.compile each model first (trainer.try_compile: 
 seed = 1337              # torch seed [>=0]
 cpu_scan = "eager"       # CPU scan: "eager" (blocked loop) or "compiled" (its blocks by torch.compile; ops.set_cpu_scan)
 threads = 0              # CPU threads for torch (0: torch's default, the core count) [>=0]
+cpu_amp = False          # CPU: bf16 autocast (oneDNN's bf16 matmuls; other numbers than fp32: report apart)
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
 
@@ -84,7 +85,7 @@ def bench_one(name, impl, batch, dev) -> dict:
         first_step_s = None
         for i in range(warmup):
             t_step = time.perf_counter()
-            train_step(net, opt, ids, dev)
+            train_step(net, opt, ids, dev, amp)
             sync(dev)
             if i == 0:   # includes compiling, with --compile or --cpu_scan=compiled (cached on disk later)
                 first_step_s = time.perf_counter() - t_step
@@ -92,7 +93,7 @@ def bench_one(name, impl, batch, dev) -> dict:
         fastest = float("inf")
         for _ in range(steps):
             t_step = time.perf_counter()
-            loss = train_step(net, opt, ids, dev)
+            loss = train_step(net, opt, ids, dev, amp)
             sync(dev)
             fastest = min(fastest, time.perf_counter() - t_step)
         seconds = time.perf_counter() - t0
@@ -122,6 +123,7 @@ with user_errors():
     if cpu_scan not in ("eager", "compiled"):
         raise UserError(f"--cpu_scan={cpu_scan!r}: expected 'eager' or 'compiled'")
     ops.set_cpu_scan(cpu_scan)
+    amp = True if dev == "cpu" and cpu_amp else None     # None: train_step's default (bf16 on CUDA, fp32 on CPU)
     machine = cpu_setup(threads)
     impls = [("ours (mamba_lm.mamba)", "ours"), ("mamba_ssm.MambaLMHeadModel", "mamba_ssm")]
     if model == "multitrack":
@@ -129,6 +131,7 @@ with user_errors():
     gpu = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     print(f"device={dev} ({gpu})  torch={torch.__version__}  preset={preset}  seq_len={seq_len}  "
           f"steps={steps} warmup={warmup}  threads={machine['threads']}/{machine['cpus']} cpu_scan={cpu_scan}  "
+          f"{'bf16 autocast  ' if amp else ''}"
           f"load average before: {machine['load_before']}")
     ops.log_kernels_once()
     rows = []

@@ -7,9 +7,12 @@
 #                                         # figure old, new, old, new, so both see the same machine state
 #   FIGURES="train-small decode-small" bench/cpu_figures.sh
 #
-# Figures: train-small train-small-compiled train-130m decode-small decode-small-compiled decode-130m
-# decode-130m-compiled decode-multitrack decode-multitrack-compiled mt-ratio ops-decode ops-train
-# (*-compiled: the eager step and the torch.compile'd one, as generate(compile=True) runs it, in one process). A revision older than the figure's flags runs the figure with the flags it knows
+# Figures: train-small train-small-compiled train-small-bf16 train-130m train-130m-compiled train-130m-bf16
+# decode-small decode-small-compiled decode-130m decode-130m-compiled decode-multitrack
+# decode-multitrack-compiled mt-ratio ops-decode ops-train
+# (train-*-compiled: the scan's blocks compiled, as trainer.choose_cpu_scan picks for long CPU runs;
+# train-*-bf16: that plus bf16 autocast, --dtype=bfloat16 of the train scripts, other numbers than fp32;
+# decode-*-compiled: the eager step and the torch.compile'd one, as generate(compile=True) runs it, in one process). A revision older than the figure's flags runs the figure with the flags it knows
 # (the *_NEW arguments are left out there); compiled and ops figures run at this checkout only.
 # Run on an idle machine: `cat /proc/loadavg` before (each JSON line stores the load average before and
 # after); with a load above the core count the figures come out several times too low.
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac   # absolute, venv kept: the old revision runs elsewhere
 ROUNDS=${ROUNDS:-2}
-FIGURES=${FIGURES:-train-small train-small-compiled train-130m decode-small decode-small-compiled decode-130m decode-130m-compiled decode-multitrack decode-multitrack-compiled mt-ratio ops-decode ops-train}
+FIGURES=${FIGURES:-train-small train-small-compiled train-small-bf16 train-130m train-130m-compiled train-130m-bf16 decode-small decode-small-compiled decode-130m decode-130m-compiled decode-multitrack decode-multitrack-compiled mt-ratio ops-decode ops-train}
 OLD=${1:-}
 if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; fi
 
@@ -29,7 +32,10 @@ if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$
 declare -A FIG=(
   [train-small]="bench_throughput.py|--preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2 --device=cpu|"
   [train-small-compiled]="bench_throughput.py|--preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2 --device=cpu|--cpu_scan=compiled"
+  [train-small-bf16]="bench_throughput.py|--preset=small-cpu --vocab_size=4096 --seq_len=256 --batch_sizes=8 --steps=5 --warmup=2 --device=cpu|--cpu_scan=compiled --cpu_amp=True"
   [train-130m]="bench_throughput.py|--preset=mamba-130m --seq_len=256 --batch_sizes=2 --steps=3 --warmup=1 --device=cpu|"
+  [train-130m-compiled]="bench_throughput.py|--preset=mamba-130m --seq_len=256 --batch_sizes=2 --steps=3 --warmup=1 --device=cpu|--cpu_scan=compiled"
+  [train-130m-bf16]="bench_throughput.py|--preset=mamba-130m --seq_len=256 --batch_sizes=2 --steps=3 --warmup=1 --device=cpu|--cpu_scan=compiled --cpu_amp=True"
   [decode-small]="bench_decode.py|--preset=small-cpu --vocab_size=4096 --device=cpu --batch_sizes=1 --decode_tokens=256 --gen_lengths=|--repeats=5"
   [decode-small-compiled]="bench_decode.py|--preset=small-cpu --vocab_size=4096 --device=cpu --batch_sizes=1 --decode_tokens=256 --gen_lengths=|--repeats=5 --compile=True"
   [decode-130m]="bench_decode.py|--device=cpu --batch_sizes=1 --decode_tokens=64 --gen_lengths=|--repeats=3"
@@ -40,7 +46,7 @@ declare -A FIG=(
   [ops-decode]="count_ops.py|--mode=decode --preset=small-cpu --vocab_size=4096 --batch_size=1|"
   [ops-train]="count_ops.py|--preset=small-cpu --vocab_size=4096|"
 )
-NEW_ONLY="train-small-compiled decode-small-compiled decode-130m-compiled decode-multitrack-compiled ops-decode ops-train"
+NEW_ONLY="train-small-compiled train-small-bf16 train-130m-compiled train-130m-bf16 decode-small-compiled decode-130m-compiled decode-multitrack-compiled ops-decode ops-train"
 
 old_dir=""
 if [ -n "$OLD" ]; then
