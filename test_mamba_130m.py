@@ -7,11 +7,14 @@ Prints a summary and exits 1 if a check fails: the parameter count is exactly 12
 forward/backward step gives finite gradients, greedy generation via step() reproduces the parallel
 forward's argmax, and peak memory / tokens per second are reported (no thresholds).
 
-On the idle 2-core development VM (AMD EPYC, fp32) the CPU run reported about 84 tokens/s training and
-38 tokens/s decode with the code of 2026-11-29; the CPU scan and decode step are faster since (paired
-before/after figures and the bandwidth bound of decode: bench/results/cpu_model.md). The load average is
-printed before and after: above the core count other jobs share the cores and the figures come out
-several times lower (the 5 and 4 tokens/s once recorded for this script were such figures).
+On the idle 2-core development VM (AMD EPYC, fp32, 2 threads) the CPU run reported about 84 tokens/s
+training and 38 tokens/s decode with the code of 2026-11-29. On 2026-12-06, with one thread
+(OMP_NUM_THREADS=1) at load 2.7 (other jobs on the cores), it reported 51 tokens/s training (the eager
+scan: this script calls the model directly; the trainer compiles the scan for long runs) and 31.6 tokens/s
+decode, 63-76% of the memory-bandwidth bound (bench/results/cpu_model.md: paired before/after figures,
+`bench/cpu_figures.sh`). The load average is printed before and after: above the core count other jobs
+share the cores and the figures come out several times lower (the 5 and 4 tokens/s once recorded for
+this script were such figures).
 """
 
 import math
