@@ -29,6 +29,7 @@ seq_len = 256                  # training window (tokens) [>=1]
 batch_size = 16                # sequences per step [>=1]
 lr = 3e-3                      # peak learning rate (small models on a synthetic task take a high one) [>0]
 loss_on = "answers"            # answers: the loss scores only the answer tokens (MQAR's objective) | all: every token
+stateful = False               # each row streams whole books, its state carried across windows (truncated BPTT)
 max_tokens = 600_000           # training tokens [>=1]
 eval_interval = 25             # steps between gate readings [>=1]
 probe_tokens = 3000            # tokens of each probe book scored at each reading (0: all) [>=0]
@@ -66,7 +67,7 @@ def main():
 
     defaults = {k: v for k, v in script_flags("train_baseline.py").items() if k in TRAIN_KEYS}
     cfg = {**defaults, "data_dir": data_dir, "out_dir": out_dir, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-           "min_lr": lr / 10, "loss_on": loss_on, "max_tokens": max_tokens, "eval_interval": eval_interval, "eval_batches": 4,
+           "min_lr": lr / 10, "loss_on": loss_on, "stateful": stateful, "max_tokens": max_tokens, "eval_interval": eval_interval, "eval_batches": 4,
            "log_interval": 10, "seed": seed, "overwrite": True, "tensorboard": False, "epochs": 100,
            "warmup_frac": 0.05, "device": device}
     train(cfg, lambda: build_model("mamba", mamba_config(preset, vocab_size=vocab)),

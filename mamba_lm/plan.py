@@ -54,7 +54,7 @@ RUNNER_FLAGS = {"data_dir", "out_dir", "seed", "max_tokens", "epochs", "resume",
 PLAN_KEYS = {"name", "description", "tokens", "sizes", "seeds", "data", "baseline", "train", "arm", "expect",
              "lease_s", "max_epochs", "evaluate", "device_note"}
 ARM_KEYS = {"name", "model", "flags", "mode", "optional", "note", "data"}
-DATA_KEYS = {"prepare", "dir", "gate", "train", "tokens"}
+DATA_KEYS = {"prepare", "dir", "gate", "train", "tokens", "evaluate"}
 RESULTS = "results.jsonl"
 
 
@@ -96,7 +96,8 @@ class Plan:
     sizes: list
     seeds: list
     data: dict                   # name -> {"prepare": {...prepare_data flags}, "gate": bool, "dir": str,
-                                 #          "train": {...train flags of every run on it}}
+                                 #          "train": {...train flags of every run on it}, "tokens": its budget
+                                 #          (None: the plan's), "evaluate": run [evaluate] on its runs}
     arms: list
     baseline: str
     train: dict
@@ -230,7 +231,7 @@ def _parse_data(path, data: dict) -> dict:
         if "dir" in spec:
             gate = bool(spec.get("gate", False))
             out[dname] = {"prepare": None, "gate": gate, "dir": spec["dir"], "train": _gate_loss(gate, train),
-                          "tokens": spec.get("tokens")}
+                          "tokens": spec.get("tokens"), "evaluate": bool(spec.get("evaluate", True))}
             continue
         prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
         known = script_flags("prepare_data.py")
@@ -241,7 +242,7 @@ def _parse_data(path, data: dict) -> dict:
         prep.setdefault("out_dir", f"data/{dname}")
         gate = bool(spec.get("gate", prep.get("source") == "recall-gate"))
         out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"], "train": _gate_loss(gate, train),
-                      "tokens": spec.get("tokens")}
+                      "tokens": spec.get("tokens"), "evaluate": bool(spec.get("evaluate", True))}
     return out
 
 
@@ -436,7 +437,7 @@ def collect_result(plan: Plan, run: Run, out_dir: Path, data_dir: str, device: s
               "minutes": evals[-1].get("minutes"), "out_dir": str(out_dir)}
     if plan.data[run.data]["gate"]:
         result["gate"] = score_gate_of(out_dir, data_dir, device)
-    if plan.evaluate:
+    if plan.evaluate and plan.data[run.data]["evaluate"]:
         result["evaluate"] = evaluate_metrics(plan, run, out_dir, data_dir)
     return result
 

@@ -23,6 +23,10 @@ The difficulty dial (`GateDial`, a preset name plus `key=value` overrides, e.g.
     distractors    facts of other characters inserted between statement and question (never asked)
     leads          lead-in phrases a question draws from ("As everyone knew," ...; 0: none)
     shuffle        questions in random order (False: in the order of the statements)
+    distinct_kinds every fact of an episode of a different kind: the question's verb then identifies the fact,
+                   so the gate tests holding a value over the distance without binding it to a name (the
+                   CPU preset: a tiny Mamba learns it in minutes; with two facts of one kind it stops at
+                   answering the second question by elimination, bench/results/gate-cpu)
     candidates     answer vocabulary per kind of fact (chance = 1 / candidates)
     characters     names the episodes draw their characters from
     distances      target token distances between a fact and its question, ":"-separated
@@ -98,6 +102,7 @@ class GateDial:
     distractors: int = 2              # facts of other characters between statement and question
     leads: int = 6                    # lead-in phrases of the questions (0: none; at most len(LEADS))
     shuffle: bool = True              # questions in random order (False: statement order)
+    distinct_kinds: bool = False      # every fact of an episode of another kind (the verb identifies the fact)
     candidates: int = 8               # answers per kind of fact (chance 1 / candidates)
     characters: int = 16              # names drawn per book
     kinds: str = "trait:object:place:relation"   # kinds of fact
@@ -129,6 +134,9 @@ class GateDial:
             raise UserError(f"gate dial: candidates must be in 2..{limit}, got {self.candidates}")
         if not 2 <= self.characters <= len(NAMES):
             raise UserError(f"gate dial: characters must be in 2..{len(NAMES)}, got {self.characters}")
+        if self.distinct_kinds and self.bindings + self.distractors > len(self.kind_list):
+            raise UserError(f"gate dial: distinct_kinds needs bindings + distractors <= the {len(self.kind_list)} "
+                            f"kinds, got {self.bindings + self.distractors}")
         if self.bindings + self.distractors > self.characters * len(self.kind_list):
             raise UserError(f"gate dial: bindings + distractors = {self.bindings + self.distractors} facts need "
                             f"more than characters x kinds = {self.characters * len(self.kind_list)}")
@@ -328,7 +336,10 @@ def _episode(book: _Book, rng: random.Random, dial: GateDial, filler: Filler, di
     kinds = dial.kind_list
     slots = [(who, kind) for who in cast for kind in kinds]
     n_asked = rng.randint(dial.min_bindings or dial.bindings, dial.bindings)
-    chosen = rng.sample(slots, n_asked + dial.distractors)
+    if dial.distinct_kinds:    # one fact per kind: the question's verb names the fact, no name binding needed
+        chosen = [(rng.choice(cast), kind) for kind in rng.sample(kinds, n_asked + dial.distractors)]
+    else:
+        chosen = rng.sample(slots, n_asked + dial.distractors)
     facts = []
     for who, kind in chosen:
         pool = [v for v in VALUES[kind][:dial.candidates] if v != who] if kind == "relation" else \

@@ -150,7 +150,7 @@ def test_loss_on_answers_needs_a_gate_data_dir(demo_data_dir, tmp_path):
 def test_plan_runs_on_a_gate_score_answers(tmp_path):
     """Guards the runner: runs on recall-gate data get --loss_on=answers (shared by every arm, so still
     paired), a data set's own train flags and token budget reach its runs, an arm restricted to some data
-    sets runs only there, and an arm may not change the objective."""
+    sets runs only there, a data set can skip [evaluate], and an arm may not change the objective."""
     from mamba_lm import plan as P
     from mamba_lm.mamba import PRESETS
     text = """
@@ -162,6 +162,7 @@ seeds = [1]
 seq_len = 32
 [data.gate]
 prepare = { source = "recall-gate", gate = "cpu", seq_len = 32, out_dir = "data/x-gate" }
+evaluate = false
 [data.demo]
 prepare = { source = "demo", seq_len = 32, out_dir = "data/x-demo" }
 train = { lr = 1e-3 }
@@ -180,6 +181,7 @@ data = ["gate"]
     cmds = {r.data: " ".join(P.train_command(plan, r, tmp_path / r.data, "d", 1, "py"))
             for r in plan.queue() if r.arm.name == "baseline"}
     assert "--loss_on=answers" in cmds["gate"] and "--loss_on" not in cmds["demo"] and "--lr=0.001" in cmds["demo"]
+    assert plan.data["gate"]["evaluate"] is False and plan.data["demo"]["evaluate"] is True
     assert {(r.data, r.arm.name, r.tokens) for r in plan.queue()} == {
         ("gate", "baseline", 2048), ("gate", "gate-only", 2048), ("demo", "baseline", 4096)}
     path.write_text(text + 'flags = { loss_on = "all" }\n')
