@@ -70,7 +70,7 @@ PROBE_FORMAT = "mamba-narrative-gate-probes/1"
 GATE_ID_BASE = 800001            # gate book ids (not Project Gutenberg ids)
 PROBE_SEED_OFFSET = 1_000_003    # the probe set's seed = dial seed + this (never in the training stream)
 
-# names and answers are disjoint from the demo corpus's vocabulary (mamba_lm/demo_corpus.py)
+# names and answers; filler sentences that contain one of these words are dropped (mentions_gate_word)
 NAMES = ["Abel", "Bess", "Cato", "Dara", "Enzo", "Faye", "Gus", "Hana", "Iker", "Juno", "Kit", "Lena",
          "Milo", "Nia", "Otto", "Pia", "Quin", "Rhea", "Sol", "Tara", "Ugo", "Vida", "Wade", "Xena",
          "Yuri", "Zora", "Ada", "Bo", "Cy", "Dex", "Eli", "Flo"]
@@ -231,7 +231,7 @@ class Filler:
 
     def __init__(self, dial: GateDial, held_out: bool):
         self.kind = dial.filler
-        self.sentences = [s for p in self._load(dial, held_out) for s in split_sentences(p)]
+        self.sentences = [s for p in self._load(dial, held_out) for s in split_sentences(p) if not mentions_gate_word(s)]
         self.pos = 0
 
     @staticmethod
@@ -247,11 +247,13 @@ class Filler:
                                max_chars=4_000_000 if not held_out else 1_000_000)
 
     def take(self, chars: int) -> list[str]:
-        """Paragraphs totalling about `chars` characters, cut at sentence ends so that short distances
-        stay short (none when the filler is "none")."""
+        """Paragraphs of whole sentences totalling at most `chars` characters (so that a short distance stays
+        short: none when the next sentence does not fit, or when the filler is "none")."""
         out, para, n = [], "", 0
-        while self.sentences and n < chars:
+        while self.sentences:
             sent = self.sentences[self.pos % len(self.sentences)]
+            if n + len(sent) + 1 > chars:
+                break
             self.pos += 1
             para = f"{para} {sent}" if para else sent
             n += len(sent) + 1
@@ -259,6 +261,15 @@ class Filler:
                 out.append(para)
                 para = ""
         return out + ([para] if para else [])
+
+
+_GATE_WORDS = {w.lower() for w in NAMES} | {v.lower() for values in VALUES.values() for v in values}
+
+
+def mentions_gate_word(text: str) -> bool:
+    """Whether `text` holds a gate name or answer word (any case): filler with one would offer a competing
+    answer (the demo stories mention flutes, maps, brave guesses...), so it is left out."""
+    return any(w.strip(".,;:!?\"'()").lower() in _GATE_WORDS for w in text.split())
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -274,17 +285,16 @@ def split_sentences(paragraph: str) -> list[str]:
 
 def book_paragraphs(data_dir: str, split: str, max_chars: int) -> list[str]:
     """Paragraphs of real prose decoded from a prepared data dir's split (first `max_chars` characters),
-    without short lines (headings) and without paragraphs naming a gate character."""
+    without short lines (headings)."""
     meta = load_meta(data_dir)
     tokens = TokenSplit(data_dir, split).tokens
     tok = load_tokenizer("byte" if meta["tokenizer"]["kind"] == "byte" else str(data_dir))
     n = min(len(tokens), int(max_chars / 3))          # ~3+ characters per token: enough text
     ids = [int(t) for t in tokens[:n] if int(t) != tok.eos_id]
-    names = set(NAMES)
     paras = []
     for p in tok.decode(ids).split("\n\n"):
         p = " ".join(p.split())
-        if len(p) >= 80 and not names & set(w.strip(".,;:!?\"'") for w in p.split()):
+        if len(p) >= 80:             # (sentences with a gate word are dropped by Filler)
             paras.append(p)
     if not paras:
         raise UserError(f"gate filler book:{data_dir}: its {split} split has no prose paragraphs")

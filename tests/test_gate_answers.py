@@ -190,3 +190,33 @@ data = ["gate"]
     path.write_text(text.replace('data = ["gate"]', 'data = ["books"]'))
     with pytest.raises(UserError, match="data must be"):
         P.load_plan(str(path), {"mamba": PRESETS})
+
+
+def test_filler_never_offers_a_competing_answer():
+    """Guards the filler: demo-story sentences that contain a gate name or answer word (the stories mention
+    flutes, maps, brave guesses) are left out, so in a generated gate book every answer word stands in a
+    fact sentence of the gate, never in the filler."""
+    dial = G.GateDial(bindings=2, distractors=0, candidates=4, characters=8, kinds="trait:object:place",
+                      distinct_kinds=True, leads=0, distances="64:256", weights="1:1", filler="demo",
+                      num_books=1, episodes_per_book=12, probe_episodes=2, seed=3)
+    book = G.generate_books(dial)[0]
+    facts = ("lived in", "carried a", " was ")
+    for para in book["TEXT"].split("\n\n"):
+        for sentence in G.split_sentences(para):
+            if G.mentions_gate_word(sentence):
+                assert any(f in sentence for f in facts), sentence
+    assert G.mentions_gate_word("She kept her wooden Flute.") and not G.mentions_gate_word("The clock struck.")
+
+
+def test_distinct_kinds_gives_each_fact_of_an_episode_its_own_kind():
+    """Guards distinct_kinds: the questions of one episode ask facts of different kinds (so the verb names
+    the fact), and a dial asking more facts than kinds is a one-line error."""
+    dial = G.GateDial(bindings=2, distractors=0, candidates=4, characters=8, kinds="trait:object:place",
+                      distinct_kinds=True, leads=0, distances="16", weights="1", filler="none",
+                      num_books=1, episodes_per_book=20, probe_episodes=2, seed=4)
+    probes = G.generate_books(dial)[0]["probes"]
+    assert len(probes) == 40
+    for i in range(0, len(probes), 2):
+        assert probes[i]["kind"] != probes[i + 1]["kind"]
+    with pytest.raises(UserError, match="distinct_kinds"):
+        G.GateDial(bindings=3, distractors=1, kinds="place:object", distinct_kinds=True)
