@@ -188,11 +188,18 @@ def _ints(spec: str, name: str) -> list[int]:
     return values
 
 
-# presets of the dial; "cpu" is tuned so the tiny/small-cpu presets learn its short distance in minutes
+# presets of the dial
 GATE_PRESETS: dict[str, dict] = {
-    "cpu": dict(bindings=2, distractors=1, candidates=4, characters=8, kinds="place:object", distances="16:64",
-                weights="1:1", probe_distances="16:64:256:1024", filler="demo", chars_per_token=3.5, num_books=20,
-                episodes_per_book=400, probe_episodes=48),
+    # CPU presets (bench/results/gate-cpu): one fact per kind (the verb names it), no lead-ins. "cpu-short": no
+    # filler, question right after the statements (tiny: 1.000 at ~1M tokens); "cpu": demo filler, most
+    # episodes at the shortest distance (tiny: 0.71 at 1.5M tokens). Name binding (two facts of a kind)
+    # stalls at answering the second question by elimination (~0.8) on the CPU.
+    "cpu-short": dict(bindings=2, distractors=0, candidates=4, characters=8, kinds="trait:object:place",
+                      distinct_kinds=True, leads=0, distances="16", weights="1", probe_distances="16:64", filler="none",
+                      chars_per_token=3.5, num_books=20, episodes_per_book=400, probe_episodes=48),
+    "cpu": dict(bindings=2, distractors=0, candidates=4, characters=8, kinds="trait:object:place", distinct_kinds=True,
+                leads=0, distances="16:64:256", weights="8:1:1", probe_distances="16:64:256:1024", filler="demo",
+                chars_per_token=3.5, num_books=20, episodes_per_book=400, probe_episodes=48),
     "gpu": dict(bindings=8, distractors=8, candidates=32, characters=32, distances="64:256:1024:4096",
                 weights="4:2:1:1", probe_distances="64:256:1024:4096:16384", filler="demo",
                 chars_per_token=3.5, num_books=400, episodes_per_book=100, probe_episodes=64),
