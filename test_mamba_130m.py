@@ -12,7 +12,8 @@ training and 38 tokens/s decode with the code of 2026-11-29. On 2026-12-06, with
 (OMP_NUM_THREADS=1) at load 2.7 (other jobs on the cores), it reported 51 tokens/s training (the eager
 scan: this script calls the model directly; the trainer compiles the scan for long runs) and 31.6 tokens/s
 decode, 63-76% of the memory-bandwidth bound (bench/results/cpu_model.md: paired before/after figures,
-`bench/cpu_figures.sh`). The load average is printed before and after: above the core count other jobs
+`bench/cpu_figures.sh`). On the idle VM (load 0.36 before, 0.83 after, 2 threads, 2026-12-06 07:38 UTC)
+it reported 88 tokens/s training and 55.2 tokens/s decode. The load average is printed before and after: above the core count other jobs
 share the cores and the figures come out several times lower (the 5 and 4 tokens/s once recorded for
 this script were such figures).
 """
