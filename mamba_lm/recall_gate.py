@@ -192,7 +192,7 @@ def _ints(spec: str, name: str) -> list[int]:
 GATE_PRESETS: dict[str, dict] = {
     # CPU presets (bench/results/gate-cpu): one fact per kind (the verb names it), no lead-ins. "cpu-short": no
     # filler, question right after the statements (tiny: 1.000 at ~1M tokens); "cpu": demo filler, most
-    # episodes at the shortest distance (tiny: 0.71 at 1.5M tokens). Name binding (two facts of a kind)
+    # episodes at the shortest distance (tiny: 0.99 at 3M tokens). Name binding (two facts of a kind)
     # stalls at answering the second question by elimination (~0.8) on the CPU.
     "cpu-short": dict(bindings=2, distractors=0, candidates=4, characters=8, kinds="trait:object:place",
                       distinct_kinds=True, leads=0, distances="16", weights="1", probe_distances="16:64", filler="none",
