@@ -116,7 +116,7 @@ class Plan:
 
     def tokens_of(self, size: str, data: str | None = None) -> int:
         """Training tokens of a run of `size` on data set `data` (its own `tokens`, else the plan's)."""
-        tokens = self.data[data].get("tokens") or self.tokens if data else self.tokens
+        tokens = (self.data[data]["tokens"] if data else None) or self.tokens
         return tokens[size] if isinstance(tokens, dict) else tokens
 
     def estimate_s(self, run: Run) -> float | None:
@@ -228,22 +228,24 @@ def _parse_data(path, data: dict) -> dict:
             _fail(path, f"data.{dname}: expected a table with either prepare = {{prepare_data.py flags}} or "
                         f"dir = \"an already prepared data dir\" (and optionally gate = true, train = {{flags}})")
         train = _data_train_flags(path, dname, spec)
-        if "dir" in spec:
-            gate = bool(spec.get("gate", False))
-            out[dname] = {"prepare": None, "gate": gate, "dir": spec["dir"], "train": _gate_loss(gate, train),
-                          "tokens": spec.get("tokens"), "evaluate": bool(spec.get("evaluate", True))}
-            continue
-        prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
-        known = script_flags("prepare_data.py")
-        for k, v in prep.items():
-            if k not in known:
-                _fail(path, f"data.{dname}.prepare: prepare_data.py has no --{k}")
-            _check_value(path, f"data.{dname}.prepare", k, v, known[k])
-        prep.setdefault("out_dir", f"data/{dname}")
-        gate = bool(spec.get("gate", prep.get("source") == "recall-gate"))
-        out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"], "train": _gate_loss(gate, train),
+        prep = _prepare_flags(path, dname, spec) if "prepare" in spec else None
+        gate = bool(spec.get("gate", prep is not None and prep.get("source") == "recall-gate"))
+        out[dname] = {"prepare": prep, "gate": gate, "dir": prep["out_dir"] if prep else spec["dir"],
+                      "train": _gate_loss(gate, train),
                       "tokens": spec.get("tokens"), "evaluate": bool(spec.get("evaluate", True))}
     return out
+
+
+def _prepare_flags(path, dname: str, spec: dict) -> dict:
+    """data.NAME.prepare: prepare_data.py flags, each checked against the script's constants."""
+    prep = dict(_need(spec, "prepare", dict, path, f"data.{dname}"))
+    known = script_flags("prepare_data.py")
+    for k, v in prep.items():
+        if k not in known:
+            _fail(path, f"data.{dname}.prepare: prepare_data.py has no --{k}")
+        _check_value(path, f"data.{dname}.prepare", k, v, known[k])
+    prep.setdefault("out_dir", f"data/{dname}")
+    return prep
 
 
 def _data_train_flags(path, dname: str, spec: dict) -> dict:
