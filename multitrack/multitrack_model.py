@@ -36,7 +36,8 @@ from mamba_lm.mamba import MambaCache, init_lm_weights, kept
 from mamba_lm.models import register_model_type
 from multitrack.multitrack_config import (PRESETS, VARIANTS, MultiTrackConfig, baseline_params, count_params,
                                           multitrack_config, variant_config)
-from multitrack.narrative import SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_features, narrative_step
+from multitrack.narrative import (SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState, narrative_entry, narrative_features,
+                                  narrative_step, narrative_transitions)
 from multitrack.plot_clock import boundary_gate
 from multitrack.router import mean_balance_loss
 from multitrack.triple_track import MultiTrackBlock
@@ -177,13 +178,36 @@ class MultiTrackLM(nn.Module):
     def step(self, input_ids: torch.Tensor, cache: MultiTrackCache) -> torch.Tensor:
         """One token per sequence: input_ids (B,) -> logits (B, V_pad); O(1) time and memory; updates cache.
 
-        Same result as forward (tested); written for few ops per token: the narrative features come
-        from the single-token `narrative_step`, and the routers' signal terms as in forward.
+        Same result as forward (tested); written for few ops per token. Without autograd the narrative
+        state machine is a table lookup (`narrative_entry`) and so are the routers' signal terms and the
+        plot clock's inputs: both depend on the token only through its (row class, state) entry, so they
+        are tabulated per entry and kept between tokens (`_step_tables`). With autograd on (BPTT through
+        steps) or inside torch.compile: `narrative_step` and the terms as in forward.
         """
-        features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
-        hidden_states = self.backbone.step(input_ids, self._router_signal_logits(features), cache,
-                                           self._clock_inputs(features))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            features = narrative_step(self.signal_table[input_ids], cache.narrative)   # (B, F)
+            signal_logits, clock = self._router_signal_logits(features), self._clock_inputs(features)
+        else:
+            transitions, logits_of, clock_of = self._step_tables()
+            entry = narrative_entry(input_ids, cache.narrative, transitions)            # (B,)
+            signal_logits = None if logits_of is None else logits_of[entry]             # (B, n_layer, G)
+            clock = None if clock_of is None else list(clock_of[entry].unbind(-1))      # [(B,) per layer]
+        hidden_states = self.backbone.step(input_ids, signal_logits, cache, clock)
         return ops.linear_step(hidden_states, self.lm_head.weight)
+
+    def _step_tables(self):
+        """(NarrativeTransitions of the signal table, router signal terms per entry (K 8, n_layer, G) | None,
+        plot-clock inputs per entry (K 8, n_layer) | None): the decode step's lookups, kept between tokens
+        and rebuilt when the table or a weight they read changes (mamba.kept)."""
+        weights = [p for layer in self.backbone.layers for part in (layer.mixer.router, layer.mixer.clock)
+                   if part is not None for p in part.parameters()]
+        return kept(self, "_step_tables_kept", self._tabulate_step, self.signal_table, *weights)
+
+    def _tabulate_step(self, table: torch.Tensor, *weights: torch.Tensor):
+        transitions = narrative_transitions(table)
+        logits_of = self._router_signal_logits(transitions.features)
+        clock_of = self._clock_inputs(transitions.features)
+        return transitions, logits_of, None if clock_of is None else torch.stack(clock_of, dim=-1)
 
     def _clock_inputs(self, features: torch.Tensor) -> list[torch.Tensor] | None:
         """The plot clock's input of every layer, features (..., F) -> [(...,) per layer] | None: the boundary

@@ -141,6 +141,24 @@ def test_step_matches_parallel_forward(monkeypatch, name, blocked_linear, byte_t
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_decode_follows_a_new_signal_table(byte_table, story_ids):
+    """Guards the decode step's kept lookup tables (narrative state machine, router and plot-clock terms
+    per entry): after set_signal_table installs another table, step() reads the new one (its logits
+    equal forward's with that table), not the tables built for the old one."""
+    model = make_model(tiny(**ABLATIONS["plot-clock-learned"]), byte_table).eval()
+    ids = story_ids[:, :40]
+    shuffled = byte_table[torch.randperm(byte_table.shape[0], generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        cache = model.allocate_cache(2)
+        before = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+        model.set_signal_table(shuffled)
+        cache = model.allocate_cache(2)
+        after = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+        full = model(ids)
+    assert (after - full).abs().max() < 1e-4
+    assert (before - after).abs().max() > 1e-3                                   # the table does matter here
+
+
 def test_decode_keeps_derived_weights_until_they_change(byte_table, story_ids):
     """step() keeps what it derives from parameters between tokens (A = -exp(A_log), the stacked router and
     plot-clock signal weights) and follows in-place changes of them (an optimizer step): after the change

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from multitrack.narrative import (COL, FEATURE_NAMES, SIGNAL_COLUMNS, TOKEN_TYPES, NarrativeState,
-                                  build_signal_tables, dialogue_parity, narrative_features, narrative_step,
-                                  token_signals)
+                                  build_signal_tables, dialogue_parity, narrative_entry, narrative_features,
+                                  narrative_step, narrative_transitions, token_signals)
 from mamba_lm.tokenizer import load_tokenizer, train_demo_bpe
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -157,6 +157,38 @@ def test_narrative_step_equals_chunk_features(vocab, bpe):
     assert full[..., F["in_dialogue"]].any() and full[..., F["paragraph_break"]].any()
     for name in ("parity", "prev_ends_newline", "prev_reset"):
         assert torch.equal(getattr(state, name), getattr(full_state, name)), name
+
+
+@pytest.mark.parametrize("vocab", ["byte", "bpe"])
+def test_narrative_lookup_equals_narrative_step(vocab, bpe):
+    """Guards the decode step's state machine (narrative_transitions + narrative_entry): token by token,
+    from a nonzero start state and over random ids rich in signal tokens, its features and carried state
+    equal the reference narrative_step's, and the table holds one row class per distinct table row."""
+    tok = load_tokenizer("byte") if vocab == "byte" else bpe
+    table = build_signal_tables(tok)
+    transitions = narrative_transitions(table)
+    classes = torch.unique(table, dim=0).shape[0]
+    assert transitions.features.shape == (8 * classes, len(FEATURE_NAMES)) and classes > 5
+    assert torch.equal(table.unique(dim=0)[transitions.token_class], table)      # class k = the k-th distinct row
+    gen = torch.Generator().manual_seed(0)
+    signal_ids = (table.sum(1) > 0).nonzero().squeeze(1)
+    ids = torch.where(torch.rand(3, 400, generator=gen) < 0.6,
+                      signal_ids[torch.randint(len(signal_ids), (3, 400), generator=gen)],
+                      torch.randint(table.shape[0], (3, 400), generator=gen))
+    start = dict(parity=torch.tensor([1, 0, 1]), prev_ends_newline=torch.tensor([True, True, False]),
+                 prev_reset=torch.tensor([False, True, True]))
+    ref = NarrativeState(**{k: v.clone() for k, v in start.items()})
+    fast = NarrativeState(**{k: v.clone() for k, v in start.items()})
+    parities = set()
+    for t in range(ids.shape[1]):
+        expected = narrative_step(table[ids[:, t]], ref)
+        parities.update(ref.parity.tolist())
+        entry = narrative_entry(ids[:, t], fast, transitions)
+        assert torch.equal(transitions.features[entry], expected), t
+        for name in start:
+            assert torch.equal(getattr(fast, name), getattr(ref, name)), (t, name)
+            assert getattr(fast, name).dtype == start[name].dtype
+    assert parities == {0, 1}                                                     # in and out of dialogue
 
 
 def test_plot_clock_boundary_rule_on_a_story(bpe):
