@@ -199,8 +199,13 @@ class MultiTrackLM(nn.Module):
         """(NarrativeTransitions of the signal table, router signal terms per entry (K 8, n_layer, G) | None,
         plot-clock inputs per entry (K 8, n_layer) | None): the decode step's lookups, kept between tokens
         and rebuilt when the table or a weight they read changes (mamba.kept)."""
-        weights = [p for layer in self.backbone.layers for part in (layer.mixer.router, layer.mixer.clock)
-                   if part is not None for p in part.parameters()]
+        weights = self.__dict__.get("_step_table_weights")
+        if weights is None:     # the parameters the tables read, listed once (in-place changes keep them)
+            mixers = [layer.mixer for layer in self.backbone.layers]
+            weights = self.__dict__["_step_table_weights"] = (
+                [p for m in mixers if m.router is not None and m.router.signal_proj is not None
+                 for p in (m.router.signal_proj.weight, m.router.proj.bias)]
+                + [p for m in mixers if m.clock is not None for p in m.clock.signal_proj.parameters()])
         return kept(self, "_step_tables_kept", self._tabulate_step, self.signal_table, *weights)
 
     def _tabulate_step(self, table: torch.Tensor, *weights: torch.Tensor):
