@@ -228,11 +228,12 @@ def test_count_ops_counts_the_training_step_of_both_models():
 def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models():
     """--model=multitrack decodes the matching multi-track preset (its speed row named so, no mamba-ssm
     row, since mamba-ssm has no such model) and reads memory at each requested length; on the CPU the
-    batch-1 bandwidth bound and the load average come with it; an unknown --model is a one-line error."""
+    batch-1 bandwidth bound and the load average come with it, the bound measured around each of the
+    `repeats` batch-1 runs and the median run's fraction reported; an unknown --model is a one-line error."""
     import json
 
     r = run_script("bench_decode.py", "--model=multitrack", "--preset=tiny", "--vocab_size=64",
-                   "--batch_sizes=1,2", "--decode_tokens=8", "--gen_lengths=16,48")
+                   "--batch_sizes=1,2", "--decode_tokens=8", "--gen_lengths=16,48", "--repeats=3")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert [(row["impl"], row["batch"]) for row in result["speed"]] == [("multitrack", 1), ("multitrack", 2)]
@@ -241,6 +242,10 @@ def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models()
     bound = result["batch1_bound"]                      # CPU: weights / read rate, measured in the same run
     assert bound["read_gb_per_s"] > 0 and bound["tokens_per_s"] > 0
     assert result["speed"][0]["fraction_of_bound"] > 0 and len(result["machine"]["load_after"]) == 3
+    rounds = result["speed"][0]["rounds"]                # one bound per timed run, at that run's moment
+    assert len(rounds) == 3 and "rounds" not in result["speed"][1]
+    assert all(abs(r["fraction"] - r["tokens_per_s"] / r["bound_tokens_per_s"]) < 1e-9 for r in rounds)
+    assert result["speed"][0]["fraction_of_bound"] == sorted(r["fraction"] for r in rounds)[1]
     bad = run_script("bench_decode.py", "--model=transformer", "--preset=tiny")
     assert bad.returncode != 0 and "expected 'mamba' or 'multitrack'" in bad.stderr and "Traceback" not in bad.stderr
 
