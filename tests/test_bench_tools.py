@@ -287,3 +287,24 @@ def test_bench_throughput_cpu_records_machine_state_and_rejects_unknown_scan():
     assert ours["status"] == "ok" and 0 < ours["ms_fastest_step"] <= ours["ms_per_step"] * 2
     bad = run_script("bench_throughput.py", "--cpu_scan=fast", "--device=cpu")
     assert bad.returncode == 2 and "expected 'eager' or 'compiled'" in bad.stderr + bad.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_multitrack_speed.py
+
+
+def test_bench_multitrack_speed_reports_ratios_of_alternated_measurements():
+    """The multi-track / baseline speed table on the CPU: training and decode rows for both models (the
+    decode ones measured `decode_repeats` times in turn), the ratio of every metric and the op counts per
+    decode step (the multi-track step dispatches more), as one JSON line."""
+    import json
+
+    r = run_script("bench_multitrack_speed.py", "--baseline=tiny", "--multitrack=tiny", "--device=cpu",
+                   "--dtype=float32", "--batch_size=1", "--seq_len=16", "--train_steps=1", "--decode_tokens=4",
+                   "--decode_batch=2", "--decode_repeats=2")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    keys = {"params", "train tok/s", "decode tok/s (batch 1)", "decode tok/s (batch 2)", "aten ops per step"}
+    assert set(result["rows"]["baseline"]) == keys == set(result["ratio"])
+    assert all(v > 0 for row in result["rows"].values() for v in row.values())
+    assert result["ratio"]["aten ops per step"] > 1 and result["config"]["decode_repeats"] == 2
