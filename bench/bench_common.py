@@ -84,3 +84,17 @@ def read_rate_gbs(mib: int = 512, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def tensors_read_rate_gbs(tensors, repeats: int = 3) -> float:
+    """The rate of reading `tensors` (a model's parameters) once, each summed in turn (GB/s, best of
+    `repeats`): the weights as the decode step meets them, dozens of separate tensors of 0.1-180 MB rather
+    than one 512 MiB stream. What any per-tensor read (a sum or a product) can reach on this machine."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    best = float("inf")
+    for _ in range(repeats + 1):                                 # the first pass warms up
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return total / best / 1e9

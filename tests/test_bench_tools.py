@@ -245,6 +245,7 @@ def test_bench_decode_measures_the_multitrack_model_and_rejects_unknown_models()
     rounds = result["speed"][0]["rounds"]                # one bound per timed run, at that run's moment
     assert len(rounds) == 3 and "rounds" not in result["speed"][1]
     assert all(abs(r["fraction"] - r["tokens_per_s"] / r["bound_tokens_per_s"]) < 1e-9 for r in rounds)
+    assert all(r["tensor_sums_tokens_per_s"] > 0 for r in rounds)
     assert result["speed"][0]["fraction_of_bound"] == sorted(r["fraction"] for r in rounds)[1]
     bad = run_script("bench_decode.py", "--model=transformer", "--preset=tiny")
     assert bad.returncode != 0 and "expected 'mamba' or 'multitrack'" in bad.stderr and "Traceback" not in bad.stderr
