@@ -309,3 +309,23 @@ def test_bench_multitrack_speed_reports_ratios_of_alternated_measurements():
     assert set(result["rows"]["baseline"]) == keys == set(result["ratio"])
     assert all(v > 0 for row in result["rows"].values() for v in row.values())
     assert result["ratio"]["aten ops per step"] > 1 and result["config"]["decode_repeats"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_reads.py
+
+
+def test_decode_reads_splits_the_step_into_weight_reads_and_the_rest():
+    """The decode-step breakdown: the one-stream rate, the per-tensor sums, the step's products (and the
+    packed library paths this build has), the step and the step without its products, for every round,
+    with medians, as one JSON line."""
+    import json
+
+    r = run_script("decode_reads.py", "--preset=tiny", "--vocab_size=64", "--rounds=3", "--repeats=1",
+                   "--tokens=2")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(result["rounds"]) == 3 and {"stream", "sums", "products", "step_ms", "rest_ms"} <= set(result["median"])
+    assert all(v > 0 for row in result["rounds"] for v in row.values())
+    assert result["median"]["sums"] == sorted(row["sums"] for row in result["rounds"])[1]
+    assert "| rest (the step without its products) |" in r.stdout
