@@ -200,7 +200,9 @@ class MultiTrackLM(nn.Module):
         plot-clock inputs per entry (K 8, n_layer) | None): the decode step's lookups, kept between tokens
         and rebuilt when the table or a weight they read changes (mamba.kept)."""
         weights = self.__dict__.get("_step_table_weights")
-        if weights is None:     # the parameters the tables read, listed once (in-place changes keep them)
+        # the parameters the tables read, listed once: in-place changes (optimizer steps, load_state_dict) keep
+        # the objects, and load_state_dict(assign=True) also replaces the table buffer, which rebuilds them
+        if weights is None:
             mixers = [layer.mixer for layer in self.backbone.layers]
             weights = self.__dict__["_step_table_weights"] = (
                 [p for m in mixers if m.router is not None and m.router.signal_proj is not None

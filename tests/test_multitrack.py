@@ -159,6 +159,28 @@ def test_decode_follows_a_new_signal_table(byte_table, story_ids):
     assert (before - after).abs().max() > 1e-3                                   # the table does matter here
 
 
+def test_decode_tables_follow_a_state_dict_loaded_by_assignment(byte_table, story_ids):
+    """Guards the decode step's kept tables against new Parameter objects: after load_state_dict(assign=True)
+    of other router and plot-clock weights (new objects, and a new signal-table buffer), step() gives the
+    logits of forward with those weights, not of the tables built before."""
+    config = tiny(**ABLATIONS["plot-clock-learned"])
+    model = make_model(config, byte_table).eval()
+    ids = story_ids[:, :12]
+    other = make_model(config, byte_table)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "router" in name or "clock" in name:
+                p.add_(torch.randn_like(p))
+        cache = model.allocate_cache(2)
+        for t in range(3):
+            model.step(ids[:, t], cache)                                        # tables built for the old weights
+        model.load_state_dict(other.state_dict(), assign=True)
+        cache = model.allocate_cache(2)
+        steps = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+        full = other(ids)
+    assert (steps - full).abs().max() < 1e-4
+
+
 def test_decode_keeps_derived_weights_until_they_change(byte_table, story_ids):
     """step() keeps what it derives from parameters between tokens (A = -exp(A_log), the stacked router and
     plot-clock signal weights) and follows in-place changes of them (an optimizer step): after the change
