@@ -72,18 +72,23 @@ def cpu_setup(threads: int) -> dict:
     return {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": load_average()}
 
 
+def best_seconds(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn(), after one untimed call that warms it up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def read_rate_gbs(mib: int = 512, repeats: int = 5) -> float:
     """The machine's rate of reading a large float32 tensor once (GB/s, best of `repeats`): `mib` MiB
     summed, the access pattern of a batch-1 decode step that reads every weight once. Sets the decode
     bound: parameter bytes / this rate = seconds per token at the very best."""
     x = torch.ones(mib * 2**20 // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / best_seconds(x.sum, repeats) / 1e9
 
 
 def tensors_read_rate_gbs(tensors, repeats: int = 3) -> float:
@@ -91,10 +96,4 @@ def tensors_read_rate_gbs(tensors, repeats: int = 3) -> float:
     `repeats`): the weights as the decode step meets them, dozens of separate tensors of 0.1-180 MB rather
     than one 512 MiB stream. What any per-tensor read (a sum or a product) can reach on this machine."""
     total = sum(t.numel() * t.element_size() for t in tensors)
-    best = float("inf")
-    for _ in range(repeats + 1):                                 # the first pass warms up
-        t0 = time.perf_counter()
-        for t in tensors:
-            t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return total / best / 1e9
+    return total / best_seconds(lambda: [t.sum() for t in tensors], repeats) / 1e9

@@ -24,13 +24,13 @@ round's repeats, then the median over rounds. Prints a table and one JSON line.
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_common import build_impl, cpu_setup, load_average, read_rate_gbs, tensors_read_rate_gbs  # noqa: E402
+from bench_common import (best_seconds, build_impl, cpu_setup, load_average, read_rate_gbs,  # noqa: E402
+                          tensors_read_rate_gbs)
 
 from mamba_lm import ops  # noqa: E402
 from mamba_lm.configurator import apply_overrides  # noqa: E402
@@ -46,16 +46,6 @@ threads = 0              # CPU threads for torch (0: torch's default, the core c
 seed = 1337              # torch seed [>=0]
 # ----------------------------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
-
-
-def best_seconds(fn, n=repeats) -> float:
-    fn()                                                          # warm
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def projections(net) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -130,11 +120,11 @@ def main():
     for r in range(rounds):
         row = {"stream": read_rate_gbs(repeats=repeats), "sums": tensors_read_rate_gbs(params, repeats)}
         for name, fn in runners.items():
-            row[name] = param_bytes / best_seconds(fn) / 1e9
-        row["step_ms"] = best_seconds(step) / tokens * 1e3
+            row[name] = param_bytes / best_seconds(fn, repeats) / 1e9
+        row["step_ms"] = best_seconds(step, repeats) / tokens * 1e3
         ops.linear_step = zero_products                            # the step without its weight reads
         try:
-            row["rest_ms"] = best_seconds(step) / tokens * 1e3
+            row["rest_ms"] = best_seconds(step, repeats) / tokens * 1e3
         finally:
             ops.linear_step = real_linear_step
         row["step_share"] = param_bytes / row["stream"] / 1e6 / row["step_ms"]     # of this round's bound
