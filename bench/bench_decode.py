@@ -21,9 +21,9 @@ measured right before and right after every timed batch-1 run, and each run's fr
 over the bound of its own moment (the mean of the two reads); the median fraction over the `repeats`
 runs is reported, with the bound and the fraction of every run. Beside it, the rate of summing the
 model's own parameters tensor by tensor (bench_common.tensors_read_rate_gbs): what a read of the weights
-as separate tensors reaches, below the one-stream rate (measured: 41-43 vs 55-58 GB/s with 2 threads). The speed run is repeated `repeats`
-times and the best tokens/s kept; the load average is printed before and after (figures under load are
-several times too low).
+as separate tensors reaches, below the one-stream rate (130M, 2 threads: 38-44 vs 50-56 GB/s,
+bench/results/cpu_model.md). The speed run is repeated `repeats` times and the best tokens/s kept; the
+load average is printed before and after (figures under load are several times too low).
 Part 2, memory: one long greedy generation at batch 1 with memory read at each length of
 `gen_lengths`; recurrent state is O(1), so the numbers must stay flat (GPU: max_memory_allocated since
 the start of the run; CPU: current RSS). Prints markdown tables and one JSON line.

@@ -242,8 +242,8 @@ class NarrativeTransitions:
 
 def narrative_transitions(table: torch.Tensor) -> NarrativeTransitions:
     """Tabulate `narrative_step` over every (distinct table row, state) pair: table (V, len(SIGNAL_COLUMNS))
-    uint8 -> NarrativeTransitions. Built by running the reference step on K x 8 rows (K is a few dozen
-    for a 50k BPE vocabulary), so the lookup equals the step by construction (and is tested equal)."""
+    uint8 -> NarrativeTransitions. Built by running the reference step on K x 8 rows (K = 15 for the
+    GPT-NeoX vocabulary), so the lookup equals the step by construction (and is tested equal)."""
     rows, token_class = torch.unique(table, dim=0, return_inverse=True)   # (K, C), (V,)
     code = torch.arange(N_STATES, device=table.device).repeat(rows.shape[0])   # (K 8,): entry 8 k + s
     state = NarrativeState(code & 1, (code & 2) > 0, (code & 4) > 0)
